@@ -1,0 +1,226 @@
+"""Hook sites on both TransformerLens model classes.
+
+A *site* is a hook name whose activation a transcoder reads or writes, such as
+`blocks.3.mlp.hook_in` or `blocks.3.hook_mlp_out`. This module is the only place that
+knows how the two model classes differ:
+
+- `TransformerBridge` (TL 3.x-4.x) has every site as a hook point, including
+  `blocks.L.mlp.hook_in` (the exact MLP input) and `blocks.L.mlp.hook_out`.
+- `HookedTransformer` (TL 2.16-3.x) has no `mlp.hook_in` / `mlp.hook_out`; here those two
+  names are served by temporary PyTorch hooks on `blocks[L].mlp` (the module's input
+  and output), so the model is never modified.
+
+`attach` runs functions at sites for the length of a `with` block and removes every
+hook on exit, also after an exception. `probe_sites` runs a tiny forward pass to check
+that sites exist, fire, and in which order, and reads their widths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+SiteFn = Callable[[Tensor], "Tensor | None"]
+"""Called with the activation at a site; a returned tensor replaces it."""
+
+_LAYER = re.compile(r"^blocks\.(\d+)\.")
+_MLP_MODULE_SITE = re.compile(r"^blocks\.(\d+)\.mlp\.hook_(in|out)$")
+
+
+class SiteError(ValueError):
+    """A site does not exist, never fires, or does not fit a transcoder."""
+
+
+def bridge_class() -> type | None:
+    """`TransformerBridge`, or None on TransformerLens versions without it."""
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:
+        return None
+    return TransformerBridge
+
+
+def is_bridge(model: nn.Module) -> bool:
+    """True for a `TransformerBridge`, False for a `HookedTransformer`."""
+    cls = bridge_class()
+    return cls is not None and isinstance(model, cls)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter."""
+    return next(model.parameters()).device
+
+
+def layer_of(site: str) -> int | None:
+    """The block index in a site name (`blocks.L....`), or None for sites outside blocks."""
+    match = _LAYER.match(site)
+    return int(match.group(1)) if match else None
+
+
+def _mlp_module_site(model: nn.Module, site: str) -> tuple[nn.Module, str] | None:
+    """For `blocks.L.mlp.hook_in|out` on a model without that hook point: the MLP
+    module and whether the site is its input or output. None otherwise."""
+    match = _MLP_MODULE_SITE.match(site)
+    if match is None or site in model.hook_dict:
+        return None
+    layer = int(match.group(1))
+    if layer >= len(model.blocks) or not hasattr(model.blocks[layer], "mlp"):
+        return None
+    return model.blocks[layer].mlp, match.group(2)
+
+
+def site_exists(model: nn.Module, site: str) -> bool:
+    """True if `site` names a hook point or an MLP module input/output of `model`."""
+    return site in model.hook_dict or _mlp_module_site(model, site) is not None
+
+
+def check_site_exists(model: nn.Module, site: str) -> None:
+    """Raise `SiteError` with the closest existing names if `site` does not exist."""
+    if site_exists(model, site):
+        return
+    close = difflib.get_close_matches(site, list(model.hook_dict), n=4, cutoff=0.6)
+    hint = f" Did you mean one of {close}?" if close else ""
+    raise SiteError(f"hook site {site!r} does not exist on this {type(model).__name__}.{hint}")
+
+
+@contextlib.contextmanager
+def attach(model: nn.Module, hooks: Sequence[tuple[str, SiteFn]]) -> Iterator[None]:
+    """Run each `fn` on the activation at its site during every forward pass inside the
+    block; a tensor returned by `fn` replaces the activation. All hooks are removed on
+    exit, also after an exception. Hooks at one site run in the given order."""
+    for site, _ in hooks:
+        check_site_exists(model, site)
+    hook_point_hooks = []
+    handles = []
+    try:
+        for site, fn in hooks:
+            module_site = _mlp_module_site(model, site)
+            if module_site is None:
+                hook_point_hooks.append((site, _hook_point_fn(fn)))
+            elif module_site[1] == "in":
+                handles.append(module_site[0].register_forward_pre_hook(_pre_hook_fn(fn)))
+            else:
+                handles.append(module_site[0].register_forward_hook(_post_hook_fn(fn)))
+        with model.hooks(fwd_hooks=hook_point_hooks):
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _hook_point_fn(fn: SiteFn):
+    def hook(activation: Tensor, hook) -> Tensor | None:
+        return fn(activation)
+
+    return hook
+
+
+def _pre_hook_fn(fn: SiteFn):
+    def hook(module: nn.Module, args: tuple):
+        new = fn(args[0])
+        return None if new is None else (new, *args[1:])
+
+    return hook
+
+
+def _post_hook_fn(fn: SiteFn):
+    def hook(module: nn.Module, args: tuple, output: Tensor):
+        return fn(output)
+
+    return hook
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """What a probe pass saw at a site: when it first fired and its width."""
+
+    order: int
+    width: int
+
+
+def probe_sites(model: nn.Module, sites: Sequence[str]) -> dict[str, SiteInfo]:
+    """Run a 2-token forward pass (stopped after the last block needed) and report,
+    for each site, the order in which it first fired and its last dimension.
+
+    Raises `SiteError` for a site that does not exist or never fires (for example
+    `hook_mlp_in` on a model where `use_hook_mlp_in` is off)."""
+    sites = list(dict.fromkeys(sites))
+    for site in sites:
+        check_site_exists(model, site)
+    seen: dict[str, SiteInfo] = {}
+
+    def recorder(site: str) -> SiteFn:
+        def record(activation: Tensor) -> None:
+            if site not in seen:
+                seen[site] = SiteInfo(order=len(seen), width=activation.shape[-1])
+
+        return record
+
+    layers = [layer_of(site) for site in sites]
+    stop = None
+    if all(layer is not None for layer in layers) and max(layers) + 1 < model.cfg.n_layers:
+        stop = max(layers) + 1
+    tokens = torch.zeros(1, 2, dtype=torch.long, device=model_device(model))
+    try:
+        with attach(model, [(site, recorder(site)) for site in sites]), torch.no_grad():
+            model(tokens, stop_at_layer=stop)
+    except ValueError as err:  # the Bridge refuses hooks its config has switched off
+        raise SiteError(str(err)) from err
+    silent = [site for site in sites if site not in seen]
+    if silent:
+        raise SiteError(
+            f"hook site(s) {silent} exist but never fire in a forward pass of this model. "
+            "For hook_mlp_in call model.set_use_hook_mlp_in(True); for other optional hooks "
+            "see the model's set_use_* methods."
+        )
+    return seen
+
+
+def input_space_of(model: nn.Module, site: str) -> str:
+    """The input space a transcoder reading `site` of `model` is trained in.
+
+    Only the MLP's own input (`mlp.hook_in`, and `ln2.hook_out` on the Bridge) depends on
+    whether the layer-norm weights are folded: `ln2.hook_normalized` is taken before the
+    affine step and the residual stream is unaffected by folding, so those read the
+    same values in every space ("any")."""
+    if not site.endswith(("mlp.hook_in", "ln2.hook_out")):
+        return "any"
+    if is_bridge(model):
+        folded = getattr(model, "compatibility_mode", False) and getattr(
+            model, "_weights_processed", False
+        )
+        return "folded_ln" if folded else "unfolded_ln"
+    norm = model.cfg.normalization_type
+    if norm is None:
+        return "no_ln"
+    return "folded_ln" if norm in ("LNPre", "RMSPre") else "unfolded_ln"
+
+
+def model_name(model: nn.Module) -> str | None:
+    """The model's name as TransformerLens records it."""
+    return getattr(model.cfg, "model_name", None)
+
+
+def run_from_layer(
+    model: nn.Module, residual: Float[Tensor, "batch pos d_model"], layer: int
+) -> Float[Tensor, "batch pos d_vocab"]:
+    """Logits from running blocks `layer..n_layers-1`, the final norm and the unembedding
+    on `residual` (the stream entering block `layer`; `layer == n_layers` runs only the
+    final norm and unembedding). Only where `can_run_from_layer(model)`."""
+    return model(residual, start_at_layer=layer, return_type="logits")
+
+
+def can_run_from_layer(model: nn.Module) -> bool:
+    """Whether `run_from_layer` skips the blocks before `layer`.
+
+    True for HookedTransformer. False for the Bridge: TL 3.x raises on `start_at_layer`,
+    and TL 4.x accepts it but still runs every earlier block (it swaps the residual in
+    at block `layer`), so a full forward pass costs the same."""
+    return not is_bridge(model)

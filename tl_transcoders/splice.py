@@ -1,0 +1,193 @@
+"""`splice`: run a model with transcoders in place of its MLPs.
+
+Inside `with splice(model, transcoders):` every forward pass captures each transcoder's
+input at its input site and replaces the activation at its output site with the
+transcoder's output. With `error_term=True` the replaced activation is
+`transcoder(x) + (original - transcoder(x)).detach()`: the model's outputs are
+unchanged while gradients flow through the transcoders. Only hooks are used; on exit
+(also after an exception) every hook is removed and the model is as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
+
+from torch import Tensor, nn
+
+from tl_transcoders.sites import (
+    SiteError,
+    SiteFn,
+    attach,
+    input_space_of,
+    layer_of,
+    model_device,
+    model_name,
+    probe_sites,
+)
+from tl_transcoders.transcoder import Transcoder
+
+
+class SpliceError(ValueError):
+    """A transcoder does not fit the model it is spliced into."""
+
+
+def describe(transcoder: Transcoder) -> str:
+    """A short name for error messages: layer and sites."""
+    c = transcoder.cfg
+    return f"transcoder for layer {c.layer} ({c.input_site} -> {c.output_site})"
+
+
+def check_compatible(model: nn.Module, transcoders: Sequence[Transcoder]) -> None:
+    """Raise `SpliceError`, saying what is wrong and what to do, unless every transcoder
+    fits `model`: its layer is in range, its sites exist and fire (input no later than
+    output), its widths match theirs, its input space and model name match the
+    model's, it is on the model's device, and no two transcoders write one site."""
+    transcoders = list(transcoders)
+    for transcoder in transcoders:
+        if not isinstance(transcoder, Transcoder):
+            raise SpliceError(f"expected Transcoder objects, got {type(transcoder).__name__}")
+    seen_outputs: dict[str, Transcoder] = {}
+    n_layers = model.cfg.n_layers
+    for transcoder in transcoders:
+        c = transcoder.cfg
+        if not 0 <= c.layer < n_layers:
+            raise SpliceError(
+                f"{describe(transcoder)}: layer {c.layer} is out of range, "
+                f"the model has {n_layers} layers (0..{n_layers - 1})"
+            )
+        for site in (c.input_site, c.output_site):
+            site_layer = layer_of(site)
+            if site_layer is not None and site_layer != c.layer:
+                raise SpliceError(
+                    f"{describe(transcoder)}: site {site} is in block {site_layer}, "
+                    f"not in the transcoder's layer {c.layer}"
+                )
+        if c.output_site in seen_outputs:
+            raise SpliceError(
+                f"{describe(transcoder)} and {describe(seen_outputs[c.output_site])} both "
+                f"write {c.output_site}; splice at most one transcoder per site"
+            )
+        seen_outputs[c.output_site] = transcoder
+        trained_on, this_model = c.model_name, model_name(model)
+        if trained_on and this_model and trained_on != this_model:
+            raise SpliceError(
+                f"{describe(transcoder)} was trained on model {trained_on!r}, not on "
+                f"{this_model!r}. If this is the same model under another name, set "
+                "transcoder.cfg.model_name = None to skip this check."
+            )
+        device = transcoder.W_enc.device
+        if device != model_device(model):
+            raise SpliceError(
+                f"{describe(transcoder)} is on {device} but the model is on "
+                f"{model_device(model)}: call transcoder.to({str(model_device(model))!r})"
+            )
+
+    sites = [s for t in transcoders for s in (t.cfg.input_site, t.cfg.output_site)]
+    try:
+        info = probe_sites(model, sites)
+    except SiteError as err:
+        raise SpliceError(str(err)) from err
+    for transcoder in transcoders:
+        c = transcoder.cfg
+        read, write = info[c.input_site], info[c.output_site]
+        if read.order > write.order:
+            raise SpliceError(
+                f"{describe(transcoder)}: the input site fires after the output site, "
+                "so the output cannot be computed from the input"
+            )
+        for name, width, site in (("d_in", read.width, c.input_site), ("d_out", write.width, c.output_site)):
+            expected = getattr(c, name)
+            if width != expected:
+                raise SpliceError(
+                    f"{describe(transcoder)}: {name}={expected} but {site} has width "
+                    f"{width} on this model; the transcoder was made for another model "
+                    "or another site"
+                )
+        _check_input_space(model, transcoder)
+
+
+def _check_input_space(model: nn.Module, transcoder: Transcoder) -> None:
+    trained_in = transcoder.cfg.input_space
+    here = input_space_of(model, transcoder.cfg.input_site)
+    if trained_in is None:
+        warnings.warn(
+            f"{describe(transcoder)} does not record its input space, so splice cannot "
+            "check it matches the model (folded or unfolded layer norm). Set "
+            "transcoder.cfg.input_space to silence this warning.",
+            stacklevel=4,
+        )
+    elif "any" not in (trained_in, here) and trained_in != here:
+        fix = {
+            "folded_ln": "load the model with fold_ln=True (HookedTransformer.from_pretrained) "
+            "or call bridge.enable_compatibility_mode()",
+            "unfolded_ln": "load the model without weight processing "
+            "(HookedTransformer.from_pretrained_no_processing, or a Bridge without "
+            "compatibility mode)",
+        }.get(trained_in, "use a model with the same normalisation")
+        raise SpliceError(
+            f"{describe(transcoder)} was trained in input space {trained_in!r} but "
+            f"{transcoder.cfg.input_site} of this model is in {here!r}: {fix}"
+        )
+
+
+def transcoder_hooks(
+    transcoders: Sequence[Transcoder], error_term: bool = False
+) -> list[tuple[str, SiteFn]]:
+    """The (site, fn) pairs that splice `transcoders`: for each, one that captures its
+    input and one that replaces its output."""
+    hooks: list[tuple[str, SiteFn]] = []
+    for transcoder in transcoders:
+        captured: dict[str, Tensor] = {}
+        hooks.append((transcoder.cfg.input_site, _capture(captured)))
+        hooks.append((transcoder.cfg.output_site, _replace(transcoder, captured, error_term)))
+    return hooks
+
+
+def _capture(captured: dict[str, Tensor]) -> SiteFn:
+    def capture(activation: Tensor) -> None:
+        captured["x"] = activation
+
+    return capture
+
+
+def _replace(transcoder: Transcoder, captured: dict[str, Tensor], error_term: bool) -> SiteFn:
+    dtype = transcoder.W_enc.dtype
+
+    def replace(activation: Tensor) -> Tensor:
+        x = captured.pop("x", None)
+        if x is None:
+            raise RuntimeError(
+                f"{describe(transcoder)}: the output site fired without its input site "
+                "firing first in this forward pass"
+            )
+        out = transcoder(x.to(dtype)).to(activation.dtype)
+        if error_term:
+            # Equal to `out + (activation - out).detach()` in value and gradient, but
+            # bit-exact: the value is `activation` plus an exact zero.
+            return activation + (out - out.detach())
+        return out
+
+    return replace
+
+
+@contextlib.contextmanager
+def splice(
+    model: nn.Module, transcoders: Sequence[Transcoder], error_term: bool = False
+) -> Iterator[nn.Module]:
+    """Replace the output of each transcoder's MLP with the transcoder's output for the
+    length of the `with` block (yields the model).
+
+    Args:
+        model: a `HookedTransformer` or `TransformerBridge`.
+        transcoders: any number of transcoders, at most one per output site; each knows
+            its layer and sites.
+        error_term: add back the detached error `original - transcoder(x)`, so outputs
+            equal the clean model's while gradients flow through the transcoders.
+
+    Raises `SpliceError` before running anything if a transcoder does not fit."""
+    transcoders = list(transcoders)
+    check_compatible(model, transcoders)
+    with attach(model, transcoder_hooks(transcoders, error_term)):
+        yield model
