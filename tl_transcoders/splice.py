@@ -186,7 +186,8 @@ def splice(
         error_term: add back the detached error `original - transcoder(x)`, so outputs
             equal the clean model's while gradients flow through the transcoders.
 
-    Raises `SpliceError` before running anything if a transcoder does not fit."""
+    Raises `SpliceError` before running anything if a transcoder does not fit (the
+    check is one 2-token forward pass, which hooks already on the model also see)."""
     transcoders = list(transcoders)
     check_compatible(model, transcoders)
     with attach(model, transcoder_hooks(transcoders, error_term)):

@@ -1,0 +1,213 @@
+"""Cost of `evaluate_splice`, in units of one clean forward pass, against a measured floor.
+
+Model: a randomly initialised HookedTransformer shaped like SmolLM2-135M (30 layers,
+d_model 576, gated SiLU MLP of 1536, RMSNorm, 9 query / 3 key-value heads of 64,
+rotary, d_vocab 49152, fp32, nothing folded) with one random TopK skip transcoder
+(d_latent 4096, k 32) per layer, on random tokens (batch 8 x 128 positions).
+
+Measured in one run, after a warm-up:
+  unit              one clean forward pass `model(tokens, return_type="logits")`
+  full_report       `evaluate_splice(model, transcoders, tokens)`
+  baselines         `compute_ablation_baselines(model, tokens, layers)`
+  reused_baselines  `evaluate_splice(..., baselines=baselines)`
+  t_L               `model(resid_post_L, start_at_layer=L+1)`: the layers after a splice
+                    at layer L plus the unembedding, for every L
+
+Floor (the model passes the report cannot avoid), in units of `unit`:
+  full_report       unit + unit (all spliced) + 3 * sum_L t_L  (spliced, zero-, mean-ablated)
+  reused_baselines  unit + unit + sum_L t_L
+The target is ratio_to_floor <= 1.15. Naive separate full passes cost 2 + 3 * n_layers.
+
+Run (several minutes on 2 CPU cores; --batch/--pos/--layers shrink it for a quick run):
+    /work/venvs/tl3/bin/python benchmarks/splice_eval.py [--batch 8 --pos 128 --layers 30]
+Writes benchmarks/results/splice_eval.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import transformer_lens
+from importlib.metadata import version
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from tl_transcoders import Transcoder, TranscoderConfig
+from tl_transcoders.evaluation import compute_ablation_baselines, evaluate_splice
+
+TARGET = 1.15
+D_LATENT, K = 4096, 32
+
+
+def machine_info() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformer_lens": version("transformer-lens"),
+    }
+
+
+def busy_seconds() -> tuple[float, float]:
+    """CPU seconds used so far by the whole machine and by this process."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    machine = (sum(fields[:3]) + sum(fields[5:8])) / os.sysconf("SC_CLK_TCK")  # excl. idle, iowait
+    own = sum(os.times()[:2])
+    return machine, own
+
+
+def build_model(n_layers: int) -> HookedTransformer:
+    cfg = HookedTransformerConfig(
+        n_layers=n_layers, d_model=576, d_mlp=1536, d_head=64, n_heads=9,
+        n_key_value_heads=3, act_fn="silu", gated_mlp=True, normalization_type="RMS",
+        final_rms=True, positional_embedding_type="rotary", rotary_dim=64,
+        d_vocab=49152, n_ctx=2048, seed=0, dtype=torch.float32,
+    )
+    return HookedTransformer(cfg).eval()
+
+
+def build_transcoders(n_layers: int) -> list[Transcoder]:
+    transcoders = []
+    for layer in range(n_layers):
+        cfg = TranscoderConfig(d_in=576, d_out=576, d_latent=D_LATENT, layer=layer,
+                               activation="topk", k=K, skip=True, input_space="unfolded_ln")
+        transcoder = Transcoder(cfg)
+        with torch.no_grad():
+            transcoder.W_skip.normal_().mul_(0.01)
+        transcoders.append(transcoder.eval())
+    return transcoders
+
+
+def timed(fn, repeats: int = 1) -> tuple[float, object]:
+    """Median wall time of `repeats` calls, and the last call's result."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--pos", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=3, help="for the unit and each t_L")
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).parent / "results" / "splice_eval.json")
+    args = parser.parse_args()
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_grad_enabled(False)
+    n = args.layers
+    model = build_model(n)
+    torch.manual_seed(0)
+    transcoders = build_transcoders(n)
+    tokens = torch.randint(0, model.cfg.d_vocab, (args.batch, args.pos))
+
+    start_busy, start_wall = busy_seconds(), time.perf_counter()
+    # Warm-up: one forward pass and a small evaluate_splice.
+    model(tokens, return_type="logits")
+    evaluate_splice(model, transcoders[:2], tokens[:1, :16])
+
+    unit_before, _ = timed(lambda: model(tokens, return_type="logits"), args.repeats)
+
+    # Floor: the layers after each splice point plus the unembedding.
+    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_resid_post"))
+    clean_logits = model(tokens, return_type="logits")
+    last = model(cache[f"blocks.{n - 1}.hook_resid_post"], start_at_layer=n, return_type="logits")
+    assert torch.allclose(last, clean_logits, atol=1e-4), "start_at_layer=n_layers is not ln_final+unembed"
+    del clean_logits, last
+    t_layer = []
+    for layer in range(n):
+        resid = cache[f"blocks.{layer}.hook_resid_post"]
+        t, _ = timed(lambda: model(resid, start_at_layer=layer + 1, return_type="logits"), args.repeats)
+        t_layer.append(t)
+    del cache
+
+    full_s, report = timed(lambda: evaluate_splice(model, transcoders, tokens))
+    base_s, baselines = timed(lambda: compute_ablation_baselines(model, tokens, list(range(n))))
+    reused_s, reused = timed(lambda: evaluate_splice(model, transcoders, tokens, baselines=baselines))
+
+    unit_after, _ = timed(lambda: model(tokens, return_type="logits"), args.repeats)
+    unit = statistics.median([unit_before, unit_after])
+
+    end_busy = busy_seconds()
+    other_cpu = ((end_busy[0] - start_busy[0]) - (end_busy[1] - start_busy[1])) / (
+        (time.perf_counter() - start_wall) * len(os.sched_getaffinity(0)))
+
+    # Correctness, cheaply.
+    ce_model = model(tokens, return_type="loss").item()
+    ce_diff = max(abs(report.ce_clean - ce_model), abs(reused.ce_clean - ce_model))
+    assert ce_diff < 1e-4, f"report ce_clean differs from the model's loss by {ce_diff}"
+
+    sum_t = sum(t_layer) / unit
+    cases = {}
+    for name, seconds, floor in (
+        ("full_report", full_s, 2 + 3 * sum_t),
+        ("reused_baselines", reused_s, 2 + sum_t),
+    ):
+        units = seconds / unit
+        cases[name] = {"seconds": seconds, "units": units, "floor_units": floor,
+                       "ratio_to_floor": units / floor, "meets_target": units / floor <= TARGET}
+    base_floor = 1 + 2 * sum_t
+    baseline_case = {"seconds": base_s, "units": base_s / unit, "floor_units": base_floor,
+                     "ratio_to_floor": base_s / unit / base_floor}
+
+    result = {
+        "machine": {**machine_info(), "other_processes_cpu_fraction": other_cpu},
+        "config": {"model": "random SmolLM2-135M shape", "n_layers": n, "d_model": 576,
+                   "d_mlp": 1536, "n_heads": 9, "n_key_value_heads": 3, "d_head": 64,
+                   "d_vocab": 49152, "dtype": "float32", "batch": args.batch, "pos": args.pos,
+                   "d_latent": D_LATENT, "k": K, "repeats": args.repeats},
+        "unit_seconds": unit,
+        "unit_seconds_before_after": [unit_before, unit_after],
+        "naive_units": 2 + 3 * n,
+        "floor_t_layer_seconds": t_layer,
+        "floor_sum_t_units": sum_t,
+        **cases,
+        "baselines": baseline_case,
+        "target_ratio": TARGET,
+        "check": {"ce_clean_report": report.ce_clean, "ce_model_loss": ce_model, "abs_diff": ce_diff},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    m = result["machine"]
+    print(f"machine: {m['platform']} | {m['cpu']} | {m['cores']} cores, {m['torch_threads']} threads"
+          f" | torch {m['torch']} | transformer-lens {m['transformer_lens']}")
+    if other_cpu > 0.05:
+        print(f"WARNING: other processes used {other_cpu:.0%} of the CPU during the run; timings are unreliable")
+    print(f"shape: {n} layers, batch {args.batch} x {args.pos} pos, d_latent {D_LATENT}, k {K}")
+    print(f"unit (clean forward pass): {unit:.3f} s  (before {unit_before:.3f} s, after {unit_after:.3f} s)")
+    print(f"floor: sum_L t_L = {sum_t:.2f} units; naive separate passes = {2 + 3 * n} units")
+    print(f"ce_clean check: report {report.ce_clean:.6f} vs model loss {ce_model:.6f} (diff {ce_diff:.1e})")
+    print()
+    print(f"{'case':<22}{'seconds':>10}{'units':>10}{'floor':>10}{'ratio':>9}  target <= {TARGET}")
+    for name, c in [*cases.items(), ("baselines (compute)", baseline_case)]:
+        verdict = ("ok" if c["ratio_to_floor"] <= TARGET else "OVER") if name in cases else ""
+        print(f"{name:<22}{c['seconds']:>10.2f}{c['units']:>10.2f}{c['floor_units']:>10.2f}"
+              f"{c['ratio_to_floor']:>9.3f}  {verdict}")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

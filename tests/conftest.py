@@ -1,0 +1,171 @@
+"""Tiny random TransformerLens models of every supported class and architecture.
+
+Backends: `ht` (HookedTransformer, unprocessed), `ht_folded` (after process_weights_),
+`bridge` (TransformerBridge) and `bridge_compat` (after enable_compatibility_mode).
+HookedTransformer exists only on TransformerLens < 4, so its backends appear only there.
+Architectures: `gpt2` (LayerNorm, GELU), `llama` (RMSNorm, gated SiLU MLP, rotary, GQA)
+and `sandwich` (Gemma-2 style norms before and after the MLP). Norm weights are
+randomised so that folded and unfolded input spaces really differ.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import tempfile
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+from tl_transcoders import Transcoder, TranscoderConfig  # noqa: E402
+
+try:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+except ImportError:  # TransformerLens 4 removed HookedTransformer
+    HookedTransformer = None
+
+ARCHS = {
+    "gpt2": dict(act_fn="gelu"),
+    "llama": dict(
+        normalization_type="RMS",
+        gated_mlp=True,
+        act_fn="silu",
+        positional_embedding_type="rotary",
+        rotary_dim=4,
+        n_key_value_heads=2,
+        final_rms=True,
+    ),
+}
+ARCHS["sandwich"] = dict(ARCHS["llama"], use_normalization_before_and_after=True)
+SHAPE = dict(n_layers=3, d_model=16, d_head=4, n_heads=4, d_mlp=32, n_ctx=32, d_vocab=50, seed=0)
+
+BACKENDS = (["ht", "ht_folded"] if HookedTransformer is not None else []) + ["bridge", "bridge_compat"]
+MODEL_PARAMS = [f"{backend}-{arch}" for backend in BACKENDS for arch in ARCHS]
+
+_tmp_dirs: list[tempfile.TemporaryDirectory] = []
+
+
+_NORM_PARAM = re.compile(r"(^|\.)(ln\w*|\w*norm\w*)\.(\w+\.)?(w|weight|b|bias)$")
+
+
+def _randomise_norms(model: torch.nn.Module) -> None:
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            match = _NORM_PARAM.search(name)
+            if match is None:
+                continue
+            noise = torch.randn(param.shape, generator=generator)
+            param.copy_(1 + 0.3 * noise if match.group(4) in ("w", "weight") else 0.1 * noise)
+
+
+def _bridge(arch: str):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if arch == "sandwich":
+        return _gemma2_bridge()
+    try:
+        from transformer_lens.config import TransformerBridgeConfig
+    except ImportError:
+        from transformer_lens.model_bridge import TransformerBridgeConfig
+    return TransformerBridge.boot_native(TransformerBridgeConfig(**SHAPE, **ARCHS["llama" if arch == "llama" else "gpt2"]))
+
+
+def _gemma2_bridge():
+    """A Gemma-2 Bridge from a local directory (the native Bridge has no sandwich norms)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast
+
+    tmp = tempfile.TemporaryDirectory()
+    _tmp_dirs.append(tmp)
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<eos>", "<bos>", "<unk>"] + [f"w{i}" for i in range(46)])}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    ).save_pretrained(tmp.name)
+    cfg = Gemma2Config(
+        vocab_size=len(vocab),
+        hidden_size=SHAPE["d_model"],
+        intermediate_size=SHAPE["d_mlp"],
+        num_hidden_layers=SHAPE["n_layers"],
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=4,
+        max_position_embeddings=SHAPE["n_ctx"],
+        sliding_window=SHAPE["n_ctx"],
+        query_pre_attn_scalar=4,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        attn_implementation="eager",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        Gemma2ForCausalLM(cfg).eval().save_pretrained(tmp.name)
+    return TransformerBridge.boot_transformers(tmp.name, device="cpu", dtype=torch.float32)
+
+
+@functools.cache
+def build_model(name: str) -> torch.nn.Module:
+    """Build (once per session) the model named `{backend}-{arch}`."""
+    backend, arch = name.split("-")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if backend.startswith("ht"):
+            model = HookedTransformer(HookedTransformerConfig(**SHAPE, **ARCHS[arch]))
+            _randomise_norms(model)
+            if backend == "ht_folded":
+                model.process_weights_()
+        else:
+            model = _bridge(arch)
+            _randomise_norms(model)
+            if backend == "bridge_compat":
+                model.enable_compatibility_mode(disable_warnings=True)
+    model.eval()
+    return model
+
+
+@pytest.fixture(params=MODEL_PARAMS)
+def model(request) -> torch.nn.Module:
+    return build_model(request.param)
+
+
+@pytest.fixture
+def tokens(model) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, model.cfg.d_vocab, (3, 12), generator=generator)
+
+
+def make_transcoder(
+    model: torch.nn.Module,
+    layer: int,
+    activation: str = "topk",
+    skip: bool = True,
+    d_latent: int = 48,
+    k: int = 6,
+    seed: int = 0,
+    **sites,
+) -> Transcoder:
+    """A transcoder for `layer` of `model` with random weights, biases and skip, so that
+    every term of its output is non-zero."""
+    cfg = TranscoderConfig.for_model(
+        model, layer, d_latent=d_latent, activation=activation, k=k, skip=skip, **sites
+    )
+    transcoder = Transcoder(cfg)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in transcoder.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if name == "threshold":
+                param.copy_(0.05 * noise.abs())
+            elif name != "W_dec":
+                param.copy_(0.3 * noise)
+    return transcoder.eval()

@@ -1,0 +1,242 @@
+"""splice(): replacing MLP outputs with transcoder outputs through hooks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import BACKENDS, build_model, make_transcoder
+
+from tl_transcoders import SpliceError, Transcoder, TranscoderConfig, splice
+from tl_transcoders.sites import is_bridge
+
+
+def hook_state(model: torch.nn.Module) -> dict[str, tuple]:
+    """Every hook registered on any hook point or module of the model (the Bridge keeps
+    some module hooks of its own, so tests compare snapshots)."""
+    state = {}
+    for name, module in model.named_modules():
+        hooks = (
+            tuple(module._forward_hooks),
+            tuple(module._forward_pre_hooks),
+            len(getattr(module, "fwd_hooks", ())),
+            len(getattr(module, "bwd_hooks", ())),
+        )
+        if any(hooks):
+            state[name] = hooks
+    return state
+
+
+def by_hand(transcoder: Transcoder, x: torch.Tensor) -> torch.Tensor:
+    """The transcoder's output written out from its weights, independent of its code."""
+    cfg = transcoder.cfg
+    pre = x @ transcoder.W_enc + transcoder.b_enc
+    if cfg.activation == "topk":
+        values, indices = pre.topk(cfg.k, dim=-1)
+        latents = torch.zeros_like(pre).scatter(-1, indices, values.relu())
+    elif cfg.activation == "relu":
+        latents = pre.relu()
+    else:
+        latents = pre * (pre > transcoder.threshold)
+    out = latents @ transcoder.W_dec + transcoder.b_dec
+    return out + x @ transcoder.W_skip.T if cfg.skip else out
+
+
+def run_with_hand_written_hooks(model, transcoders: list[Transcoder], tokens: torch.Tensor) -> torch.Tensor:
+    """Logits with `transcoders` spliced by hand-written hooks: capture each MLP module's
+    own input with a PyTorch pre-hook (or the input site with a TL hook), replace the
+    output site with a TL hook."""
+    handles, fwd_hooks = [], []
+    for transcoder in transcoders:
+        cfg, captured = transcoder.cfg, {}
+        if cfg.input_site.endswith("mlp.hook_in"):
+            mlp = model.blocks[cfg.layer].mlp
+            handles.append(mlp.register_forward_pre_hook(lambda m, args, c=captured: c.update(x=args[0])))
+        else:
+            fwd_hooks.append((cfg.input_site, lambda act, hook, c=captured: c.update(x=act)))
+        fwd_hooks.append((cfg.output_site, lambda act, hook, c=captured, t=transcoder: by_hand(t, c["x"])))
+    try:
+        return model.run_with_hooks(tokens, fwd_hooks=fwd_hooks)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("activation", ["topk", "relu", "jumprelu"])
+def test_error_term_reproduces_clean_logits(model, tokens, activation):
+    transcoders = [make_transcoder(model, layer, activation=activation) for layer in range(3)]
+    clean = model(tokens)
+    with splice(model, transcoders, error_term=True):
+        spliced = model(tokens)
+    assert (spliced - clean).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("activation", ["topk", "relu", "jumprelu"])
+@pytest.mark.parametrize("skip", [True, False])
+def test_splice_equals_hand_written_hook(model, tokens, activation, skip):
+    transcoder = make_transcoder(model, 1, activation=activation, skip=skip)
+    expected = run_with_hand_written_hooks(model, [transcoder], tokens)
+    with torch.no_grad(), splice(model, [transcoder]):
+        spliced = model(tokens)
+    assert torch.allclose(spliced, expected, atol=1e-5)
+    assert not torch.allclose(spliced, model(tokens), atol=1e-3), "the splice changed nothing"
+
+
+def test_splice_several_layers_at_once(model, tokens):
+    transcoders = [make_transcoder(model, layer, seed=layer) for layer in (0, 2)]
+    expected = run_with_hand_written_hooks(model, transcoders, tokens)
+    with torch.no_grad(), splice(model, transcoders):
+        assert torch.allclose(model(tokens), expected, atol=1e-5)
+
+
+def test_no_hooks_left_after_the_block(model, tokens):
+    transcoders = [make_transcoder(model, layer) for layer in range(3)]
+    before = hook_state(model)
+    with splice(model, transcoders):
+        assert hook_state(model) != before
+        model(tokens)
+    assert hook_state(model) == before
+
+
+def test_no_hooks_left_after_an_exception(model, tokens):
+    transcoders = [make_transcoder(model, layer) for layer in range(3)]
+    clean = model(tokens)
+    before = hook_state(model)
+    with pytest.raises(RuntimeError, match="inside"):
+        with splice(model, transcoders):
+            model(tokens)
+            raise RuntimeError("inside the block")
+    assert hook_state(model) == before
+    assert torch.equal(model(tokens), clean)
+
+
+def test_user_hooks_survive_the_splice(model, tokens):
+    calls = []
+    transcoder = make_transcoder(model, 0)
+    # Count only passes on `tokens`: the splice's 2-token check pass also runs user hooks.
+    model.add_hook("blocks.0.hook_resid_pre", lambda act, hook: calls.append(1) if act.shape[0] == 3 else None)
+    try:
+        with splice(model, [transcoder]):
+            model(tokens)
+        model(tokens)
+        assert len(calls) == 2
+    finally:
+        model.reset_hooks()
+
+
+def test_error_term_lets_gradients_reach_the_transcoders(model, tokens):
+    transcoder = make_transcoder(model, 1)
+    with splice(model, [transcoder], error_term=True):
+        loss = model(tokens, return_type="loss")
+    loss.backward()
+    assert transcoder.W_enc.grad is not None and transcoder.W_enc.grad.abs().sum() > 0
+    assert transcoder.W_skip.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+
+
+def test_sae_on_the_mlp_output(model, tokens):
+    site = "blocks.1.hook_mlp_out"
+    sae = make_transcoder(model, 1, skip=False, input_site=site, output_site=site)
+    assert sae.cfg.is_sae and sae.cfg.input_space == "any"
+    expected = run_with_hand_written_hooks(model, [sae], tokens)
+    with torch.no_grad(), splice(model, [sae]):
+        assert torch.allclose(model(tokens), expected, atol=1e-5)
+
+
+def test_transcoder_reading_ln2_normalized(model, tokens):
+    transcoder = make_transcoder(model, 1, input_site="blocks.1.ln2.hook_normalized")
+    assert transcoder.cfg.input_space == "any"
+    expected = run_with_hand_written_hooks(model, [transcoder], tokens)
+    with torch.no_grad(), splice(model, [transcoder]):
+        assert torch.allclose(model(tokens), expected, atol=1e-5)
+
+
+# --- bad input -----------------------------------------------------------------------
+
+
+def test_layer_out_of_range(model):
+    transcoder = make_transcoder(model, 1)
+    transcoder.cfg.layer = 7
+    transcoder.cfg.input_site = transcoder.cfg.output_site = None
+    transcoder.cfg.__post_init__()
+    with pytest.raises(SpliceError, match="layer 7 is out of range.*3 layers"):
+        with splice(model, [transcoder]):
+            pass
+
+
+def test_site_that_does_not_exist(model):
+    cfg = TranscoderConfig(d_in=16, d_out=16, d_latent=8, layer=0, k=2, output_site="blocks.0.hook_mlp_outt")
+    before = hook_state(model)
+    with pytest.raises(SpliceError, match="does not exist.*blocks.0.hook_mlp_out"):
+        with splice(model, [Transcoder(cfg)]):
+            pass
+    assert hook_state(model) == before
+
+
+def test_site_that_never_fires(model):
+    cfg = TranscoderConfig(d_in=16, d_out=16, d_latent=8, layer=0, k=2, input_site="blocks.0.hook_mlp_in")
+    before = hook_state(model)
+    with pytest.raises(SpliceError, match="set_use_hook_mlp_in"):
+        with splice(model, [Transcoder(cfg)]):
+            pass
+    assert hook_state(model) == before
+
+
+def test_width_mismatch_names_the_site(model):
+    cfg = TranscoderConfig(d_in=24, d_out=16, d_latent=8, layer=0, k=2)
+    with pytest.raises(SpliceError, match="d_in=24 but blocks.0.mlp.hook_in has width 16"):
+        with splice(model, [Transcoder(cfg)]):
+            pass
+
+
+def test_input_space_mismatch():
+    unfolded, folded = ("ht", "ht_folded") if "ht" in BACKENDS else ("bridge", "bridge_compat")
+    transcoder = make_transcoder(build_model(f"{unfolded}-llama"), 1)
+    assert transcoder.cfg.input_space == "unfolded_ln"
+    with pytest.raises(SpliceError, match="input space 'unfolded_ln'.*'folded_ln'"):
+        with splice(build_model(f"{folded}-llama"), [transcoder]):
+            pass
+
+
+def test_unknown_input_space_warns(model, tokens):
+    transcoder = make_transcoder(model, 0)
+    transcoder.cfg.input_space = None
+    with pytest.warns(UserWarning, match="does not record its input space"):
+        with splice(model, [transcoder]):
+            model(tokens)
+
+
+def test_transcoder_for_another_model(model):
+    transcoder = make_transcoder(model, 0)
+    transcoder.cfg.model_name = "some-other-model"
+    with pytest.raises(SpliceError, match="trained on model 'some-other-model'"):
+        with splice(model, [transcoder]):
+            pass
+
+
+def test_two_transcoders_on_one_site(model):
+    with pytest.raises(SpliceError, match="both write blocks.1.hook_mlp_out"):
+        with splice(model, [make_transcoder(model, 1), make_transcoder(model, 1, seed=1)]):
+            pass
+
+
+def test_site_in_another_block(model):
+    cfg = TranscoderConfig(d_in=16, d_out=16, d_latent=8, layer=0, k=2, output_site="blocks.1.hook_mlp_out")
+    with pytest.raises(SpliceError, match="in block 1, not in the transcoder's layer 0"):
+        with splice(model, [Transcoder(cfg)]):
+            pass
+
+
+def test_input_site_after_output_site(model):
+    cfg = TranscoderConfig(
+        d_in=16, d_out=16, d_latent=8, layer=0, k=2,
+        input_site="blocks.0.hook_resid_post", output_site="blocks.0.hook_mlp_out",
+    )
+    with pytest.raises(SpliceError, match="fires after the output site"):
+        with splice(model, [Transcoder(cfg)]):
+            pass
+
+
+def test_bridge_mlp_input_site_is_a_hook_point(model):
+    """The default input site is a real hook point on the Bridge and a module hook on
+    HookedTransformer; both capture the tensor the MLP module receives."""
+    assert ("blocks.0.mlp.hook_in" in model.hook_dict) == is_bridge(model)
