@@ -38,6 +38,10 @@ from tl_transcoders.splice import check_compatible, transcoder_hooks
 from tl_transcoders.transcoder import Transcoder
 
 Tokens = Int[Tensor, "batch pos"]
+TokenInput = Tensor | Iterable[Tensor]
+"""A `[batch, pos]` tensor of token ids or an iterable of them. Left unshaped in
+signatures on purpose: `_token_batches` checks it and says what is wrong (rank, dtype,
+vocabulary range, context length) in the caller's terms."""
 
 
 @dataclass
@@ -107,7 +111,7 @@ class AblationBaselines:
 def evaluate_splice(
     model: nn.Module,
     transcoders: Sequence[Transcoder],
-    tokens: Tokens | Iterable[Tokens],
+    tokens: TokenInput,
     baselines: AblationBaselines | None = None,
 ) -> SpliceReport:
     """Measure the spliced model on `tokens` (one `[batch, pos]` tensor or an iterable of
@@ -136,7 +140,7 @@ def evaluate_splice(
 
 
 def compute_ablation_baselines(
-    model: nn.Module, tokens: Tokens | Iterable[Tokens], sites: Sequence[str | int]
+    model: nn.Module, tokens: TokenInput, sites: Sequence[str | int]
 ) -> AblationBaselines:
     """Zero- and mean-ablation CE for each output site (a hook name, or a layer number
     for that layer's `hook_mlp_out`) on `tokens`, to reuse across `evaluate_splice`
@@ -357,7 +361,7 @@ class _TranscoderStats:
         return 1.0 - self.fired.float().mean().item()
 
 
-def _token_batches(model: nn.Module, tokens: Tokens | Iterable[Tokens]) -> list[Tokens]:
+def _token_batches(model: nn.Module, tokens: TokenInput) -> list[Tokens]:
     """Check token batches and move them to the model's device."""
     batches = [tokens] if isinstance(tokens, Tensor) else list(tokens)
     if not batches:

@@ -1,0 +1,151 @@
+"""evaluate_splice: every number equals the same quantity computed separately."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_transcoder
+
+from tl_transcoders import compute_ablation_baselines, evaluate_splice, splice
+from tl_transcoders.sites import attach
+
+
+def per_token_ce(model, batches, hooks=()):
+    with torch.no_grad(), attach(model, list(hooks)):
+        return torch.cat([model(b, return_type="loss", loss_per_token=True) for b in batches])
+
+
+def mean_kl(model, batches, hooks):
+    kls = []
+    with torch.no_grad():
+        for b in batches:
+            clean = model(b).log_softmax(-1)
+            with attach(model, list(hooks)):
+                other = model(b).log_softmax(-1)
+            kls.append((clean.exp() * (clean - other)).sum(-1))
+    return torch.cat(kls).mean().item()
+
+
+def captured(model, batches, site):
+    values = []
+    with torch.no_grad(), attach(model, [(site, lambda a: values.append(a.clone()))]):
+        for b in batches:
+            model(b)
+    return torch.cat([v.reshape(-1, v.shape[-1]) for v in values])
+
+
+@pytest.fixture
+def batches(model):
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randint(0, model.cfg.d_vocab, (2, 10), generator=generator) for _ in range(2)]
+
+
+def close(a, b):
+    assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+
+
+def test_report_equals_separate_computation(model, batches):
+    transcoders = [make_transcoder(model, layer, seed=layer) for layer in (0, 2)]
+    report = evaluate_splice(model, transcoders, batches)
+
+    close(report.ce_clean, per_token_ce(model, batches).mean().item())
+    with splice(model, transcoders):
+        close(report.ce_all_spliced, per_token_ce(model, batches).mean().item())
+    from tl_transcoders.splice import transcoder_hooks
+
+    close(report.kl_all_spliced, mean_kl(model, batches, transcoder_hooks(transcoders)))
+    for t in transcoders:
+        layer, site = t.cfg.layer, t.cfg.output_site
+        row = report.layers[layer]
+        x, y = captured(model, batches, t.cfg.input_site), captured(model, batches, site)
+        mean = y.mean(0)
+        ce_spliced = per_token_ce(model, batches, transcoder_hooks([t])).mean().item()
+        ce_zero = per_token_ce(model, batches, [(site, torch.zeros_like)]).mean().item()
+        ce_mean = per_token_ce(model, batches, [(site, lambda a: mean.expand_as(a))]).mean().item()
+        close(row.ce_spliced, ce_spliced)
+        close(row.ce_zero_ablated, ce_zero)
+        close(row.ce_mean_ablated, ce_mean)
+        close(row.ce_recovered, (ce_zero - ce_spliced) / (ce_zero - report.ce_clean))
+        close(row.kl, mean_kl(model, batches, transcoder_hooks([t])))
+        with torch.no_grad():
+            y_hat, latents = t(x), t.encode(x)
+        close(row.fvu, ((y - y_hat) ** 2).sum().item() / ((y - mean) ** 2).sum().item())
+        close(row.l0, (latents != 0).sum(-1).float().mean().item())
+        close(row.dead_fraction, (latents != 0).sum(0).eq(0).float().mean().item())
+
+
+@pytest.mark.parametrize("activation", ["relu", "jumprelu", "batchtopk"])
+def test_other_activations(model, batches, activation):
+    transcoder = make_transcoder(model, 1, activation=activation)
+    report = evaluate_splice(model, [transcoder], batches)
+    x = captured(model, batches, transcoder.cfg.input_site)
+    with torch.no_grad():
+        close(report.layers[1].l0, (transcoder.encode(x) != 0).sum(-1).float().mean().item())
+    with splice(model, [transcoder]):
+        close(report.layers[1].ce_spliced, per_token_ce(model, batches).mean().item())
+
+
+def test_reused_baselines_give_the_same_report(model, batches):
+    transcoders = [make_transcoder(model, layer) for layer in range(3)]
+    baselines = compute_ablation_baselines(model, batches, [0, 1, 2])
+    reused = evaluate_splice(model, transcoders, batches, baselines=baselines).to_dict()
+    assert_dicts_close(reused, evaluate_splice(model, transcoders, batches).to_dict())
+
+
+def assert_dicts_close(a, b):
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        if isinstance(value, dict):
+            assert_dicts_close(value, b[key])
+        else:
+            close(value, b[key])
+
+
+def test_baselines_from_other_tokens_are_refused(model, batches):
+    transcoder = make_transcoder(model, 1)
+    baselines = compute_ablation_baselines(model, batches[:1], [1])
+    with pytest.raises(ValueError, match="computed on other tokens"):
+        evaluate_splice(model, [transcoder], batches, baselines=baselines)
+
+
+def test_baselines_missing_a_site_are_refused(model, batches):
+    baselines = compute_ablation_baselines(model, batches, [0])
+    with pytest.raises(ValueError, match=r"do not cover site\(s\) \['blocks.1.hook_mlp_out'\]"):
+        evaluate_splice(model, [make_transcoder(model, 1)], batches, baselines=baselines)
+
+
+def test_report_shapes_and_json(model, batches):
+    report = evaluate_splice(model, [make_transcoder(model, 1)], batches)
+    data = json.loads(json.dumps(report.to_dict()))
+    assert set(data["layers"]["1"]) == {
+        "ce_spliced", "ce_zero_ablated", "ce_mean_ablated", "ce_recovered", "kl", "fvu", "l0", "dead_fraction",
+    }
+    assert data["n_tokens"] == 4 * 9
+    assert report.per_token["clean"].shape == (4, 9)
+    assert report.per_token["layer1.mean_ablated"].shape == (4, 9)
+    assert report.kl_per_token["layer1.spliced"].shape == (4, 10)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (torch.zeros(10, dtype=torch.long), r"expected a \[batch, pos\] tensor"),
+        (torch.zeros(2, 5), "token ids must be integers"),
+        (torch.zeros(2, 1, dtype=torch.long), "at least 2 positions"),
+        (torch.full((2, 5), 10_000), "must lie in"),
+        ([torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 6, dtype=torch.long)], "use one sequence length"),
+        (torch.zeros(1, 99, dtype=torch.long), "exceed the model's n_ctx"),
+        ([], "no token batches"),
+    ],
+)
+def test_bad_tokens(model, bad, message):
+    with pytest.raises(ValueError, match=message):
+        evaluate_splice(model, [make_transcoder(model, 0)], bad)
+
+
+def test_one_transcoder_per_layer(model, batches):
+    site = "blocks.1.ln2.hook_normalized"
+    with pytest.raises(ValueError, match="at most one transcoder per layer"):
+        evaluate_splice(model, [make_transcoder(model, 1), make_transcoder(model, 1, output_site=site, input_site="blocks.1.hook_resid_mid", skip=False)], batches)
