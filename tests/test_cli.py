@@ -1,0 +1,42 @@
+"""The command line: `eval` prints the report as JSON, `demo` runs end to end."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from conftest import MODEL_PARAMS, build_model, make_transcoder
+
+from tl_transcoders import Transcoder, evaluate_splice
+from tl_transcoders import cli
+
+
+def test_eval_prints_the_report(monkeypatch, tmp_path, capsys):
+    model = build_model(MODEL_PARAMS[0])
+    monkeypatch.setattr(cli, "load_model", lambda name, device=None: model)
+    transcoders = [make_transcoder(model, layer, seed=layer) for layer in (0, 1)]
+    for t in transcoders:
+        t.save(tmp_path / f"layer_{t.cfg.layer}")
+    tokens = torch.randint(0, model.cfg.d_vocab, (4, 10), generator=torch.Generator().manual_seed(0))
+    torch.save(tokens, tmp_path / "tokens.pt")
+    cli.main([
+        "eval", "--model", "tiny", "--transcoders", str(tmp_path / "layer_0"), str(tmp_path / "layer_1"),
+        "--tokens", str(tmp_path / "tokens.pt"), "--batch-size", "2",
+    ])
+    printed = json.loads(capsys.readouterr().out)
+    expected = evaluate_splice(model, transcoders, list(tokens.split(2))).to_dict()
+    assert printed.keys() == expected.keys() and printed["layers"].keys() == {"0", "1"}
+    assert printed["ce_all_spliced"] == expected["ce_all_spliced"]
+    assert printed["layers"]["1"]["fvu"] == expected["layers"]["1"]["fvu"]
+
+
+def test_demo_writes_transcoders_and_report(tmp_path):
+    from tl_transcoders.demo import run_demo
+
+    out = run_demo(tmp_path / "demo", steps=30)
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["layers"]) == {"0", "1", "2", "3"}
+    for layer in range(4):
+        transcoder = Transcoder.load(out / f"layer_{layer}")
+        assert transcoder.cfg.skip and transcoder.cfg.layer == layer
+        assert report["layers"][str(layer)]["fvu"] < 1.0, "the fit should beat predicting the mean"

@@ -1,0 +1,72 @@
+"""The `tl-transcoders` command: `demo` and `eval`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from tl_transcoders.demo import run_demo
+from tl_transcoders.evaluation import evaluate_splice
+from tl_transcoders.models import load_model
+from tl_transcoders.transcoder import Transcoder
+
+
+def read_tokens(args: argparse.Namespace, model: torch.nn.Module) -> list[torch.Tensor]:
+    """Token batches from `--tokens` (a saved `[batch, pos]` tensor) or `--text` (a text
+    file cut into rows of `--seq-len` tokens, each starting with the BOS token)."""
+    if args.tokens:
+        tokens = torch.load(args.tokens, weights_only=True)
+        if not isinstance(tokens, torch.Tensor):
+            raise SystemExit(f"{args.tokens}: expected a saved tensor of token ids")
+        return list(tokens.split(args.batch_size))
+    ids = model.tokenizer(Path(args.text).read_text())["input_ids"]
+    bos = model.tokenizer.bos_token_id
+    width = args.seq_len - (bos is not None)
+    rows = [ids[i : i + width] for i in range(0, len(ids) - width + 1, width)]
+    if not rows:
+        raise SystemExit(f"{args.text}: fewer than {width} tokens of text")
+    tokens = torch.tensor([([bos] if bos is not None else []) + row for row in rows])
+    return list(tokens.split(args.batch_size))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    model = load_model(args.model, device=args.device)
+    transcoders = [Transcoder.load(path, device=args.device) for path in args.transcoders]
+    report = evaluate_splice(model, [t.eval() for t in transcoders], read_tokens(args, model))
+    json.dump(report.to_dict(), sys.stdout, indent=2)
+    print()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tl-transcoders", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="end-to-end run on an embedded default")
+    demo.add_argument("--output", default="demo-output", help="output directory")
+    demo.add_argument("--steps", type=int, default=300, help="fit steps per transcoder")
+    demo.set_defaults(run=lambda args: run_demo(args.output, steps=args.steps))
+
+    evaluate = commands.add_parser("eval", help="splice transcoders in and print the CE report as JSON")
+    evaluate.add_argument("--model", required=True, help="Hugging Face model name (TransformerLens)")
+    evaluate.add_argument("--transcoders", nargs="+", required=True, help="directories written by Transcoder.save")
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--tokens", help="a torch.save'd [batch, pos] tensor of token ids")
+    source.add_argument("--text", help="a text file to tokenize")
+    evaluate.add_argument("--seq-len", type=int, default=128)
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--device", default=None)
+    evaluate.set_defaults(run=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
