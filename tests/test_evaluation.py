@@ -67,7 +67,9 @@ def test_report_equals_separate_computation(model, batches):
         close(row.ce_spliced, ce_spliced)
         close(row.ce_zero_ablated, ce_zero)
         close(row.ce_mean_ablated, ce_mean)
-        close(row.ce_recovered, (ce_zero - ce_spliced) / (ce_zero - report.ce_clean))
+        # CE recovered is ill-conditioned on random models (ablation barely matters),
+        # so check its formula on the report's own CE values, each checked above.
+        close(row.ce_recovered, (row.ce_zero_ablated - row.ce_spliced) / (row.ce_zero_ablated - report.ce_clean))
         close(row.kl, mean_kl(model, batches, transcoder_hooks([t])))
         with torch.no_grad():
             y_hat, latents = t(x), t.encode(x)
@@ -95,11 +97,13 @@ def test_reused_baselines_give_the_same_report(model, batches):
 
 
 def assert_dicts_close(a, b):
+    """Reports agree on every number; CE recovered (ill-conditioned on random models)
+    only through the CE values it is computed from."""
     assert a.keys() == b.keys()
     for key, value in a.items():
         if isinstance(value, dict):
             assert_dicts_close(value, b[key])
-        else:
+        elif key != "ce_recovered":
             close(value, b[key])
 
 
@@ -149,3 +153,29 @@ def test_one_transcoder_per_layer(model, batches):
     site = "blocks.1.ln2.hook_normalized"
     with pytest.raises(ValueError, match="at most one transcoder per layer"):
         evaluate_splice(model, [make_transcoder(model, 1), make_transcoder(model, 1, output_site=site, input_site="blocks.1.hook_resid_mid", skip=False)], batches)
+
+
+def test_variants_do_not_rerun_the_early_blocks(model, batches):
+    """Per-layer variants start after their layer: with transcoders on layers 1 and 2,
+    block 0 runs only in the splice check pass and in the clean pass of each batch."""
+    transcoders = [make_transcoder(model, layer) for layer in (1, 2)]
+    calls = []
+    handle = model.blocks[0].register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        evaluate_splice(model, transcoders, batches)
+    finally:
+        handle.remove()
+    # check pass + one clean pass per batch + the re-run of batch 0 for mean ablation
+    assert len(calls) == 1 + len(batches) + (len(batches) - 1)
+
+
+def test_full_passes_when_resuming_does_not_reproduce(model, batches, monkeypatch):
+    from tl_transcoders import evaluation
+
+    transcoders = [make_transcoder(model, layer) for layer in (0, 2)]
+    expected = evaluate_splice(model, transcoders, batches).to_dict()
+    monkeypatch.setattr(evaluation, "is_bridge", lambda m: True)
+    monkeypatch.setattr(evaluation, "check_resume", lambda *args: False)
+    with pytest.warns(UserWarning, match="full forward pass"):
+        fallback = evaluate_splice(model, transcoders, batches).to_dict()
+    assert_dicts_close(fallback, expected)

@@ -163,19 +163,18 @@ def test_layer_out_of_range(model):
             pass
 
 
-def test_site_that_does_not_exist(model):
-    cfg = TranscoderConfig(d_in=16, d_out=16, d_latent=8, layer=0, k=2, output_site="blocks.0.hook_mlp_outt")
+@pytest.mark.parametrize(
+    "site, message",
+    [
+        (dict(output_site="blocks.0.hook_mlp_outt"), "does not exist.*blocks.0.hook_mlp_out"),
+        (dict(input_site="blocks.0.hook_mlp_in"), "never fire.*set_use_hook_mlp_in|set_use_hook_mlp_in"),
+    ],
+    ids=["does-not-exist", "never-fires"],
+)
+def test_bad_site_is_refused_and_leaves_no_hooks(model, site, message):
+    cfg = TranscoderConfig(d_in=16, d_out=16, d_latent=8, layer=0, k=2, **site)
     before = hook_state(model)
-    with pytest.raises(SpliceError, match="does not exist.*blocks.0.hook_mlp_out"):
-        with splice(model, [Transcoder(cfg)]):
-            pass
-    assert hook_state(model) == before
-
-
-def test_site_that_never_fires(model):
-    cfg = TranscoderConfig(d_in=16, d_out=16, d_latent=8, layer=0, k=2, input_site="blocks.0.hook_mlp_in")
-    before = hook_state(model)
-    with pytest.raises(SpliceError, match="set_use_hook_mlp_in"):
+    with pytest.raises(SpliceError, match=message):
         with splice(model, [Transcoder(cfg)]):
             pass
     assert hook_state(model) == before

@@ -18,6 +18,7 @@ computes them once for a token set and `evaluate_splice(..., baselines=...)` reu
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,10 +30,11 @@ from torch import Tensor, nn
 from tl_transcoders.config import default_output_site
 from tl_transcoders.sites import (
     attach,
-    can_run_from_layer,
+    check_resume,
+    is_bridge,
     layer_of,
     model_device,
-    run_from_layer,
+    resumable_pass,
 )
 from tl_transcoders.splice import check_compatible, transcoder_hooks
 from tl_transcoders.transcoder import Transcoder
@@ -173,7 +175,7 @@ def _run(
 
     Mean ablation needs the mean over all batches, so it runs after the first sweep;
     the last batch's clean state is still cached then, earlier batches are re-run."""
-    delta_ok = can_run_from_layer(model)
+    delta_ok = True
     per_token: dict[str, list[Tensor]] = {}
     kl_per_token: dict[str, list[Tensor]] = {}
     stats = {t.cfg.layer: _TranscoderStats(t.cfg.d_latent, t.cfg.d_out) for t in transcoders}
@@ -187,8 +189,10 @@ def _run(
 
     clean = None
     with torch.no_grad():
-        for batch in batches:
-            clean = _CleanRun(model, batch, transcoders, ablation_sites, delta_ok)
+        for index, batch in enumerate(batches):
+            verify = index == 0 and is_bridge(model)
+            clean = _CleanRun(model, batch, transcoders, ablation_sites, delta_ok, verify)
+            delta_ok = clean.delta_ok
             record("clean", clean.ce)
             n_positions += batch.numel()
             for site in ablation_sites:
@@ -214,7 +218,7 @@ def _run(
         }
         for i, batch in enumerate(batches if ablation_sites else []):
             last = i == len(batches) - 1
-            state = clean if last else _CleanRun(model, batch, [], ablation_sites, delta_ok)
+            state = clean if last else _CleanRun(model, batch, [], ablation_sites, delta_ok, False)
             for site in ablation_sites:
                 ablated = means[site].expand_as(state.outputs[site])
                 record(f"{site}.mean_ablated", state.compare(state.variant_logits(site, ablated))[0])
@@ -247,7 +251,9 @@ class _CleanRun:
     """The clean forward pass of one batch, and the variants run from its cached state.
 
     Caches the clean log-probs, each transcoder's input and output site, and the
-    residual stream after every block a variant or the all-spliced run starts from."""
+    residual stream after every block a variant or the all-spliced run starts from.
+    With `verify`, checks once that resuming mid-model reproduces the clean logits and
+    falls back to full forward passes (with a warning) where it does not."""
 
     def __init__(
         self,
@@ -256,6 +262,7 @@ class _CleanRun:
         transcoders: list[Transcoder],
         output_sites: list[str],
         delta_ok: bool,
+        verify: bool,
     ):
         self.model, self.batch, self.delta_ok = model, batch, delta_ok
         out_sites = set(output_sites) | {t.cfg.output_site for t in transcoders}
@@ -274,14 +281,30 @@ class _CleanRun:
 
         resid_sites = [f"blocks.{layer}.hook_resid_post" for layer in sorted(resid_layers)]
         hooks = [(site, store(site)) for site in sorted(in_sites | out_sites) + resid_sites]
-        with attach(model, hooks):
+        with resumable_pass(model) as self.resume, attach(model, hooks):
             logits = model(batch, return_type="logits")
+        self.resid = {layer: cache[f"blocks.{layer}.hook_resid_post"] for layer in resid_layers}
+        if verify and self.resid:
+            self.delta_ok = self._resume_matches(logits)
         self.logprobs = torch.log_softmax(logits.float(), dim=-1)
         self.probs = self.logprobs.exp()
         self.ce = _next_token_ce(self.logprobs, batch)
         self.inputs = {site: cache[site] for site in in_sites}
         self.outputs = {site: cache[site] for site in out_sites}
-        self.resid = {layer: cache[f"blocks.{layer}.hook_resid_post"] for layer in resid_layers}
+
+    def _resume_matches(self, logits: Tensor) -> bool:
+        """Resume from the latest cached block that leaves at least one block to run
+        and compare with the clean logits."""
+        n_layers = self.model.cfg.n_layers
+        layer = max(self.resid, key=lambda L: (L + 1 < n_layers, L))
+        if check_resume(self.resume, self.resid[layer], layer + 1, logits):
+            return True
+        warnings.warn(
+            f"resuming {type(self.model).__name__} mid-model did not reproduce its logits; "
+            "evaluating every variant with a full forward pass instead (slower, same numbers)",
+            stacklevel=4,
+        )
+        return False
 
     def _is_delta_site(self, site: str) -> bool:
         """True where a new value at `site` can be added to the cached residual stream:
@@ -301,7 +324,7 @@ class _CleanRun:
         if self._is_delta_site(site):
             layer = layer_of(site)
             residual = self.resid[layer] + (value - self.outputs[site])
-            return run_from_layer(self.model, residual, layer + 1)
+            return self.resume(residual, layer + 1)
         with attach(self.model, [(site, lambda _: value)]):
             return self.model(self.batch, return_type="logits")
 
@@ -310,7 +333,7 @@ class _CleanRun:
         first = self._first_spliced_layer(transcoders)
         with attach(self.model, transcoder_hooks(transcoders)):
             if first:
-                return run_from_layer(self.model, self.resid[first - 1], first)
+                return self.resume(self.resid[first - 1], first)
             return self.model(self.batch, return_type="logits")
 
     def compare(self, logits: Tensor) -> tuple[Tensor, Tensor]:

@@ -208,19 +208,72 @@ def model_name(model: nn.Module) -> str | None:
     return getattr(model.cfg, "model_name", None)
 
 
-def run_from_layer(
-    model: nn.Module, residual: Float[Tensor, "batch pos d_model"], layer: int
-) -> Float[Tensor, "batch pos d_vocab"]:
-    """Logits from running blocks `layer..n_layers-1`, the final norm and the unembedding
-    on `residual` (the stream entering block `layer`; `layer == n_layers` runs only the
-    final norm and unembedding). Only where `can_run_from_layer(model)`."""
-    return model(residual, start_at_layer=layer, return_type="logits")
+Resume = Callable[[Tensor, int], Tensor]
+"""`resume(residual, layer)`: logits from the stream entering block `layer`
+(`[batch, pos, d_model]`) through the remaining blocks, the final norm and the
+unembedding; `layer == n_layers` runs only the final norm and unembedding."""
 
 
-def can_run_from_layer(model: nn.Module) -> bool:
-    """Whether `run_from_layer` skips the blocks before `layer`.
+@contextlib.contextmanager
+def resumable_pass(model: nn.Module) -> Iterator[Resume]:
+    """Record what a forward pass inside the block needs to be resumed from any block,
+    and yield a `Resume` function usable after the pass (with the pass's batch shape).
 
-    True for HookedTransformer. False for the Bridge: TL 3.x raises on `start_at_layer`,
-    and TL 4.x accepts it but still runs every earlier block (it swaps the residual in
-    at block `layer`), so a full forward pass costs the same."""
-    return not is_bridge(model)
+    HookedTransformer resumes natively (`start_at_layer`). The Bridge cannot: TL 3.x
+    raises and TL 4.x runs every earlier block anyway. There the blocks' own call
+    arguments (position embeddings, masks) are recorded during the pass and replayed
+    with a new residual, then the final norm, unembedding and logit soft-cap run.
+    `check_resume` tells whether the replay reproduces a pass on a given model."""
+    if not is_bridge(model):
+        yield lambda residual, layer: model(residual, start_at_layer=layer, return_type="logits")
+        return
+    calls: dict[int, tuple[tuple, dict]] = {}
+
+    def recorder(index: int):
+        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            kwargs = {key: value for key, value in kwargs.items() if key != "hidden_states"}
+            for key in ("past_key_values", "past_key_value", "layer_past"):
+                if key in kwargs:
+                    kwargs[key] = None
+            if "use_cache" in kwargs:
+                kwargs["use_cache"] = False
+            calls[index] = (args[1:], kwargs)
+
+        return record
+
+    handles = [
+        block.register_forward_pre_hook(recorder(i), with_kwargs=True)
+        for i, block in enumerate(model.blocks)
+    ]
+    try:
+        yield lambda residual, layer: _replay(model, calls, residual, layer)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _replay(model: nn.Module, calls: dict, residual: Tensor, layer: int) -> Tensor:
+    hidden = residual
+    for index in range(layer, model.cfg.n_layers):
+        args, kwargs = calls[index]
+        out = model.blocks[index](hidden, *args, **kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+    if getattr(model, "ln_final", None) is not None:
+        hidden = model.ln_final(hidden)
+    logits = model.unembed(hidden)
+    cap = getattr(model.cfg, "output_logits_soft_cap", 0.0) or 0.0
+    return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+
+def check_resume(
+    resume: Resume,
+    residual: Float[Tensor, "batch pos d_model"],
+    layer: int,
+    logits: Float[Tensor, "batch pos d_vocab"],
+) -> bool:
+    """Whether resuming from `residual` (the clean stream entering block `layer`)
+    reproduces the clean pass's `logits` (compared as log-probabilities)."""
+    resumed = resume(residual, layer)
+    return torch.allclose(
+        torch.log_softmax(resumed.float(), -1), torch.log_softmax(logits.float(), -1), atol=1e-4, rtol=1e-4
+    )
