@@ -40,3 +40,16 @@ def test_demo_writes_transcoders_and_report(tmp_path):
         transcoder = Transcoder.load(out / f"layer_{layer}")
         assert transcoder.cfg.skip and transcoder.cfg.layer == layer
         assert report["layers"][str(layer)]["fvu"] < 1.0, "the fit should beat predicting the mean"
+
+
+def test_eval_reads_and_packs_text(monkeypatch, tmp_path, capsys):
+    model = build_model("bridge-sandwich")  # the Gemma-2 Bridge has a (word-level) tokenizer
+    monkeypatch.setattr(cli, "load_model", lambda name, device=None: model)
+    make_transcoder(model, 1).save(tmp_path / "layer_1")
+    (tmp_path / "text.txt").write_text(" ".join(f"w{i % 40}" for i in range(50)))
+    cli.main([
+        "eval", "--model", "tiny", "--transcoders", str(tmp_path / "layer_1"),
+        "--text", str(tmp_path / "text.txt"), "--seq-len", "8", "--batch-size", "4",
+    ])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["n_tokens"] == 7 * 7  # 50 words -> 7 rows of BOS + 7 words, 7 predictions each

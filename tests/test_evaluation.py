@@ -179,3 +179,11 @@ def test_full_passes_when_resuming_does_not_reproduce(model, batches, monkeypatc
     with pytest.warns(UserWarning, match="full forward pass"):
         fallback = evaluate_splice(model, transcoders, batches).to_dict()
     assert_dicts_close(fallback, expected)
+
+
+def test_last_batch_may_be_smaller(model):
+    tokens = torch.randint(0, model.cfg.d_vocab, (3, 10), generator=torch.Generator().manual_seed(2))
+    transcoder = make_transcoder(model, 1)
+    split = evaluate_splice(model, [transcoder], list(tokens.split(2)))
+    assert split.per_token["clean"].shape == (3, 9)
+    assert_dicts_close(split.to_dict(), evaluate_splice(model, [transcoder], tokens).to_dict())

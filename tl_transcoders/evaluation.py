@@ -40,6 +40,8 @@ from tl_transcoders.splice import check_compatible, transcoder_hooks
 from tl_transcoders.transcoder import Transcoder
 
 Tokens = Int[Tensor, "batch pos"]
+TokenBatches = list[Int[Tensor, "_ pos"]]
+"""Token batches of one sequence length; the last batch may be smaller."""
 TokenInput = Tensor | Iterable[Tensor]
 """A `[batch, pos]` tensor of token ids or an iterable of them. Left unshaped in
 signatures on purpose: `_token_batches` checks it and says what is wrong (rank, dtype,
@@ -167,7 +169,7 @@ class _RunResult:
 
 def _run(
     model: nn.Module,
-    batches: list[Tokens],
+    batches: TokenBatches,
     transcoders: list[Transcoder],
     ablation_sites: list[str],
 ) -> tuple[_RunResult, AblationBaselines]:
@@ -384,7 +386,7 @@ class _TranscoderStats:
         return 1.0 - self.fired.float().mean().item()
 
 
-def _token_batches(model: nn.Module, tokens: TokenInput) -> list[Tokens]:
+def _token_batches(model: nn.Module, tokens: TokenInput) -> TokenBatches:
     """Check token batches and move them to the model's device."""
     batches = [tokens] if isinstance(tokens, Tensor) else list(tokens)
     if not batches:
@@ -412,7 +414,7 @@ def _token_batches(model: nn.Module, tokens: TokenInput) -> list[Tokens]:
     return [batch.to(device=device, dtype=torch.long) for batch in batches]
 
 
-def _fingerprint(batches: list[Tokens]) -> str:
+def _fingerprint(batches: TokenBatches) -> str:
     digest = hashlib.sha256()
     for batch in batches:
         digest.update(str(tuple(batch.shape)).encode())
@@ -421,7 +423,7 @@ def _fingerprint(batches: list[Tokens]) -> str:
 
 
 def _check_baselines(
-    baselines: AblationBaselines, batches: list[Tokens], transcoders: list[Transcoder]
+    baselines: AblationBaselines, batches: TokenBatches, transcoders: list[Transcoder]
 ) -> None:
     if baselines.fingerprint != _fingerprint(batches):
         raise ValueError(
