@@ -187,3 +187,11 @@ def test_last_batch_may_be_smaller(model):
     split = evaluate_splice(model, [transcoder], list(tokens.split(2)))
     assert split.per_token["clean"].shape == (3, 9)
     assert_dicts_close(split.to_dict(), evaluate_splice(model, [transcoder], tokens).to_dict())
+
+
+def test_nan_transcoder_outputs_are_reported(model, batches):
+    transcoder = make_transcoder(model, 1)
+    with torch.no_grad():
+        transcoder.W_skip.fill_(1e38)  # finite weights, overflowing outputs
+    with pytest.raises(ValueError, match="produced NaN or inf outputs"):
+        evaluate_splice(model, [transcoder], batches)

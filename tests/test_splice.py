@@ -239,3 +239,12 @@ def test_bridge_mlp_input_site_is_a_hook_point(model):
     """The default input site is a real hook point on the Bridge and a module hook on
     HookedTransformer; both capture the tensor the MLP module receives."""
     assert ("blocks.0.mlp.hook_in" in model.hook_dict) == is_bridge(model)
+
+
+def test_nan_weights_are_refused(model):
+    transcoder = make_transcoder(model, 0)
+    with torch.no_grad():
+        transcoder.W_dec[0, 0] = float("nan")
+    with pytest.raises(SpliceError, match=r"NaN or inf in \['W_dec'\]"):
+        with splice(model, [transcoder]):
+            pass

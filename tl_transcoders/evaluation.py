@@ -36,7 +36,7 @@ from tl_transcoders.sites import (
     model_device,
     resumable_pass,
 )
-from tl_transcoders.splice import check_compatible, transcoder_hooks
+from tl_transcoders.splice import check_compatible, describe, transcoder_hooks
 from tl_transcoders.transcoder import Transcoder
 
 Tokens = Int[Tensor, "batch pos"]
@@ -209,6 +209,11 @@ def _run(
                 target = clean.outputs[c.output_site]
                 x = clean.inputs[c.input_site].to(transcoder.W_enc.dtype)
                 out, latents = transcoder.forward_with_latents(x)
+                if not torch.isfinite(out).all():
+                    raise ValueError(
+                        f"{describe(transcoder)} produced NaN or inf outputs on the clean "
+                        "activations; check its weights and dtype"
+                    )
                 out = out.to(target.dtype)
                 stats[c.layer].update(out, target, latents)
                 logits = clean.variant_logits(c.output_site, out)
@@ -285,6 +290,11 @@ class _CleanRun:
         hooks = [(site, store(site)) for site in sorted(in_sites | out_sites) + resid_sites]
         with resumable_pass(model) as self.resume, attach(model, hooks):
             logits = model(batch, return_type="logits")
+        if not torch.isfinite(logits).all():
+            raise ValueError(
+                "the model itself produced NaN or inf logits on these tokens; check its "
+                "weights and dtype (fp16 overflows easily) before evaluating transcoders"
+            )
         self.resid = {layer: cache[f"blocks.{layer}.hook_resid_post"] for layer in resid_layers}
         if verify and self.resid:
             self.delta_ok = self._resume_matches(logits)

@@ -14,6 +14,7 @@ import contextlib
 import warnings
 from collections.abc import Iterator, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from tl_transcoders.sites import (
@@ -43,7 +44,8 @@ def check_compatible(model: nn.Module, transcoders: Sequence[Transcoder]) -> Non
     """Raise `SpliceError`, saying what is wrong and what to do, unless every transcoder
     fits `model`: its layer is in range, its sites exist and fire (input no later than
     output), its widths match theirs, its input space and model name match the
-    model's, it is on the model's device, and no two transcoders write one site."""
+    model's, its weights are finite, it is on the model's device, and no two
+    transcoders write one site."""
     transcoders = list(transcoders)
     for transcoder in transcoders:
         if not isinstance(transcoder, Transcoder):
@@ -76,6 +78,12 @@ def check_compatible(model: nn.Module, transcoders: Sequence[Transcoder]) -> Non
                 f"{describe(transcoder)} was trained on model {trained_on!r}, not on "
                 f"{this_model!r}. If this is the same model under another name, set "
                 "transcoder.cfg.model_name = None to skip this check."
+            )
+        bad = [name for name, p in transcoder.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise SpliceError(
+                f"{describe(transcoder)} has NaN or inf in {bad}; a training run diverged "
+                "or the weights were damaged: load a good checkpoint"
             )
         device = transcoder.W_enc.device
         if device != model_device(model):
