@@ -29,7 +29,7 @@ def hook_state(model: torch.nn.Module) -> dict[str, tuple]:
 def by_hand(transcoder: Transcoder, x: torch.Tensor) -> torch.Tensor:
     """The transcoder's output written out from its weights, independent of its code."""
     cfg = transcoder.cfg
-    pre = x @ transcoder.W_enc + transcoder.b_enc
+    pre = x @ transcoder.W_enc.T + transcoder.b_enc
     if cfg.activation == "topk":
         values, indices = pre.topk(cfg.k, dim=-1)
         latents = torch.zeros_like(pre).scatter(-1, indices, values.relu())

@@ -161,7 +161,7 @@ def test_bad_config_field(saved, change, message):
 
 def test_config_does_not_match_weights(saved):
     edit_header(saved, lambda h: h["config"].update(d_latent=41))
-    with pytest.raises(TranscoderFileError, match=r"tensor W_enc has shape \(12, 40\), the config requires \(12, 41\)"):
+    with pytest.raises(TranscoderFileError, match=r"tensor W_enc has shape \(40, 12\), the config requires \(41, 12\)"):
         Transcoder.load(saved)
 
 

@@ -42,7 +42,7 @@ def fit(transcoder: Transcoder, x: Tensor, y: Tensor, steps: int, lr: float = 3e
     with torch.no_grad():
         transcoder.W_dec.zero_()
         transcoder.b_dec.copy_(y.mean(0))
-        transcoder.b_enc.copy_(-(x.mean(0) @ transcoder.W_enc))
+        transcoder.b_enc.copy_(-(x.mean(0) @ transcoder.W_enc.T))
     optimizer = torch.optim.Adam(transcoder.parameters(), lr=lr)
     variance = (y - y.mean(0)).pow(2).sum()
     for _ in range(steps):

@@ -1,6 +1,6 @@
 """`Transcoder`: a sparse, wide replacement for a transformer MLP.
 
-    latents = activation(x @ W_enc + b_enc)                     [..., d_latent]
+    latents = activation(x @ W_enc.T + b_enc)                   [..., d_latent]
     output  = latents @ W_dec + b_dec (+ x @ W_skip.T if skip)  [..., d_out]
 
 An SAE is the same module with input site == output site and no skip term. Weights
@@ -40,7 +40,7 @@ class TranscoderFileError(ValueError):
 def parameter_shapes(cfg: TranscoderConfig) -> dict[str, tuple[int, ...]]:
     """The name and shape of every tensor a transcoder with this config holds."""
     shapes = {
-        "W_enc": (cfg.d_in, cfg.d_latent),
+        "W_enc": (cfg.d_latent, cfg.d_in),
         "b_enc": (cfg.d_latent,),
         "W_dec": (cfg.d_latent, cfg.d_out),
         "b_dec": (cfg.d_out,),
@@ -55,11 +55,12 @@ def parameter_shapes(cfg: TranscoderConfig) -> dict[str, tuple[int, ...]]:
 class Transcoder(nn.Module):
     """Maps the activation at `cfg.input_site` to the activation at `cfg.output_site`.
 
-    Parameters: `W_enc` [d_in, d_latent], `b_enc` [d_latent], `W_dec` [d_latent, d_out],
+    Parameters: `W_enc` [d_latent, d_in], `b_enc` [d_latent], `W_dec` [d_latent, d_out],
     `b_dec` [d_out]; `W_skip` [d_out, d_in] when `cfg.skip`; `threshold` [d_latent] for
     JumpReLU (learned) and BatchTopK (the inference threshold). A new transcoder has
     random unit-norm decoder rows, an encoder of matching scale, zero biases, zero
-    skip and zero thresholds.
+    skip and zero thresholds. Row i of `W_enc` and of `W_dec` belong to latent i (the
+    layout of sparsify and circuit-tracer), so sparse kernels gather contiguous rows.
 
     BatchTopK selects across the batch in training mode and thresholds each token
     independently in eval mode (`transcoder.eval()`).
@@ -73,7 +74,7 @@ class Transcoder(nn.Module):
         W_dec = torch.randn(cfg.d_latent, cfg.d_out, dtype=dtype)
         W_dec /= W_dec.norm(dim=-1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
-        W_enc = torch.randn(cfg.d_in, cfg.d_latent, dtype=dtype) / math.sqrt(cfg.d_in)
+        W_enc = torch.randn(cfg.d_latent, cfg.d_in, dtype=dtype) / math.sqrt(cfg.d_in)
         self.W_enc = nn.Parameter(W_enc)
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_latent, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_out, dtype=dtype))
@@ -85,8 +86,8 @@ class Transcoder(nn.Module):
     def pre_activations(
         self, x: Float[Tensor, "*batch d_in"]
     ) -> Float[Tensor, "*batch d_latent"]:
-        """Encoder pre-activations `x @ W_enc + b_enc`."""
-        return x @ self.W_enc + self.b_enc
+        """Encoder pre-activations `x @ W_enc.T + b_enc`."""
+        return F.linear(x, self.W_enc, self.b_enc)
 
     def encode(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_latent"]:
         """Dense latent activations (mostly zeros)."""
