@@ -12,26 +12,14 @@ import json
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm import tqdm
 
 from tl_transcoders.config import TranscoderConfig
 from tl_transcoders.evaluation import SpliceReport, evaluate_splice
 from tl_transcoders.models import tiny_random_model
-from tl_transcoders.sites import attach
+from tl_transcoders.sites import capture
 from tl_transcoders.transcoder import Transcoder
-
-
-def collect(model: nn.Module, tokens: Tensor, sites: list[str]) -> dict[str, Tensor]:
-    """The activations at `sites` on `tokens`, flattened to `[tokens, width]`."""
-    cache: dict[str, Tensor] = {}
-
-    def store(site: str):
-        return lambda activation: cache.__setitem__(site, activation.reshape(-1, activation.shape[-1]))
-
-    with torch.no_grad(), attach(model, [(site, store(site)) for site in sites]):
-        model(tokens)
-    return cache
 
 
 def fit(transcoder: Transcoder, x: Tensor, y: Tensor, steps: int, lr: float = 3e-3) -> float:
@@ -84,7 +72,7 @@ def run_demo(output_dir: str | Path = "demo-output", steps: int = 300) -> Path:
     for layer in tqdm(range(n_layers), desc="fitting skip transcoders"):
         cfg = TranscoderConfig.for_model(model, layer, d_latent=512, k=16, skip=True)
         transcoder = Transcoder(cfg)
-        acts = collect(model, train_tokens, [cfg.input_site, cfg.output_site])
+        acts = capture(model, train_tokens, [cfg.input_site, cfg.output_site])
         fit(transcoder, acts[cfg.input_site], acts[cfg.output_site], steps)
         transcoder.save(output_dir / f"layer_{layer}")
         transcoders.append(transcoder.eval())

@@ -137,6 +137,33 @@ def _post_hook_fn(fn: SiteFn):
     return hook
 
 
+def capture(
+    model: nn.Module, tokens: Tensor, sites: Sequence[str]
+) -> dict[str, Float[Tensor, "n_tokens width"]]:
+    """The activations at `sites` on `tokens`, flattened to `[batch * pos, width]`, from
+    one no-grad forward pass that stops after the last block any site is in."""
+    sites = list(dict.fromkeys(sites))
+    cache: dict[str, Tensor] = {}
+
+    def store(site: str) -> SiteFn:
+        def hook(activation: Tensor) -> None:
+            cache[site] = activation.reshape(-1, activation.shape[-1])
+
+        return hook
+
+    with torch.no_grad(), attach(model, [(site, store(site)) for site in sites]):
+        model(tokens, stop_at_layer=_stop_layer(model, sites))
+    return cache
+
+
+def _stop_layer(model: nn.Module, sites: Sequence[str]) -> int | None:
+    """The `stop_at_layer` that runs every block holding one of `sites`, or None."""
+    layers = [layer_of(site) for site in sites]
+    if None in layers or max(layers) + 1 >= model.cfg.n_layers:
+        return None
+    return max(layers) + 1
+
+
 @dataclass(frozen=True)
 class SiteInfo:
     """What a probe pass saw at a site: when it first fired and its width."""
@@ -163,14 +190,10 @@ def probe_sites(model: nn.Module, sites: Sequence[str]) -> dict[str, SiteInfo]:
 
         return record
 
-    layers = [layer_of(site) for site in sites]
-    stop = None
-    if all(layer is not None for layer in layers) and max(layers) + 1 < model.cfg.n_layers:
-        stop = max(layers) + 1
     tokens = torch.zeros(1, 2, dtype=torch.long, device=model_device(model))
     try:
         with attach(model, [(site, recorder(site)) for site in sites]), torch.no_grad():
-            model(tokens, stop_at_layer=stop)
+            model(tokens, stop_at_layer=_stop_layer(model, sites))
     except ValueError as err:  # the Bridge refuses hooks its config has switched off
         raise SiteError(str(err)) from err
     silent = [site for site in sites if site not in seen]
