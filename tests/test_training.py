@@ -1,0 +1,178 @@
+"""Trainer: FVU falls, one forward pass feeds every layer, exact resume after SIGKILL,
+normalisation folded on save, clear errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tl_transcoders import Transcoder, evaluate_splice
+from tl_transcoders.models import tiny_random_model
+from tl_transcoders.training import TrainConfig, Trainer
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_random_model()
+
+
+def random_batches(model, batch_size=8, context_size=32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        yield torch.randint(0, model.cfg.d_vocab, (batch_size, context_size), generator=generator)
+
+
+def config(tmp_path, **kwargs):
+    options = dict(layers=[1], k=8, expansion=4, batch_size=8, context_size=32, max_tokens=8 * 32 * 60,
+                   output_dir=str(tmp_path), log_every=10, normalize=True)
+    options.update(kwargs)
+    return TrainConfig(**options)
+
+
+@pytest.mark.parametrize(
+    "activation, skip",
+    [("topk", True), ("topk", False), ("batchtopk", True), ("relu", True), ("jumprelu", False)],
+)
+def test_fvu_falls(model, tmp_path, activation, skip):
+    trainer = Trainer(model, config(tmp_path, activation=activation, skip=skip, l1_coefficient=1e-2, max_tokens=8 * 32 * 40))
+    trainer.fit(random_batches(model))
+    fvus = [h["fvu"] for h in trainer.history]
+    assert len(fvus) == 4 and fvus[-1] < fvus[0] - 0.02, fvus
+
+
+def test_sae_mode_trains_on_one_site(model, tmp_path):
+    trainer = Trainer(model, config(tmp_path, sae=True, skip=False))
+    (sae,) = trainer.fit(random_batches(model))
+    assert sae.cfg.is_sae and sae.cfg.input_site == "blocks.1.hook_mlp_out"
+    assert trainer.history[-1]["fvu"] < trainer.history[0]["fvu"]
+
+
+def test_one_forward_pass_feeds_every_layer_and_stops_early(model, tmp_path):
+    calls = {"embed": 0, "last_block": 0}
+    handles = [
+        model.embed.register_forward_hook(lambda *a: calls.__setitem__("embed", calls["embed"] + 1)),
+        model.blocks[3].register_forward_hook(lambda *a: calls.__setitem__("last_block", calls["last_block"] + 1)),
+    ]
+    try:
+        trainer = Trainer(model, config(tmp_path, layers=[0, 1, 2], max_tokens=8 * 32 * 5))
+        calls.update(embed=0, last_block=0)  # ignore the site checks made while building
+        trainer.fit(random_batches(model))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == {"embed": 5, "last_block": 0}
+
+
+def test_saved_transcoders_work_in_the_model_space(model, tmp_path):
+    """Normalisation is folded back: the saved transcoder on raw activations equals the
+    trained one on normalised activations, scaled back."""
+    trainer = Trainer(model, config(tmp_path, normalize=True))
+    (saved,) = trainer.fit(random_batches(model))
+    loaded = Transcoder.load(tmp_path / "layer_1").eval()
+    s_in, s_out = trainer.scales[1]
+    assert s_in != 1.0 and s_out != 1.0
+    x = torch.randn(5, 64)
+    trained = trainer.transcoders[1].eval()
+    assert torch.allclose(loaded(x), s_out * trained(x / s_in), atol=1e-5)
+    report = evaluate_splice(model, [loaded], next(random_batches(model, seed=9)))
+    assert report.layers[1].fvu < 1.0
+
+
+RUN = textwrap.dedent(
+    """
+    import sys, time, torch
+    from tl_transcoders.models import tiny_random_model
+    from tl_transcoders.training import TrainConfig, Trainer
+
+    torch.set_num_threads(1)
+    output_dir, resume, delay = sys.argv[1], sys.argv[2] == "1", float(sys.argv[3])
+    model = tiny_random_model()
+
+    def batches():
+        generator = torch.Generator().manual_seed(0)
+        while True:
+            time.sleep(delay)
+            yield torch.randint(0, model.cfg.d_vocab, (4, 16), generator=generator)
+
+    cfg = TrainConfig(layers=[0, 2], k=4, expansion=2, batch_size=4, context_size=16,
+                      max_tokens=4 * 16 * 40, checkpoint_every=5, output_dir=output_dir,
+                      resume=resume, shuffle_buffer=2, log_every=5, normalize=True)
+    Trainer(model, cfg).fit(batches())
+    """
+)
+
+
+def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(RUN)
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    subprocess.run([sys.executable, str(script), str(whole), "0", "0"], check=True, env=env, capture_output=True)
+
+    process = subprocess.Popen([sys.executable, str(script), str(killed), "0", "0.2"], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = killed / "checkpoint.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and torch.load(checkpoint, weights_only=False)["step"] < 10 if checkpoint.exists() else time.time() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "layer_0").exists(), "the run should have been killed before finishing"
+
+    subprocess.run([sys.executable, str(script), str(killed), "1", "0"], check=True, env=env, capture_output=True)
+    for layer in (0, 2):
+        expected = load_file(whole / f"layer_{layer}" / "transcoder.safetensors")
+        resumed = load_file(killed / f"layer_{layer}" / "transcoder.safetensors")
+        for name in expected:
+            assert torch.equal(expected[name], resumed[name]), f"layer {layer} {name} differs"
+
+
+# --- bad input ------------------------------------------------------------------------
+
+
+def test_context_longer_than_the_model(model, tmp_path):
+    with pytest.raises(ValueError, match="context_size 256 is longer than the model's context"):
+        Trainer(model, config(tmp_path, context_size=256))
+
+
+def test_no_full_batch(model, tmp_path):
+    with pytest.raises(ValueError, match="no training step ran"):
+        Trainer(model, config(tmp_path)).fit(iter([]))
+
+
+def test_nan_activations_keep_the_last_checkpoint(model, tmp_path):
+    trainer = Trainer(model, config(tmp_path, checkpoint_every=2))
+
+    def batches():
+        source = random_batches(model)
+        for _ in range(3):
+            yield next(source)
+        with torch.no_grad():
+            embedding = next(p for name, p in model.named_parameters() if "embed" in name)
+            embedding.fill_(float("nan"))
+        yield next(source)
+
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    try:
+        with pytest.raises(FloatingPointError, match="NaN or inf activations.*last checkpoint is kept"):
+            trainer.fit(batches())
+    finally:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                param.copy_(saved[name])
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 2
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="an SAE cannot have a skip term"):
+        TrainConfig(layers=[0], sae=True, skip=True)
+    with pytest.raises(ValueError, match="layers must be a non-empty list"):
+        TrainConfig(layers=[])

@@ -1,0 +1,109 @@
+"""Training forward passes and losses, one per activation function.
+
+`training_step(transcoder, x, y, ...)` returns the loss to minimise and the sparse
+latents. Every variant minimises FVU (squared error over the batch's variance of the
+target) plus its sparsity term: AuxK for TopK, L1 for ReLU, L0 for JumpReLU (whose
+threshold learns through a straight-through rectangle-kernel gradient).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tl_transcoders import activations
+from tl_transcoders.activations import SparseLatents
+from tl_transcoders.transcoder import Transcoder
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor
+    fvu: Tensor
+    latents: SparseLatents
+
+
+def fvu(y: Tensor, y_hat: Tensor) -> Tensor:
+    """Fraction of variance unexplained over a batch `[n, d]`."""
+    return (y - y_hat).pow(2).sum() / (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """pre * H(pre - threshold) with a rectangle-kernel pseudo-gradient for threshold."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, threshold = ctx.saved_tensors
+        near = ((pre - threshold).abs() < ctx.bandwidth / 2).to(grad.dtype)
+        grad_threshold = -(threshold / ctx.bandwidth) * near * grad
+        return grad * (pre > threshold), grad_threshold.reshape(-1, pre.shape[-1]).sum(0), None
+
+
+class _Step(torch.autograd.Function):
+    """H(pre - threshold) (the L0 count) with the same pseudo-gradient for threshold."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, threshold = ctx.saved_tensors
+        near = ((pre - threshold).abs() < ctx.bandwidth / 2).to(grad.dtype)
+        grad_threshold = -(1.0 / ctx.bandwidth) * near * grad
+        return None, grad_threshold.reshape(-1, pre.shape[-1]).sum(0), None
+
+
+def training_step(
+    transcoder: Transcoder,
+    x: Tensor,
+    y: Tensor,
+    dead: Tensor,
+    auxk_alpha: float,
+    l1_coefficient: float,
+    l0_coefficient: float,
+    bandwidth: float,
+) -> StepOutput:
+    """Loss for one batch: `x` [n, d_in] -> `y` [n, d_out]; `dead` [d_latent] marks
+    latents that have not fired recently (the targets of AuxK)."""
+    cfg = transcoder.cfg
+    pre = transcoder.pre_activations(x)
+    skip = x @ transcoder.W_skip.T if cfg.skip else 0.0
+    sparsity = torch.zeros((), dtype=x.dtype)
+    if cfg.activation == "topk":
+        latents = activations.topk(pre, cfg.k)
+        y_hat = transcoder.decode_sparse(latents) + skip
+        if auxk_alpha > 0 and dead.any():
+            sparsity = auxk_alpha * _auxk(transcoder, pre, dead, (y - y_hat).detach(), x.shape[-1] // 2)
+    else:
+        if cfg.activation == "batchtopk":
+            dense = activations.batchtopk(pre, cfg.k)
+        elif cfg.activation == "relu":
+            dense = torch.relu(pre)
+            sparsity = l1_coefficient * (dense * transcoder.W_dec.norm(dim=-1)).sum(-1).mean()
+        else:
+            dense = _JumpReLU.apply(pre, transcoder.threshold, bandwidth)
+            sparsity = l0_coefficient * _Step.apply(pre, transcoder.threshold, bandwidth).sum(-1).mean()
+        latents = activations.sparsify_dense(dense.detach())
+        y_hat = transcoder.decode(dense) + skip
+    error = fvu(y, y_hat)
+    return StepOutput(loss=error + sparsity, fvu=error.detach(), latents=latents)
+
+
+def _auxk(transcoder: Transcoder, pre: Tensor, dead: Tensor, residual: Tensor, k_aux: int) -> Tensor:
+    """How well the top `k_aux` dead latents reconstruct the residual error (AuxK)."""
+    k_aux = min(k_aux, int(dead.sum()))
+    masked = torch.where(dead, pre, torch.full_like(pre, -torch.inf))
+    values, indices = masked.topk(k_aux, dim=-1, sorted=False)
+    reconstruction = transcoder.decode_sparse(SparseLatents(torch.relu(values), indices)) - transcoder.b_dec
+    return fvu(residual, reconstruction)

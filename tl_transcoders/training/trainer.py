@@ -1,0 +1,302 @@
+"""`Trainer`: train transcoders for many layers from one forward pass per batch.
+
+    token batches -> model (stopped after the last layer needed; hooks collect each
+    transcoder's input and output site) -> [shuffle buffer] -> one Adam step for every
+    transcoder -> metrics, checkpoints -> transcoders saved in the model's own space.
+
+Checkpoints are written atomically and hold everything the run depends on (weights,
+optimiser and schedule, step, batches consumed, dead-latent counters, normalisation
+scales, buffer and its random state), so a resumed run ends with the same weights as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from tl_transcoders.config import TranscoderConfig
+from tl_transcoders.sites import capture
+from tl_transcoders.training.config import TrainConfig
+from tl_transcoders.training.losses import training_step
+from tl_transcoders.transcoder import Transcoder
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class Trainer:
+    """Trains one transcoder per layer in `cfg.layers` on `model`.
+
+    Usage: `Trainer(model, cfg).fit(batches)` with `batches` an iterable of `[batch,
+    context]` token tensors (e.g. `tl_transcoders.data.token_batches`); the same
+    iterable must be given again to resume (consumed batches are skipped)."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig):
+        n_layers, n_ctx = model.cfg.n_layers, model.cfg.n_ctx
+        bad = [layer for layer in cfg.layers if layer >= n_layers]
+        if bad:
+            raise ValueError(f"layers {bad} are out of range: the model has {n_layers} layers")
+        if cfg.context_size > n_ctx:
+            raise ValueError(
+                f"context_size {cfg.context_size} is longer than the model's context ({n_ctx}); "
+                "use a shorter context_size"
+            )
+        self.model, self.cfg = model, cfg
+        torch.manual_seed(cfg.seed)
+        self.transcoders: dict[int, Transcoder] = {}
+        for layer in cfg.layers:
+            input_site, output_site = cfg.sites(layer)
+            probe = TranscoderConfig.for_model(model, layer, 1, input_site, output_site, k=1)
+            d_latent = cfg.d_latent or cfg.expansion * probe.d_in
+            tc_cfg = TranscoderConfig.for_model(
+                model, layer, d_latent, input_site, output_site,
+                activation=cfg.activation, k=min(cfg.k, d_latent), skip=cfg.skip,
+            )
+            self.transcoders[layer] = Transcoder(tc_cfg).train()
+        self.optimizer = torch.optim.Adam(
+            [
+                {"params": list(t.parameters()), "lr": cfg.learning_rate(t.cfg.d_latent)}
+                for t in self.transcoders.values()
+            ],
+            betas=(0.9, 0.999),
+        )
+        warmup = max(min(cfg.warmup_steps, cfg.total_steps // 10), 1)
+        total = cfg.total_steps
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda step: min((step + 1) / warmup, max(total - step, 0) / max(total - warmup, 1)),
+        )
+        self.step = 0
+        self.batches_seen = 0
+        self.since_fired = {layer: torch.zeros(t.cfg.d_latent, dtype=torch.long) for layer, t in self.transcoders.items()}
+        self.scales: dict[int, tuple[float, float]] = {}
+        self.buffer: dict[str, Tensor] = {}
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.history: list[dict] = []
+        self.output_dir = Path(cfg.output_dir)
+
+    # --- the loop ----------------------------------------------------------------------
+
+    def fit(self, batches: Iterable[Tensor]) -> list[Transcoder]:
+        """Train until `cfg.max_tokens`; return the transcoders, also saved to
+        `output_dir/layer_{L}` in the model's own activation space."""
+        cfg = self.cfg
+        if cfg.resume and (self.output_dir / CHECKPOINT_FILE).exists():
+            self.load_checkpoint()
+        sites = [s for t in self.transcoders.values() for s in (t.cfg.input_site, t.cfg.output_site)]
+        progress = tqdm(total=cfg.total_steps, initial=self.step, desc="training", unit="step")
+        start, start_step = time.perf_counter(), self.step
+        seen = 0
+        for tokens in batches:
+            seen += 1
+            if seen <= self.batches_seen:
+                continue
+            if self.step >= cfg.total_steps:
+                break
+            self._check_tokens(tokens)
+            activations = capture(self.model, tokens, sites)
+            self.batches_seen += 1
+            for site, value in activations.items():
+                if not torch.isfinite(value).all():
+                    raise FloatingPointError(
+                        f"the model produced NaN or inf activations at {site} on token batch "
+                        f"{self.batches_seen - 1}. {self._kept_checkpoint_note()}"
+                    )
+            batch = self._mix(activations)
+            if batch is None:
+                continue
+            metrics = self._train_step(batch)
+            self.step += 1
+            progress.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.total_steps:
+                elapsed = time.perf_counter() - start
+                metrics["tokens_per_s"] = (self.step - start_step) * cfg.tokens_per_step / elapsed
+                metrics["step"] = self.step
+                self.history.append(metrics)
+                progress.set_postfix(fvu=f"{metrics['fvu']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            if self.step % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+        progress.close()
+        if self.step == 0:
+            raise ValueError(
+                "no training step ran: the data gave no full batch of "
+                f"{cfg.batch_size} x {cfg.context_size} tokens"
+            )
+        return self.save()
+
+    def _check_tokens(self, tokens: Tensor) -> None:
+        expected = (self.cfg.batch_size, self.cfg.context_size)
+        if tokens.ndim != 2 or tuple(tokens.shape) != expected:
+            raise ValueError(f"token batches must have shape {expected}, got {tuple(tokens.shape)}")
+
+    def _mix(self, activations: dict[str, Tensor]) -> dict[str, Tensor] | None:
+        """Pass activations through the shuffle buffer: keep `shuffle_buffer` batches,
+        return one batch of tokens drawn at random from them (None while filling)."""
+        if self.cfg.shuffle_buffer == 0:
+            return activations
+        n = self.cfg.tokens_per_step
+        for site, value in activations.items():
+            self.buffer[site] = torch.cat([self.buffer[site], value]) if site in self.buffer else value
+        size = next(iter(self.buffer.values())).shape[0]
+        if size < n * self.cfg.shuffle_buffer:
+            return None
+        order = torch.randperm(size, generator=self.generator)
+        taken, kept = order[:n], order[n:]
+        batch = {site: value[taken] for site, value in self.buffer.items()}
+        self.buffer = {site: value[kept] for site, value in self.buffer.items()}
+        return batch
+
+    def _train_step(self, activations: dict[str, Tensor]) -> dict:
+        cfg = self.cfg
+        if not self.scales:
+            self._initialise(activations)
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics: dict = {"fvu": 0.0}
+        for layer, transcoder in self.transcoders.items():
+            x, y = self._inputs(layer, activations)
+            dead = self.since_fired[layer] >= cfg.dead_tokens
+            out = training_step(
+                transcoder, x, y, dead, cfg.auxk_alpha, cfg.l1_coefficient,
+                cfg.l0_coefficient, cfg.jumprelu_bandwidth,
+            )
+            out.loss.backward()
+            if transcoder.cfg.activation == "batchtopk":
+                self._calibrate_threshold(transcoder, out.latents.values)
+            fired = torch.zeros_like(dead)
+            fired[out.latents.indices[out.latents.values > 0]] = True
+            self.since_fired[layer] += x.shape[0]
+            self.since_fired[layer][fired] = 0
+            l0 = (out.latents.values > 0).sum(-1).float().mean().item()
+            metrics[f"layer{layer}/fvu"] = out.fvu.item()
+            metrics[f"layer{layer}/l0"] = l0
+            metrics[f"layer{layer}/dead_fraction"] = dead.float().mean().item()
+            metrics["fvu"] += out.fvu.item() / len(self.transcoders)
+        self.optimizer.step()
+        self.schedule.step()
+        for transcoder in self.transcoders.values():
+            if transcoder.cfg.activation == "jumprelu":
+                with torch.no_grad():
+                    transcoder.threshold.clamp_(min=0)
+        return metrics
+
+    def _calibrate_threshold(self, transcoder: Transcoder, values: Tensor) -> None:
+        """BatchTopK's inference threshold: a running mean of the smallest activation
+        the batch selection kept, so that eval mode keeps about k latents per token."""
+        kept = values[values > 0]
+        if kept.numel() == 0:
+            return
+        smallest = kept.min()
+        with torch.no_grad():
+            if self.step == 0:
+                transcoder.threshold.fill_(smallest)
+            else:
+                transcoder.threshold.mul_(0.99).add_(0.01 * smallest)
+
+    def _inputs(self, layer: int, activations: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        transcoder = self.transcoders[layer]
+        s_in, s_out = self.scales[layer]
+        dtype = transcoder.W_enc.dtype
+        x = activations[transcoder.cfg.input_site].to(dtype) / s_in
+        y = activations[transcoder.cfg.output_site].to(dtype) / s_out
+        return x, y
+
+    def _initialise(self, activations: dict[str, Tensor]) -> None:
+        """Data-dependent start (sparsify's): normalisation scales, b_dec = mean output,
+        b_enc centring the inputs, a zero decoder for transcoders and the encoder's
+        transpose for SAEs."""
+        for layer, transcoder in self.transcoders.items():
+            c = transcoder.cfg
+            x = activations[c.input_site].double()
+            y = activations[c.output_site].double()
+            if self.cfg.normalize:
+                s_in = x.pow(2).sum(-1).mean().div(c.d_in).sqrt().item()
+                s_out = y.pow(2).sum(-1).mean().div(c.d_out).sqrt().item()
+            else:
+                s_in = s_out = 1.0
+            self.scales[layer] = (s_in, s_out)
+            x_mean = (x.mean(0) / s_in).to(transcoder.W_enc.dtype)
+            with torch.no_grad():
+                transcoder.b_dec.copy_(y.mean(0) / s_out)
+                if c.is_sae:
+                    transcoder.W_dec.copy_(transcoder.W_enc / transcoder.W_enc.norm(dim=-1, keepdim=True))
+                else:
+                    transcoder.W_dec.zero_()
+                transcoder.b_enc.copy_(-(transcoder.W_enc @ x_mean))
+
+    # --- saving --------------------------------------------------------------------------
+
+    def folded(self, layer: int) -> Transcoder:
+        """The transcoder for `layer` with normalisation folded into its weights, in eval
+        mode: it reads and writes the model's own activations."""
+        transcoder = self.transcoders[layer]
+        s_in, s_out = self.scales.get(layer, (1.0, 1.0))
+        result = Transcoder(transcoder.cfg)
+        state = {name: t.detach().clone() for name, t in transcoder.state_dict().items()}
+        state["W_enc"] /= s_in
+        state["W_dec"] *= s_out
+        state["b_dec"] *= s_out
+        if "W_skip" in state:
+            state["W_skip"] *= s_out / s_in
+        result.load_state_dict(state)
+        return result.eval()
+
+    def save(self) -> list[Transcoder]:
+        """Save every folded transcoder to `output_dir/layer_{L}` and return them."""
+        result = []
+        for layer in self.transcoders:
+            transcoder = self.folded(layer)
+            transcoder.save(self.output_dir / f"layer_{layer}")
+            result.append(transcoder)
+        return result
+
+    def save_checkpoint(self) -> Path:
+        """Write the full training state to `output_dir/checkpoint.pt`, atomically."""
+        state = {
+            "config": self.cfg.to_dict(),
+            "transcoders": {layer: t.state_dict() for layer, t in self.transcoders.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "step": self.step,
+            "batches_seen": self.batches_seen,
+            "since_fired": self.since_fired,
+            "scales": self.scales,
+            "buffer": self.buffer,
+            "generator": self.generator.get_state(),
+            "history": self.history,
+        }
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        path = self.output_dir / CHECKPOINT_FILE
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load_checkpoint(self) -> None:
+        """Restore the state written by `save_checkpoint`."""
+        path = self.output_dir / CHECKPOINT_FILE
+        state = torch.load(path, weights_only=False)
+        saved = {k: v for k, v in state["config"].items() if k != "resume"}
+        current = {k: v for k, v in self.cfg.to_dict().items() if k != "resume"}
+        if saved != current:
+            changed = sorted(k for k in current if saved.get(k) != current[k])
+            raise ValueError(f"{path} was written by a run with other options ({changed}); resume with the same TrainConfig")
+        for layer, transcoder in self.transcoders.items():
+            transcoder.load_state_dict(state["transcoders"][layer])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.step, self.batches_seen = state["step"], state["batches_seen"]
+        self.since_fired, self.scales = state["since_fired"], state["scales"]
+        self.buffer, self.history = state["buffer"], state["history"]
+        self.generator.set_state(state["generator"])
+
+    def _kept_checkpoint_note(self) -> str:
+        path = self.output_dir / CHECKPOINT_FILE
+        if path.exists():
+            return f"The last checkpoint is kept at {path}; fix the input and resume with resume=True."
+        return "No checkpoint had been written yet."
