@@ -53,3 +53,24 @@ def test_eval_reads_and_packs_text(monkeypatch, tmp_path, capsys):
     ])
     printed = json.loads(capsys.readouterr().out)
     assert printed["n_tokens"] == 7 * 7  # 50 words -> 7 rows of BOS + 7 words, 7 predictions each
+
+
+def test_train_saves_one_directory_per_layer(monkeypatch, tmp_path, capsys):
+    model = build_model("bridge-sandwich")  # has a word-level tokenizer
+    monkeypatch.setattr(cli, "load_model", lambda name, device=None: model)
+    lines = [json.dumps({"text": " ".join(f"w{(i * 7 + j) % 40}" for j in range(30))}) for i in range(40)]
+    (tmp_path / "corpus.jsonl").write_text("\n".join(lines))
+    cli.main([
+        "train", "--model", "tiny", "--dataset", str(tmp_path / "corpus.jsonl"), "--layers", "0-1",
+        "--k", "4", "--expansion", "2", "--batch-size", "4", "--context-size", "16",
+        "--max-tokens", str(4 * 16 * 5), "--no-skip", "--output-dir", str(tmp_path / "out"),
+    ])
+    assert "saved" in capsys.readouterr().out
+    for layer in (0, 1):
+        transcoder = Transcoder.load(tmp_path / "out" / f"layer_{layer}")
+        assert transcoder.cfg.layer == layer and not transcoder.cfg.skip and transcoder.cfg.d_latent == 32
+
+
+def test_layer_lists():
+    assert cli.parse_layers("0-3,8") == [0, 1, 2, 3, 8]
+    assert cli.parse_layers("5") == [5]

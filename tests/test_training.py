@@ -176,3 +176,26 @@ def test_bad_options():
         TrainConfig(layers=[0], sae=True, skip=True)
     with pytest.raises(ValueError, match="layers must be a non-empty list"):
         TrainConfig(layers=[])
+
+
+def test_spliced_ce_during_training_and_wandb(model, tmp_path, monkeypatch):
+    logged = []
+
+    class Run:
+        def log(self, metrics, step):
+            logged.append((step, metrics))
+
+        def finish(self):
+            logged.append("finished")
+
+    fake_wandb = type(sys)("wandb")
+    fake_wandb.init = lambda project, config: Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
+    eval_tokens = next(random_batches(model, batch_size=4, seed=5))
+    trainer = Trainer(model, config(tmp_path, max_tokens=8 * 32 * 20, eval_every=10, wandb_project="test"))
+    (transcoder,) = trainer.fit(random_batches(model), eval_tokens=eval_tokens)
+    assert [step for step, _ in logged[:-1]] == [10, 20] and logged[-1] == "finished"
+    final = logged[-2][1]
+    expected = evaluate_splice(model, [transcoder], eval_tokens)
+    assert final["layer1/ce_spliced"] == pytest.approx(expected.layers[1].ce_spliced, rel=1e-5)
+    assert final["ce_clean"] == pytest.approx(expected.ce_clean, rel=1e-6)

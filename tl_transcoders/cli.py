@@ -1,10 +1,12 @@
-"""The `tl-transcoders` command: `demo` and `eval`."""
+"""The `tl-transcoders` command: `demo`, `train` and `eval`."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import typing
 from pathlib import Path
 
 import torch
@@ -12,6 +14,7 @@ import torch
 from tl_transcoders.demo import run_demo
 from tl_transcoders.evaluation import evaluate_splice
 from tl_transcoders.models import load_model
+from tl_transcoders.training import TrainConfig, Trainer
 from tl_transcoders.transcoder import Transcoder
 
 
@@ -41,6 +44,49 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print()
 
 
+def parse_layers(text: str) -> list[int]:
+    """`"0-29"`, `"3,9,15"` or a mix (`"0-3,8"`) -> a list of layer numbers."""
+    layers: list[int] = []
+    for part in text.split(","):
+        first, _, last = part.strip().partition("-")
+        try:
+            layers.extend(range(int(first), int(last or first) + 1))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad layer list {text!r}: use e.g. 0-29 or 3,9,15") from None
+    return layers
+
+
+def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One `--option` per dataclass field, typed from its annotation."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        default = None if f.default is dataclasses.MISSING else f.default
+        if f.name == "layers":
+            parser.add_argument(flag, type=parse_layers, required=True, help="e.g. 0-29 or 3,9,15")
+        elif kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        else:
+            base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+            parser.add_argument(flag, type=base, default=default, help=f"default: {default}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from tl_transcoders.data import load_text_dataset, token_batches
+
+    model = load_model(args.model, device=args.device)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    dataset = load_text_dataset(args.dataset, split=args.split, streaming=args.streaming)
+    batches = token_batches(
+        dataset, model.tokenizer, cfg.context_size, cfg.batch_size, text_column=args.text_column
+    )
+    transcoders = Trainer(model, cfg).fit(batches)
+    for transcoder in transcoders:
+        print(f"saved {Path(cfg.output_dir) / f'layer_{transcoder.cfg.layer}'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tl-transcoders", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -49,6 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="demo-output", help="output directory")
     demo.add_argument("--steps", type=int, default=300, help="fit steps per transcoder")
     demo.set_defaults(run=lambda args: run_demo(args.output, steps=args.steps))
+
+    train = commands.add_parser("train", help="train transcoders on a model from a datasets corpus")
+    train.add_argument("--model", required=True, help="Hugging Face model name (TransformerLens)")
+    train.add_argument("--dataset", required=True, help="Hugging Face dataset name, or local files / directory / glob")
+    train.add_argument("--split", default="train")
+    train.add_argument("--text-column", default="text")
+    train.add_argument("--streaming", action="store_true", help="stream the dataset")
+    train.add_argument("--device", default=None)
+    add_config_options(train, TrainConfig)
+    train.set_defaults(run=cmd_train)
 
     evaluate = commands.add_parser("eval", help="splice transcoders in and print the CE report as JSON")
     evaluate.add_argument("--model", required=True, help="Hugging Face model name (TransformerLens)")

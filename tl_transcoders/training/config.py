@@ -25,6 +25,9 @@ class TrainConfig:
     `normalize`: train on inputs and outputs scaled to unit mean squared norm per
     dimension; the scales are folded back into the weights when saving.
     `shuffle_buffer`: mix activations of this many batches before training on them.
+    Metrics (FVU, L0, dead fraction, tokens/s) every `log_every` steps; spliced CE on
+    held-out tokens every `eval_every` steps (0: never) when `fit` gets `eval_tokens`;
+    to Weights & Biases when `wandb_project` is set (`pip install tl-transcoders[wandb]`).
     Checkpoints go to `output_dir/checkpoint.pt` every `checkpoint_every` steps; with
     `resume`, a run continues from it and ends with the same weights as an
     uninterrupted run.
@@ -52,6 +55,8 @@ class TrainConfig:
     normalize: bool = False
     shuffle_buffer: int = 0
     log_every: int = 20
+    eval_every: int = 0
+    wandb_project: str | None = None
     checkpoint_every: int = 100
     output_dir: str = "transcoders"
     resume: bool = False
@@ -67,6 +72,8 @@ class TrainConfig:
         for name in ("k", "expansion", "batch_size", "max_tokens", "log_every", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.eval_every < 0:
+            raise ConfigError(f"eval_every must be 0 (never) or positive, got {self.eval_every}")
         if self.context_size < 2:
             raise ConfigError(f"context_size must be at least 2, got {self.context_size}")
         if self.sae and self.skip:

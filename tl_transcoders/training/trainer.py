@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from tl_transcoders.config import TranscoderConfig
+from tl_transcoders.evaluation import compute_ablation_baselines, evaluate_splice
 from tl_transcoders.sites import capture
 from tl_transcoders.training.config import TrainConfig
 from tl_transcoders.training.losses import training_step
@@ -83,12 +84,15 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------
 
-    def fit(self, batches: Iterable[Tensor]) -> list[Transcoder]:
+    def fit(self, batches: Iterable[Tensor], eval_tokens: Tensor | None = None) -> list[Transcoder]:
         """Train until `cfg.max_tokens`; return the transcoders, also saved to
-        `output_dir/layer_{L}` in the model's own activation space."""
+        `output_dir/layer_{L}` in the model's own activation space. With `eval_tokens`
+        (`[batch, pos]`) and `cfg.eval_every`, spliced CE is measured during training."""
         cfg = self.cfg
         if cfg.resume and (self.output_dir / CHECKPOINT_FILE).exists():
             self.load_checkpoint()
+        logger = _wandb_logger(cfg)
+        evaluate = self._evaluator(eval_tokens) if eval_tokens is not None and cfg.eval_every else None
         sites = [s for t in self.transcoders.values() for s in (t.cfg.input_site, t.cfg.output_site)]
         progress = tqdm(total=cfg.total_steps, initial=self.step, desc="training", unit="step")
         start, start_step = time.perf_counter(), self.step
@@ -118,17 +122,40 @@ class Trainer:
                 elapsed = time.perf_counter() - start
                 metrics["tokens_per_s"] = (self.step - start_step) * cfg.tokens_per_step / elapsed
                 metrics["step"] = self.step
+                if evaluate is not None and self.step % cfg.eval_every == 0:
+                    metrics.update(evaluate())
                 self.history.append(metrics)
                 progress.set_postfix(fvu=f"{metrics['fvu']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                if logger is not None:
+                    logger.log(metrics, step=self.step)
             if self.step % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
         progress.close()
+        if logger is not None:
+            logger.finish()
         if self.step == 0:
             raise ValueError(
                 "no training step ran: the data gave no full batch of "
                 f"{cfg.batch_size} x {cfg.context_size} tokens"
             )
         return self.save()
+
+    def _evaluator(self, eval_tokens: Tensor):
+        """A function returning spliced-CE metrics of the current transcoders on
+        `eval_tokens`; the ablation baselines are computed once here."""
+        baselines = compute_ablation_baselines(self.model, eval_tokens, list(self.transcoders))
+
+        def evaluate() -> dict:
+            report = evaluate_splice(
+                self.model, [self.folded(layer) for layer in self.transcoders], eval_tokens, baselines
+            )
+            metrics = {"ce_clean": report.ce_clean, "ce_all_spliced": report.ce_all_spliced}
+            for layer, row in report.layers.items():
+                metrics[f"layer{layer}/ce_spliced"] = row.ce_spliced
+                metrics[f"layer{layer}/ce_recovered"] = row.ce_recovered
+            return metrics
+
+        return evaluate
 
     def _check_tokens(self, tokens: Tensor) -> None:
         expected = (self.cfg.batch_size, self.cfg.context_size)
@@ -300,3 +327,16 @@ class Trainer:
         if path.exists():
             return f"The last checkpoint is kept at {path}; fix the input and resume with resume=True."
         return "No checkpoint had been written yet."
+
+
+def _wandb_logger(cfg: TrainConfig):
+    """A wandb run when `cfg.wandb_project` is set, else None."""
+    if cfg.wandb_project is None:
+        return None
+    try:
+        import wandb
+    except ImportError as err:
+        raise ImportError(
+            "wandb_project is set but wandb is not installed: pip install 'tl-transcoders[wandb]'"
+        ) from err
+    return wandb.init(project=cfg.wandb_project, config=cfg.to_dict())
