@@ -31,6 +31,10 @@ class TrainConfig:
     Checkpoints go to `output_dir/checkpoint.pt` every `checkpoint_every` steps; with
     `resume`, a run continues from it and ends with the same weights as an
     uninterrupted run.
+    Under `torchrun` (several processes), `distribute="data"` splits each batch's rows
+    across processes and sums gradients (the result matches one process with the same
+    global batch, for every activation but BatchTopK, whose selection is per process);
+    `distribute="layers"` gives each process its share of `layers` and the full batch.
     """
 
     layers: list[int]
@@ -60,6 +64,8 @@ class TrainConfig:
     checkpoint_every: int = 100
     output_dir: str = "transcoders"
     resume: bool = False
+    distribute: str = "data"
+    dtype: str = "float32"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -72,6 +78,8 @@ class TrainConfig:
         for name in ("k", "expansion", "batch_size", "max_tokens", "log_every", "checkpoint_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.distribute not in ("data", "layers"):
+            raise ConfigError(f"distribute must be 'data' or 'layers', got {self.distribute!r}")
         if self.eval_every < 0:
             raise ConfigError(f"eval_every must be 0 (never) or positive, got {self.eval_every}")
         if self.context_size < 2:

@@ -194,7 +194,10 @@ def _batchtopk_select(x, W_enc, b_enc, k):
     # A token whose c candidates all reach the threshold may hold more above it: search
     # its whole row. Every other token's unseen latents lie below its candidates, hence
     # below the threshold, so the candidates below are exact for it.
-    full = (cand_v.min(-1).values >= threshold) if c < n_latents else torch.zeros_like(cand_v[:, 0], dtype=torch.bool)
+    if c < n_latents:
+        full = cand_v.min(-1).values >= threshold
+    else:
+        full = torch.zeros(n, dtype=torch.bool, device=x.device)
     full_rows = full.nonzero().squeeze(-1)
     part_rows = (~full).nonzero().squeeze(-1)
     pool_v = [cand_v[part_rows].flatten()]
@@ -208,7 +211,7 @@ def _batchtopk_select(x, W_enc, b_enc, k):
     pool_v, pool_t, pool_l = torch.cat(pool_v), torch.cat(pool_t), torch.cat(pool_l)
     top_v, top = torch.topk(pool_v, budget, sorted=False)
     tokens, latents = pool_t[top], pool_l[top]
-    key, order = torch.sort(tokens * n_latents + latents)
+    _, order = torch.sort(tokens * n_latents + latents)
     return tokens[order], latents[order], top_v[order]
 
 

@@ -8,6 +8,10 @@ Checkpoints are written atomically and hold everything the run depends on (weigh
 optimiser and schedule, step, batches consumed, dead-latent counters, normalisation
 scales, buffer and its random state), so a resumed run ends with the same weights as an
 uninterrupted one.
+
+Several processes (`torchrun`): with `distribute="data"` each process takes its rows of
+every batch and gradients are summed across processes before each step; with
+`distribute="layers"` each process trains its share of the layers on full batches.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -25,7 +30,7 @@ from tl_transcoders.config import TranscoderConfig
 from tl_transcoders.evaluation import compute_ablation_baselines, evaluate_splice
 from tl_transcoders.sites import capture
 from tl_transcoders.training.config import TrainConfig
-from tl_transcoders.training.losses import training_step
+from tl_transcoders.training.losses import no_ranks, training_step
 from tl_transcoders.transcoder import Transcoder
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -49,17 +54,27 @@ class Trainer:
                 "use a shorter context_size"
             )
         self.model, self.cfg = model, cfg
-        torch.manual_seed(cfg.seed)
+        self.rank, self.world = _process_group()
+        layers = list(cfg.layers)
+        if self.world > 1 and cfg.distribute == "layers":
+            if len(layers) < self.world:
+                raise ValueError(f"{len(layers)} layers cannot be shared by {self.world} processes")
+            layers = layers[self.rank :: self.world]
+        if self.data_parallel and cfg.batch_size % self.world:
+            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {self.world} processes")
         self.transcoders: dict[int, Transcoder] = {}
-        for layer in cfg.layers:
+        for layer in layers:
             input_site, output_site = cfg.sites(layer)
             probe = TranscoderConfig.for_model(model, layer, 1, input_site, output_site, k=1)
             d_latent = cfg.d_latent or cfg.expansion * probe.d_in
             tc_cfg = TranscoderConfig.for_model(
                 model, layer, d_latent, input_site, output_site,
-                activation=cfg.activation, k=min(cfg.k, d_latent), skip=cfg.skip,
+                activation=cfg.activation, k=min(cfg.k, d_latent), skip=cfg.skip, dtype=cfg.dtype,
             )
-            self.transcoders[layer] = Transcoder(tc_cfg).train()
+            # Seeded by (seed, layer): the same start whichever process holds the layer.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed * 100_003 + layer)
+                self.transcoders[layer] = Transcoder(tc_cfg).train()
         self.optimizer = torch.optim.Adam(
             [
                 {"params": list(t.parameters()), "lr": cfg.learning_rate(t.cfg.d_latent)}
@@ -82,6 +97,18 @@ class Trainer:
         self.history: list[dict] = []
         self.output_dir = Path(cfg.output_dir)
 
+    @property
+    def data_parallel(self) -> bool:
+        return self.world > 1 and self.cfg.distribute == "data"
+
+    def sum_ranks(self, total: Tensor) -> Tensor:
+        """Sum of `total` over the data-parallel processes (itself otherwise)."""
+        if not self.data_parallel:
+            return no_ranks(total)
+        total = total.clone()
+        dist.all_reduce(total)
+        return total
+
     # --- the loop ----------------------------------------------------------------------
 
     def fit(self, batches: Iterable[Tensor], eval_tokens: Tensor | None = None) -> list[Transcoder]:
@@ -89,9 +116,9 @@ class Trainer:
         `output_dir/layer_{L}` in the model's own activation space. With `eval_tokens`
         (`[batch, pos]`) and `cfg.eval_every`, spliced CE is measured during training."""
         cfg = self.cfg
-        if cfg.resume and (self.output_dir / CHECKPOINT_FILE).exists():
+        if cfg.resume and self.checkpoint_path.exists():
             self.load_checkpoint()
-        logger = _wandb_logger(cfg)
+        logger = _wandb_logger(cfg) if self.rank == 0 else None
         evaluate = self._evaluator(eval_tokens) if eval_tokens is not None and cfg.eval_every else None
         sites = [s for t in self.transcoders.values() for s in (t.cfg.input_site, t.cfg.output_site)]
         progress = tqdm(total=cfg.total_steps, initial=self.step, desc="training", unit="step")
@@ -104,6 +131,8 @@ class Trainer:
             if self.step >= cfg.total_steps:
                 break
             self._check_tokens(tokens)
+            if self.data_parallel:
+                tokens = tokens.chunk(self.world)[self.rank]
             activations = capture(self.model, tokens, sites)
             self.batches_seen += 1
             for site, value in activations.items():
@@ -128,7 +157,7 @@ class Trainer:
                 progress.set_postfix(fvu=f"{metrics['fvu']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
                 if logger is not None:
                     logger.log(metrics, step=self.step)
-            if self.step % cfg.checkpoint_every == 0:
+            if self.step % cfg.checkpoint_every == 0 and self._writes_files:
                 self.save_checkpoint()
         progress.close()
         if logger is not None:
@@ -190,20 +219,27 @@ class Trainer:
             dead = self.since_fired[layer] >= cfg.dead_tokens
             out = training_step(
                 transcoder, x, y, dead, cfg.auxk_alpha, cfg.l1_coefficient,
-                cfg.l0_coefficient, cfg.jumprelu_bandwidth,
+                cfg.l0_coefficient, cfg.jumprelu_bandwidth, self.sum_ranks,
             )
             out.loss.backward()
             if transcoder.cfg.activation == "batchtopk":
                 self._calibrate_threshold(transcoder, out.latents.values)
-            fired = torch.zeros_like(dead)
-            fired[out.latents.indices[out.latents.values > 0]] = True
-            self.since_fired[layer] += x.shape[0]
+            fired = torch.zeros(dead.shape, dtype=torch.long)
+            fired[out.latents.indices[out.latents.values > 0]] = 1
+            fired = self.sum_ranks(fired) > 0
+            self.since_fired[layer] += self.sum_ranks(torch.tensor(x.shape[0])).item()
             self.since_fired[layer][fired] = 0
-            l0 = (out.latents.values > 0).sum(-1).float().mean().item()
+            active = self.sum_ranks((out.latents.values > 0).sum().double())
+            l0 = (active / self.sum_ranks(torch.tensor(x.shape[0], dtype=torch.double))).item()
             metrics[f"layer{layer}/fvu"] = out.fvu.item()
             metrics[f"layer{layer}/l0"] = l0
             metrics[f"layer{layer}/dead_fraction"] = dead.float().mean().item()
             metrics["fvu"] += out.fvu.item() / len(self.transcoders)
+        if self.data_parallel:
+            for group in self.optimizer.param_groups:
+                for param in group["params"]:
+                    if param.grad is not None:
+                        dist.all_reduce(param.grad)
         self.optimizer.step()
         self.schedule.step()
         for transcoder in self.transcoders.values():
@@ -241,15 +277,17 @@ class Trainer:
             c = transcoder.cfg
             x = activations[c.input_site].double()
             y = activations[c.output_site].double()
+            n = self.sum_ranks(torch.tensor(float(x.shape[0]), dtype=torch.double))
             if self.cfg.normalize:
-                s_in = x.pow(2).sum(-1).mean().div(c.d_in).sqrt().item()
-                s_out = y.pow(2).sum(-1).mean().div(c.d_out).sqrt().item()
+                s_in = (self.sum_ranks(x.pow(2).sum()) / (n * c.d_in)).sqrt().item()
+                s_out = (self.sum_ranks(y.pow(2).sum()) / (n * c.d_out)).sqrt().item()
             else:
                 s_in = s_out = 1.0
             self.scales[layer] = (s_in, s_out)
-            x_mean = (x.mean(0) / s_in).to(transcoder.W_enc.dtype)
+            x_mean = (self.sum_ranks(x.sum(0)) / n / s_in).to(transcoder.W_enc.dtype)
+            y_mean = self.sum_ranks(y.sum(0)) / n
             with torch.no_grad():
-                transcoder.b_dec.copy_(y.mean(0) / s_out)
+                transcoder.b_dec.copy_(y_mean / s_out)
                 if c.is_sae:
                     transcoder.W_dec.copy_(transcoder.W_enc / transcoder.W_enc.norm(dim=-1, keepdim=True))
                 else:
@@ -273,14 +311,26 @@ class Trainer:
         result.load_state_dict(state)
         return result.eval()
 
+    @property
+    def _writes_files(self) -> bool:
+        """Data-parallel processes hold identical weights: only the first one writes."""
+        return not self.data_parallel or self.rank == 0
+
     def save(self) -> list[Transcoder]:
-        """Save every folded transcoder to `output_dir/layer_{L}` and return them."""
-        result = []
-        for layer in self.transcoders:
-            transcoder = self.folded(layer)
-            transcoder.save(self.output_dir / f"layer_{layer}")
-            result.append(transcoder)
+        """Save every folded transcoder to `output_dir/layer_{L}` and return them (this
+        process's layers when layers are distributed)."""
+        result = [self.folded(layer) for layer in self.transcoders]
+        if self._writes_files:
+            for transcoder in result:
+                transcoder.save(self.output_dir / f"layer_{transcoder.cfg.layer}")
         return result
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """`checkpoint.pt`, or one file per process when layers are distributed."""
+        if self.world > 1 and self.cfg.distribute == "layers":
+            return self.output_dir / f"checkpoint.rank{self.rank}.pt"
+        return self.output_dir / CHECKPOINT_FILE
 
     def save_checkpoint(self) -> Path:
         """Write the full training state to `output_dir/checkpoint.pt`, atomically."""
@@ -298,7 +348,7 @@ class Trainer:
             "history": self.history,
         }
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        path = self.output_dir / CHECKPOINT_FILE
+        path = self.checkpoint_path
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         torch.save(state, tmp)
         os.replace(tmp, path)
@@ -306,7 +356,7 @@ class Trainer:
 
     def load_checkpoint(self) -> None:
         """Restore the state written by `save_checkpoint`."""
-        path = self.output_dir / CHECKPOINT_FILE
+        path = self.checkpoint_path
         state = torch.load(path, weights_only=False)
         saved = {k: v for k, v in state["config"].items() if k != "resume"}
         current = {k: v for k, v in self.cfg.to_dict().items() if k != "resume"}
@@ -323,10 +373,19 @@ class Trainer:
         self.generator.set_state(state["generator"])
 
     def _kept_checkpoint_note(self) -> str:
-        path = self.output_dir / CHECKPOINT_FILE
+        path = self.checkpoint_path
         if path.exists():
             return f"The last checkpoint is kept at {path}; fix the input and resume with resume=True."
         return "No checkpoint had been written yet."
+
+
+def _process_group() -> tuple[int, int]:
+    """(rank, world size); joins the process group `torchrun` set up, if any."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
 
 
 def _wandb_logger(cfg: TrainConfig):
