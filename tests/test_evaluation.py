@@ -195,3 +195,21 @@ def test_nan_transcoder_outputs_are_reported(model, batches):
         transcoder.W_skip.fill_(1e38)  # finite weights, overflowing outputs
     with pytest.raises(ValueError, match="produced NaN or inf outputs"):
         evaluate_splice(model, [transcoder], batches)
+
+
+def test_kl_shortcut_is_kept_where_the_head_is_affine(model, batches):
+    """KL through the unembedding's input (O(d_model) per token) must agree with the
+    direct sum over the vocabulary and stay in use; logit soft-capping disables it."""
+    from tl_transcoders.evaluation import _CleanRun, _head_input
+
+    transcoder = make_transcoder(model, 1)
+    clean = _CleanRun(model, batches[0], [transcoder], [], delta_ok=True, verify=False)
+    with torch.no_grad(), _head_input(model) as head:
+        out = transcoder(clean.inputs[transcoder.cfg.input_site])
+        logits = clean.variant_logits(transcoder.cfg.output_site, out)
+    with torch.no_grad():
+        _, kl = clean.ce_and_kl_of(logits, head["x"])
+    direct = torch.linalg.vecdot(clean.probs, clean.logits - logits.float()) + torch.logsumexp(logits.float(), -1) - clean.lse
+    assert torch.allclose(kl, direct.clamp_min(0), atol=1e-5)
+    softcapped = (getattr(model.cfg, "output_logits_soft_cap", 0) or 0) > 0
+    assert (clean.kl_direction is None) == softcapped

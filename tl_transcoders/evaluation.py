@@ -17,9 +17,10 @@ computes them once for a token set and `evaluate_splice(..., baselines=...)` reu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -201,9 +202,11 @@ def _run(
                 total = clean.outputs[site].double().sum(dim=(0, 1))
                 site_sums[site] = site_sums.get(site, 0) + total
                 zeros = torch.zeros_like(clean.outputs[site])
-                record(f"{site}.zero_ablated", clean.compare(clean.variant_logits(site, zeros))[0])
+                record(f"{site}.zero_ablated", clean.ce_of(clean.variant_logits(site, zeros)))
             if transcoders:
-                record("all_spliced", *clean.compare(clean.all_spliced_logits(transcoders)))
+                with _head_input(model) as head:
+                    logits = clean.all_spliced_logits(transcoders)
+                record("all_spliced", *clean.ce_and_kl_of(logits, head.get("x")))
             for transcoder in transcoders:
                 c = transcoder.cfg
                 target = clean.outputs[c.output_site]
@@ -216,8 +219,9 @@ def _run(
                     )
                 out = out.to(target.dtype)
                 stats[c.layer].update(out, target, latents)
-                logits = clean.variant_logits(c.output_site, out)
-                record(f"layer{c.layer}.spliced", *clean.compare(logits))
+                with _head_input(model) as head:
+                    logits = clean.variant_logits(c.output_site, out)
+                record(f"layer{c.layer}.spliced", *clean.ce_and_kl_of(logits, head.get("x")))
 
         means = {
             site: (total / n_positions).to(clean.outputs[site].dtype)
@@ -228,7 +232,7 @@ def _run(
             state = clean if last else _CleanRun(model, batch, [], ablation_sites, delta_ok, False)
             for site in ablation_sites:
                 ablated = means[site].expand_as(state.outputs[site])
-                record(f"{site}.mean_ablated", state.compare(state.variant_logits(site, ablated))[0])
+                record(f"{site}.mean_ablated", state.ce_of(state.variant_logits(site, ablated)))
 
     result = _RunResult(
         per_token=per_token,
@@ -288,7 +292,7 @@ class _CleanRun:
 
         resid_sites = [f"blocks.{layer}.hook_resid_post" for layer in sorted(resid_layers)]
         hooks = [(site, store(site)) for site in sorted(in_sites | out_sites) + resid_sites]
-        with resumable_pass(model) as self.resume, attach(model, hooks):
+        with resumable_pass(model) as self.resume, attach(model, hooks), _head_input(model) as head:
             logits = model(batch, return_type="logits")
         if not torch.isfinite(logits).all():
             raise ValueError(
@@ -298,11 +302,28 @@ class _CleanRun:
         self.resid = {layer: cache[f"blocks.{layer}.hook_resid_post"] for layer in resid_layers}
         if verify and self.resid:
             self.delta_ok = self._resume_matches(logits)
-        self.logprobs = torch.log_softmax(logits.float(), dim=-1)
-        self.probs = self.logprobs.exp()
-        self.ce = _next_token_ce(self.logprobs, batch)
+        self.logits = logits.float()
+        self.lse = torch.logsumexp(self.logits, dim=-1)
+        self.probs = torch.exp(self.logits - self.lse[..., None])
+        self.ce = self.ce_of(self.logits, self.lse)
         self.inputs = {site: cache[site] for site in in_sites}
         self.outputs = {site: cache[site] for site in out_sites}
+        self.head_input = head.get("x")
+        self.kl_direction = self._kl_direction() if transcoders else None
+        self.kl_direction_checked = False
+
+    def _kl_direction(self) -> Tensor | None:
+        """`u = d(sum_v p_v z_v) / dh` at the unembedding's input `h`, for clean probs `p`
+        and logits `z`. The unembedding is affine, so for a variant's input `h'` and
+        logits `z'`: sum_v p_v (z_v - z'_v) = -(h' - h) . u, an O(d_model) product in
+        place of an O(d_vocab) one. None where the head is not affine (logit soft-cap)."""
+        if self.head_input is None or (getattr(self.model.cfg, "output_logits_soft_cap", 0) or 0) > 0:
+            return None
+        with torch.enable_grad():
+            h = self.head_input.detach().requires_grad_(True)
+            logits = self.model.unembed(h).float()
+            (u,) = torch.autograd.grad(torch.linalg.vecdot(logits, self.probs).sum(), h)
+        return u.double()
 
     def _resume_matches(self, logits: Tensor) -> bool:
         """Resume from the latest cached block that leaves at least one block to run
@@ -348,18 +369,49 @@ class _CleanRun:
                 return self.resume(self.resid[first - 1], first)
             return self.model(self.batch, return_type="logits")
 
-    def compare(self, logits: Tensor) -> tuple[Tensor, Tensor]:
-        """Next-token CE `[batch, pos-1]` of `logits` and KL(clean || them) `[batch, pos]`."""
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        kl = (self.probs * (self.logprobs - logprobs)).sum(-1)
-        return _next_token_ce(logprobs, self.batch), kl
+    def ce_of(self, logits: Tensor, lse: Tensor | None = None) -> Tensor:
+        """Next-token CE `[batch, pos-1]` of `logits`: logsumexp minus the target logit,
+        without materialising log-probabilities over the vocabulary."""
+        lse = torch.logsumexp(logits.float(), dim=-1) if lse is None else lse
+        target = logits[:, :-1].gather(-1, self.batch[:, 1:, None])[..., 0].float()
+        return lse[:, :-1] - target
+
+    def ce_and_kl_of(self, logits: Tensor, head_input: Tensor | None) -> tuple[Tensor, Tensor]:
+        """CE `[batch, pos-1]` of `logits` and KL(clean || them) `[batch, pos]` from
+        KL = sum_v p_v (z_v - z'_v) + lse(z') - lse(z), the sum taken through
+        `kl_direction` when the unembedding's input `head_input` is known. The first
+        use also computes the sum directly and keeps the shortcut only if they agree."""
+        logits = logits.float()
+        lse = torch.logsumexp(logits, dim=-1)
+        direct = None
+        if self.kl_direction is None or head_input is None or not self.kl_direction_checked:
+            direct = torch.linalg.vecdot(self.probs, self.logits - logits)
+        if self.kl_direction is not None and head_input is not None:
+            shortcut = -torch.linalg.vecdot((head_input.double() - self.head_input.double()), self.kl_direction)
+            if direct is not None:
+                self.kl_direction_checked = True
+                if not torch.allclose(shortcut.float(), direct, atol=1e-4, rtol=1e-3):
+                    self.kl_direction = None
+            if self.kl_direction is not None:
+                direct = shortcut.float()
+        kl = direct + lse - self.lse
+        return self.ce_of(logits, lse), kl.clamp_min(0.0)
 
 
-def _next_token_ce(
-    logprobs: Float[Tensor, "batch pos d_vocab"], tokens: Tokens
-) -> Float[Tensor, "batch pos_minus_1"]:
-    """Per-token next-token cross-entropy, as TransformerLens's `loss_per_token=True`."""
-    return -logprobs[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0]
+@contextlib.contextmanager
+def _head_input(model: nn.Module) -> Iterator[dict[str, Tensor]]:
+    """Capture the input of `model.unembed` (the final normalised residual) during the
+    block; yields a dict that holds it under "x" afterwards (empty if no `unembed`)."""
+    captured: dict[str, Tensor] = {}
+    unembed = getattr(model, "unembed", None)
+    if not isinstance(unembed, nn.Module):
+        yield captured
+        return
+    handle = unembed.register_forward_pre_hook(lambda module, args: captured.update(x=args[0]))
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 class _TranscoderStats:
