@@ -21,6 +21,7 @@ from torch import Tensor
 
 from tl_transcoders import activations
 from tl_transcoders.activations import SparseLatents
+from tl_transcoders.training import sparse
 from tl_transcoders.transcoder import Transcoder
 
 
@@ -102,19 +103,21 @@ def training_step(
     the global batch's."""
     cfg = transcoder.cfg
     n_tokens = sum_ranks(torch.tensor(float(x.shape[0]), dtype=x.dtype))
-    pre = transcoder.pre_activations(x)
     skip = x @ transcoder.W_skip.T if cfg.skip else 0.0
     sparsity = torch.zeros((), dtype=x.dtype)
-    if cfg.activation == "topk":
-        latents = activations.topk(pre, cfg.k)
-        y_hat = transcoder.decode_sparse(latents) + skip
-        if auxk_alpha > 0 and dead.any():
+    if cfg.uses_k:
+        # The sparse fast path: the encoder's backward touches only the selected
+        # latents and the decoder is a gather-sum of their rows.
+        encode = sparse.topk_encode if cfg.activation == "topk" else sparse.batchtopk_encode
+        latents = encode(x, transcoder.W_enc, transcoder.b_enc, cfg.k)
+        y_hat = sparse.sparse_decode(latents.values, latents.indices, transcoder.W_dec, transcoder.b_dec) + skip
+        if cfg.activation == "topk" and auxk_alpha > 0 and dead.any():
             residual = (y - y_hat).detach()
+            pre = transcoder.pre_activations(x)
             sparsity = auxk_alpha * _auxk(transcoder, pre, dead, residual, x.shape[-1] // 2, sum_ranks)
     else:
-        if cfg.activation == "batchtopk":
-            dense = activations.batchtopk(pre, cfg.k)
-        elif cfg.activation == "relu":
+        pre = transcoder.pre_activations(x)
+        if cfg.activation == "relu":
             dense = torch.relu(pre)
             sparsity = l1_coefficient * (dense * transcoder.W_dec.norm(dim=-1)).sum() / n_tokens
         else:
