@@ -59,7 +59,7 @@ def topk_encode(
     if not 1 <= k <= d_latent:
         raise ValueError(f"k must be between 1 and d_latent={d_latent}, got {k}")
     batch = x.shape[:-1]
-    values, indices = _TopKEncode.apply(x.reshape(-1, x.shape[-1]), W_enc, b_enc, k)
+    values, indices = _SparseEncode.apply(x.reshape(-1, x.shape[-1]), W_enc, b_enc, k, _select_topk)
     return SparseLatents(values.view(*batch, k), indices.view(*batch, k))
 
 
@@ -82,7 +82,7 @@ def batchtopk_encode(
     if k < 1:
         raise ValueError(f"k must be a positive integer, got {k}")
     batch = x.shape[:-1]
-    values, indices = _BatchTopKEncode.apply(x.reshape(-1, x.shape[-1]), W_enc, b_enc, k)
+    values, indices = _SparseEncode.apply(x.reshape(-1, x.shape[-1]), W_enc, b_enc, k, _select_batchtopk)
     m = indices.shape[-1]
     return SparseLatents(values.view(*batch, m), indices.view(*batch, m))
 
@@ -165,12 +165,14 @@ def _encoder_backward(needs_grad, x, W_enc, values, indices, grad_values):
     return grad_x, grad_W, grad_b
 
 
-class _TopKEncode(torch.autograd.Function):
+class _SparseEncode(torch.autograd.Function):
+    """Encoder whose backward touches only the latents `select(x, W_enc, b_enc, k)`
+    kept: it returns their ReLU'd values and indices, each `[N, m]`."""
+
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, k):
+    def forward(ctx, x, W_enc, b_enc, k, select):
         x = x.contiguous()
-        values, indices = _linear_topk(x, W_enc, b_enc, k)
-        values.relu_()
+        values, indices = select(x, W_enc, b_enc, k)
         ctx.mark_non_differentiable(indices)
         ctx.save_for_backward(x, W_enc, values, indices)
         return values, indices
@@ -180,7 +182,17 @@ class _TopKEncode(torch.autograd.Function):
     def backward(ctx, grad_values, grad_indices):
         x, W_enc, values, indices = ctx.saved_tensors
         grads = _encoder_backward(ctx.needs_input_grad, x, W_enc, values, indices, grad_values)
-        return (*grads, None)
+        return (*grads, None, None)
+
+
+def _select_topk(x, W_enc, b_enc, k):
+    values, indices = _linear_topk(x, W_enc, b_enc, k)
+    return values.relu_(), indices
+
+
+def _select_batchtopk(x, W_enc, b_enc, k):
+    tokens, latents, values = _batchtopk_select(x, W_enc, b_enc, k)
+    return _pad_rows(tokens, latents, values.relu(), x.shape[0], W_enc.shape[0])
 
 
 def _batchtopk_select(x, W_enc, b_enc, k):
@@ -233,21 +245,3 @@ def _pad_rows(tokens, latents, values, n, n_latents):
     unkept = rank + torch.searchsorted(gaps, rank, right=True)
     out_i = torch.where(slots < counts[:, None], gaps + slots, unkept)
     return out_v, out_i
-
-
-class _BatchTopKEncode(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, W_enc, b_enc, k):
-        x = x.contiguous()
-        tokens, latents, values = _batchtopk_select(x, W_enc, b_enc, k)
-        values, indices = _pad_rows(tokens, latents, values.relu(), x.shape[0], W_enc.shape[0])
-        ctx.mark_non_differentiable(indices)
-        ctx.save_for_backward(x, W_enc, values, indices)
-        return values, indices
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_values, grad_indices):
-        x, W_enc, values, indices = ctx.saved_tensors
-        grads = _encoder_backward(ctx.needs_input_grad, x, W_enc, values, indices, grad_values)
-        return (*grads, None)
