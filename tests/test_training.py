@@ -192,9 +192,10 @@ def test_spliced_ce_during_training_and_wandb(model, tmp_path, monkeypatch):
     fake_wandb.init = lambda project, config: Run()
     monkeypatch.setitem(sys.modules, "wandb", fake_wandb)
     eval_tokens = next(random_batches(model, batch_size=4, seed=5))
-    trainer = Trainer(model, config(tmp_path, max_tokens=8 * 32 * 20, eval_every=10, wandb_project="test"))
+    trainer = Trainer(model, config(tmp_path, max_tokens=8 * 32 * 20, log_every=10, eval_every=4, wandb_project="test"))
     (transcoder,) = trainer.fit(random_batches(model), eval_tokens=eval_tokens)
-    assert [step for step, _ in logged[:-1]] == [10, 20] and logged[-1] == "finished"
+    assert [step for step, _ in logged[:-1]] == [4, 8, 10, 12, 16, 20] and logged[-1] == "finished"
+    assert ["ce_clean" in metrics for _, metrics in logged[:-1]] == [True, True, False, True, True, True]
     final = logged[-2][1]
     expected = evaluate_splice(model, [transcoder], eval_tokens)
     assert final["layer1/ce_spliced"] == pytest.approx(expected.layers[1].ce_spliced, rel=1e-5)

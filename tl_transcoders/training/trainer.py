@@ -147,11 +147,12 @@ class Trainer:
             metrics = self._train_step(batch)
             self.step += 1
             progress.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.total_steps:
+            evaluate_now = evaluate is not None and self.step % cfg.eval_every == 0
+            if evaluate_now or self.step % cfg.log_every == 0 or self.step == cfg.total_steps:
                 elapsed = time.perf_counter() - start
                 metrics["tokens_per_s"] = (self.step - start_step) * cfg.tokens_per_step / elapsed
                 metrics["step"] = self.step
-                if evaluate is not None and self.step % cfg.eval_every == 0:
+                if evaluate_now:
                     metrics.update(evaluate())
                 self.history.append(metrics)
                 progress.set_postfix(fvu=f"{metrics['fvu']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
