@@ -200,3 +200,16 @@ def test_spliced_ce_during_training_and_wandb(model, tmp_path, monkeypatch):
     expected = evaluate_splice(model, [transcoder], eval_tokens)
     assert final["layer1/ce_spliced"] == pytest.approx(expected.layers[1].ce_spliced, rel=1e-5)
     assert final["ce_clean"] == pytest.approx(expected.ce_clean, rel=1e-6)
+
+
+def test_capture_at_the_last_layer_skips_the_unembedding(model):
+    from tl_transcoders.sites import capture, is_bridge
+
+    calls = []
+    handle = model.unembed.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        acts = capture(model, torch.zeros(1, 4, dtype=torch.long), ["blocks.3.hook_mlp_out"])
+    finally:
+        handle.remove()
+    assert acts["blocks.3.hook_mlp_out"].shape == (4, 64)
+    assert len(calls) == (1 if is_bridge(model) else 0)

@@ -157,11 +157,16 @@ def capture(
 
 
 def _stop_layer(model: nn.Module, sites: Sequence[str]) -> int | None:
-    """The `stop_at_layer` that runs every block holding one of `sites`, or None."""
+    """The `stop_at_layer` that runs every block holding one of `sites` and nothing
+    after, or None (a full pass) for a site outside the blocks. HookedTransformer stops
+    before the final norm and unembedding at `n_layers`; the Bridge runs them there."""
     layers = [layer_of(site) for site in sites]
-    if None in layers or max(layers) + 1 >= model.cfg.n_layers:
+    if None in layers:
         return None
-    return max(layers) + 1
+    stop = max(layers) + 1
+    if stop >= model.cfg.n_layers:
+        return None if is_bridge(model) else model.cfg.n_layers
+    return stop
 
 
 @dataclass(frozen=True)
