@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 
 import torch
-import transformer_lens
 from importlib.metadata import version
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
