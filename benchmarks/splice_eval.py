@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -68,7 +69,18 @@ def machine_info() -> dict:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformer_lens": version("transformer-lens"),
+        "git_commit": git(["rev-parse", "HEAD"]),
+        "git_dirty": bool(git(["status", "--porcelain", "--", "tl_transcoders"])),
     }
+
+
+def git(args: list[str]) -> str:
+    """Output of a git command in this repository ("" if git is unavailable)."""
+    try:
+        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
 
 
 def build_model(n_layers: int) -> HookedTransformer:
@@ -232,7 +244,8 @@ def main() -> None:
 
     m = result["machine"]
     print(f"machine: {m['platform']} | {m['cpu']} | {m['cores']} cores, {m['torch_threads']} threads"
-          f" | torch {m['torch']} | transformer-lens {m['transformer_lens']}")
+          f" | torch {m['torch']} | transformer-lens {m['transformer_lens']}"
+          f" | commit {m['git_commit'][:7]}{' (tl_transcoders modified)' if m['git_dirty'] else ''}")
     print(f"timings retried because other processes were busy: {len(RETRIED)}")
     if NOISY:
         print(f"WARNING: {len(NOISY)} timing(s) kept although other processes used up to "
