@@ -47,7 +47,9 @@ def graph_json(
     edge_threshold: float = 0.98,
     clerps: dict[tuple[int, int], str] | None = None,
 ) -> dict:
-    """The circuit-tracer graph file of `graph` pruned at the thresholds, as a dict.
+    """The circuit-tracer graph file of `graph` pruned at the thresholds, as a dict. Pass
+    the unpruned graph (as to circuit-tracer's `create_graph_files`): node influences are
+    cumulative shares of the whole graph's influence.
 
     `tokenizer` (anything with `decode(list[int])`) labels tokens and logits; `scan`
     names the transcoder set (a list of transcoder names gives a "custom-..." scan as in
