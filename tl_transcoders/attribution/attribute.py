@@ -1,0 +1,352 @@
+"""`attribute`: the attribution graph of one prompt.
+
+One forward pass of the frozen replacement model (`replacement.py`) is recorded; then
+each graph row (a target node) is one vector-Jacobian product through it. Rows are
+computed in batches, the batch dimension carrying different targets, with one batched
+backward pass per batch (`is_grads_batched`, so the forward pass is never repeated).
+Gradients are read once per layer at the MLP output site and contracted with every
+active feature's decoder vector in one batched matmul per layer (features are laid out
+per position, `[n_pos, k, d]`), so the cost does not grow with hooks per feature and no
+latents-wide tensor is ever built per row.
+
+With `max_feature_nodes`, rows are computed as in circuit-tracer: the logit rows first,
+then feature rows in order of their influence on the logits (recomputed from the rows
+known so far every `update_interval` batches); the graph keeps the features whose rows
+were computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from tl_transcoders.attribution.graph import Graph
+from tl_transcoders.attribution.replacement import ReplacementState, frozen_replacement
+from tl_transcoders.sites import model_device, model_name
+from tl_transcoders.transcoder import Transcoder
+
+
+def attribute(
+    model: nn.Module,
+    transcoders: Sequence[Transcoder],
+    prompt_or_tokens: str | Int[Tensor, " n_pos"] | Int[Tensor, "1 n_pos"],
+    *,
+    max_n_logits: int = 10,
+    desired_logit_prob: float = 0.95,
+    max_feature_nodes: int | None = None,
+    batch_size: int = 64,
+    update_interval: int = 4,
+    device: str | torch.device | None = None,
+) -> Graph:
+    """The attribution graph of a prompt (see `Graph` for nodes and edge convention).
+
+    Args:
+        model: a `HookedTransformer` or `TransformerBridge`.
+        transcoders: at most one per layer; layers without one have only error nodes.
+        prompt_or_tokens: a string (tokenized with the model's tokenizer, which adds
+            BOS as the model does) or token ids. If position 0 is the tokenizer's BOS
+            token it gets no feature nodes (its features' outputs join its error node).
+        max_n_logits, desired_logit_prob: the logit nodes are the most probable next
+            tokens, as few as cover `desired_logit_prob`, at most `max_n_logits`.
+        max_feature_nodes: keep at most this many features, chosen by influence on the
+            logits; None keeps every active feature.
+        batch_size: rows (targets) per backward pass.
+        update_interval: batches between recomputations of the feature influences.
+        device: where the edges are kept (default: the model's device).
+
+    Logit targets are the logits before any output soft-cap, minus their mean."""
+    for name, value, low in (("max_n_logits", max_n_logits, 1), ("batch_size", batch_size, 1), ("update_interval", update_interval, 1)):
+        if value < low:
+            raise ValueError(f"{name} must be at least {low}, got {value}")
+    if not 0 < desired_logit_prob <= 1:
+        raise ValueError(f"desired_logit_prob must be in (0, 1], got {desired_logit_prob}")
+    if max_feature_nodes is not None and max_feature_nodes < 0:
+        raise ValueError(f"max_feature_nodes must be None or non-negative, got {max_feature_nodes}")
+    tokens = prompt_tokens(model, prompt_or_tokens)
+    with torch.enable_grad(), frozen_replacement(model, transcoders) as state:
+        logits = model(tokens[None])
+    by_layer = state.transcoders
+    probabilities = torch.softmax(logits[0, -1].float(), dim=-1)
+    logit_tokens, logit_probabilities = top_logits(probabilities, max_n_logits, desired_logit_prob)
+    storage = torch.device(device) if device is not None else model_device(model)
+    attributor = _Attributor(model, by_layer, state, starts_with_bos(model, tokens), storage)
+    rows, row_features, n_logit_rows = attributor.rows(logit_tokens, logit_probabilities, max_feature_nodes, batch_size, update_interval)
+    adjacency = attributor.adjacency(rows, row_features, n_logit_rows)
+    features = attributor.features
+    selected = row_features[n_logit_rows:].sort().values
+    return Graph(
+        tokens=tokens.cpu(),
+        features=torch.stack([features.layers, features.positions, features.latents], dim=1)[selected].cpu(),
+        activations=features.activations[selected].float().cpu(),
+        n_layers=model.cfg.n_layers,
+        logit_tokens=logit_tokens.cpu(),
+        logit_probabilities=logit_probabilities.cpu(),
+        adjacency=adjacency,
+        prompt=prompt_or_tokens if isinstance(prompt_or_tokens, str) else None,
+        model_name=model_name(model),
+        metadata={
+            "transcoders": [
+                {"layer": layer, "input_site": t.cfg.input_site, "output_site": t.cfg.output_site}
+                for layer, t in sorted(by_layer.items())
+            ],
+            "bos_without_features": attributor.bos,
+            "max_n_logits": max_n_logits,
+            "desired_logit_prob": desired_logit_prob,
+            "max_feature_nodes": max_feature_nodes,
+            "n_active_features": features.n,
+        },
+    )
+
+
+def prompt_tokens(model: nn.Module, prompt_or_tokens: str | Tensor) -> Int[Tensor, " n_pos"]:
+    """The prompt as a 1-D tensor of token ids on the model's device, checked against
+    the model's vocabulary and context length."""
+    if isinstance(prompt_or_tokens, str):
+        if getattr(model, "tokenizer", None) is None:
+            raise ValueError("this model has no tokenizer: pass token ids instead of a string")
+        tokens = model.to_tokens(prompt_or_tokens)[0]
+    else:
+        tokens = prompt_or_tokens
+        if tokens.ndim == 2 and tokens.shape[0] == 1:
+            tokens = tokens[0]
+        if tokens.ndim != 1 or tokens.is_floating_point():
+            raise ValueError(f"token ids must be an integer tensor [n_pos] or [1, n_pos], got {tokens.dtype} {tuple(tokens.shape)}")
+    n_ctx, d_vocab = model.cfg.n_ctx, model.cfg.d_vocab
+    if tokens.numel() == 0:
+        raise ValueError("the prompt is empty")
+    if tokens.numel() > n_ctx:
+        raise ValueError(f"the prompt has {tokens.numel()} tokens but the model's context is {n_ctx}: shorten it")
+    if tokens.min() < 0 or tokens.max() >= d_vocab:
+        raise ValueError(f"token ids must lie in [0, {d_vocab}), got {tokens.min().item()}..{tokens.max().item()}")
+    return tokens.to(model_device(model))
+
+
+def starts_with_bos(model: nn.Module, tokens: Int[Tensor, " n_pos"]) -> bool:
+    """True if position 0 holds the tokenizer's BOS token."""
+    tokenizer = getattr(model, "tokenizer", None)
+    bos = getattr(tokenizer, "bos_token_id", None) if tokenizer is not None else None
+    return bos is not None and int(tokens[0]) == bos
+
+
+def top_logits(
+    probabilities: Float[Tensor, " d_vocab"], max_n_logits: int, desired_logit_prob: float
+) -> tuple[Int[Tensor, " n_logits"], Float[Tensor, " n_logits"]]:
+    """The most probable tokens, as few as reach `desired_logit_prob` in total, at most
+    `max_n_logits`, and their probabilities."""
+    top_p, top_ids = probabilities.topk(min(max_n_logits, probabilities.numel()))
+    cutoff = int(torch.searchsorted(top_p.cumsum(0), torch.tensor(desired_logit_prob, device=top_p.device))) + 1
+    return top_ids[:cutoff], top_p[:cutoff]
+
+
+@dataclass
+class ActiveFeatures:
+    """Every active feature (except at a BOS position), in node order: by layer,
+    position, latent. `decoders[layer]` holds each position's features' decoder vectors
+    times activation, `[n_pos, k, d]` (zero in unused slots); `slots[layer]` are the
+    flat `n_pos * k` slots that hold nodes, in node order; `offsets[layer]` the index
+    of the layer's first feature."""
+
+    layers: Int[Tensor, " n"]
+    positions: Int[Tensor, " n"]
+    latents: Int[Tensor, " n"]
+    activations: Float[Tensor, " n"]
+    decoders: dict[int, Tensor]
+    slots: dict[int, Tensor]
+    offsets: dict[int, int]
+
+    @property
+    def n(self) -> int:
+        return int(self.layers.shape[0])
+
+
+def active_features(state: ReplacementState, by_layer: dict[int, Transcoder], bos: bool) -> ActiveFeatures:
+    """Collect the active features of every transcoder from a replacement pass."""
+    columns: list[list[Tensor]] = [[], [], [], []]
+    decoders, slots, offsets = {}, {}, {}
+    n = 0
+    for layer, transcoder in sorted(by_layer.items()):
+        values, indices = state.latents(transcoder)
+        indices, order = indices.sort(dim=-1)
+        values = values.gather(-1, order)
+        active = values != 0
+        if bos:
+            active[0] = False
+        values = values * active
+        position, slot = active.nonzero(as_tuple=True)
+        decoders[layer] = values[..., None] * transcoder.W_dec.detach()[indices]
+        slots[layer] = position * indices.shape[1] + slot
+        offsets[layer] = n
+        n += int(position.numel())
+        columns[0].append(torch.full_like(position, layer))
+        columns[1].append(position)
+        columns[2].append(indices[position, slot])
+        columns[3].append(values[position, slot])
+    device = state.embed.device
+    layers, positions, latents, acts = (
+        torch.cat(c) if c else torch.zeros(0, dtype=dtype, device=device)
+        for c, dtype in zip(columns, (torch.long,) * 3 + (state.embed.dtype,))
+    )
+    return ActiveFeatures(layers, positions, latents, acts, decoders, slots, offsets)
+
+
+class _Attributor:
+    """Computes graph rows from one recorded replacement pass.
+
+    Row columns: every active feature, then the errors (layer-major), then the tokens."""
+
+    def __init__(
+        self, model: nn.Module, by_layer: dict[int, Transcoder], state: ReplacementState, bos: bool, storage: torch.device
+    ):
+        self.model, self.by_layer, self.state, self.bos, self.storage = model, by_layer, state, bos, storage
+        self.n_layers, self.n_pos = model.cfg.n_layers, state.embed.shape[1]
+        self.features = active_features(state, by_layer, bos)
+        self.errors = {layer: state.error(layer, by_layer.get(layer)) for layer in range(self.n_layers)}
+        if bos:
+            self._move_bos_features_into_errors()
+        self.embed = state.embed[0].detach()
+        self.n_columns = self.features.n + (self.n_layers + 1) * self.n_pos
+
+    def _move_bos_features_into_errors(self) -> None:
+        """Position 0 has no feature nodes: its features' output joins its error node."""
+        for layer, transcoder in self.by_layer.items():
+            values, indices = self.state.latents(transcoder)
+            self.errors[layer][0] += (values[0] @ transcoder.W_dec.detach()[indices[0]]).to(self.errors[layer].dtype)
+
+    def rows(
+        self,
+        logit_tokens: Tensor,
+        logit_probabilities: Tensor,
+        max_feature_nodes: int | None,
+        batch_size: int,
+        update_interval: int,
+    ) -> tuple[Tensor, Tensor, int]:
+        """All computed rows `[n_rows, n_columns]`, the feature (index into
+        `self.features`) of each row (-1 for logit rows) and the number of logit rows,
+        which come first."""
+        n_features = self.features.n
+        budget = n_features if max_feature_nodes is None else min(max_feature_nodes, n_features)
+        n_logits = int(logit_tokens.shape[0])
+        rows = torch.zeros(n_logits + budget, self.n_columns, device=self.storage)
+        row_features = torch.full((n_logits + budget,), -1, dtype=torch.long)
+        W_U = self.model.W_U.detach()
+        logit_vectors = (W_U[:, logit_tokens] - W_U.mean(dim=1, keepdim=True)).T
+        for start in range(0, n_logits, batch_size):
+            stop = min(start + batch_size, n_logits)
+            rows[start:stop] = self._logit_rows(logit_vectors[start:stop]).to(self.storage)
+        visited = torch.zeros(n_features, dtype=torch.bool)
+        filled = n_logits
+        while filled < n_logits + budget:
+            if budget == n_features:
+                pending = torch.arange(n_features)
+            else:
+                influence = partial_influences(rows[:filled], row_features[:filled], logit_probabilities.to(self.storage), n_features)
+                ranked = influence[:n_features].argsort(descending=True).cpu()
+                queue = min(update_interval * batch_size, n_logits + budget - filled)
+                pending = ranked[~visited[ranked]][:queue]
+            # Batches of similar layers need backward passes through fewer layers.
+            pending = pending[self.features.layers[pending].cpu().argsort(descending=True, stable=True)]
+            for start in range(0, pending.numel(), batch_size):
+                batch = pending[start : start + batch_size]
+                rows[filled : filled + batch.numel()] = self._feature_rows(batch).to(self.storage)
+                row_features[filled : filled + batch.numel()] = batch
+                visited[batch] = True
+                filled += batch.numel()
+        return rows, row_features, n_logits
+
+    def _logit_rows(self, vectors: Float[Tensor, "batch d_model"]) -> Tensor:
+        grad = vectors.new_zeros(vectors.shape[0], *self.state.unembed_input.shape)
+        grad[:, 0, -1] = vectors.to(grad.dtype)
+        return self._backward([self.state.unembed_input], [grad], self.n_layers)
+
+    def _feature_rows(self, batch: Tensor) -> Tensor:
+        features = self.features
+        layers = features.layers[batch]
+        positions, latents = features.positions[batch], features.latents[batch]
+        outputs, grads = [], []
+        for layer in layers.unique().tolist():
+            rows = (layers == layer).nonzero(as_tuple=True)[0]
+            site = self.state.inputs[layer]
+            W_enc = self.by_layer[layer].W_enc.detach()
+            grad = site.new_zeros(batch.numel(), *site.shape)
+            grad[rows, 0, positions[rows]] = W_enc[latents[rows]].to(grad.dtype)
+            outputs.append(site)
+            grads.append(grad)
+        return self._backward(outputs, grads, int(layers.max()))
+
+    def _backward(self, outputs: list[Tensor], grads: list[Tensor], n_read: int) -> Tensor:
+        """Rows for targets injected as `grads` (batched) at `outputs`, reading source
+        gradients at the MLP outputs of layers below `n_read` and at the embedding."""
+        read = [self.state.outputs[layer] for layer in range(n_read)] + [self.state.embed]
+        gradients = torch.autograd.grad(
+            outputs, read, grads, retain_graph=True, allow_unused=True, is_grads_batched=True
+        )
+        batch = grads[0].shape[0]
+        row = self.embed.new_zeros(batch, self.n_columns)
+        features, n_pos = self.features, self.n_pos
+        error_start = features.n
+        for layer, gradient in enumerate(gradients[:-1]):
+            if gradient is None:
+                continue
+            gradient = gradient[:, 0]
+            if layer in features.decoders and features.slots[layer].numel():
+                decoders = features.decoders[layer].to(gradient.dtype)
+                edges = torch.bmm(gradient.transpose(0, 1), decoders.transpose(1, 2))
+                offset = features.offsets[layer]
+                slots = features.slots[layer]
+                row[:, offset : offset + slots.numel()] = edges.transpose(0, 1).reshape(batch, -1)[:, slots]
+            errors = self.errors[layer].to(gradient.dtype)
+            start = error_start + layer * n_pos
+            row[:, start : start + n_pos] = torch.einsum("bpd,pd->bp", gradient, errors)
+        if gradients[-1] is not None:
+            start = error_start + self.n_layers * n_pos
+            row[:, start:] = torch.einsum("bpd,pd->bp", gradients[-1][:, 0], self.embed)
+        return row
+
+    def adjacency(self, rows: Tensor, row_features: Tensor, n_logit_rows: int) -> Float[Tensor, "n_nodes n_nodes"]:
+        """The graph's adjacency from the computed rows: the features with rows, all
+        errors and tokens, then the logits."""
+        feature_rows = row_features[n_logit_rows:]
+        selected, order = feature_rows.sort()
+        n_selected = int(selected.numel())
+        columns = torch.cat([selected, torch.arange(self.features.n, self.n_columns)]).to(self.storage)
+        n_sources = columns.numel()
+        n_nodes = n_sources + n_logit_rows
+        adjacency = torch.zeros(n_nodes, n_nodes, device=self.storage, dtype=rows.dtype)
+        feature_block = rows[n_logit_rows:][order.to(self.storage)]
+        adjacency[:n_selected, :n_sources] = feature_block[:, columns]
+        adjacency[n_sources:, :n_sources] = rows[:n_logit_rows][:, columns]
+        return adjacency
+
+
+def partial_influences(
+    rows: Float[Tensor, "n_rows n_columns"],
+    row_features: Int[Tensor, " n_rows"],
+    logit_probabilities: Float[Tensor, " n_logits"],
+    n_features: int,
+) -> Float[Tensor, " n_columns"]:
+    """Each column's influence on the logits through the rows known so far: the sum
+    over path lengths of the logit probabilities propagated back through the
+    row-normalised absolute edges (circuit-tracer's `compute_partial_influences`).
+
+    Only rows carry influence on, so the propagation runs on the rows' own columns
+    and one final product spreads it to every column."""
+    weights = rows.abs().sum(dim=1).clamp(min=1e-8)
+    n_logits = logit_probabilities.shape[0]
+    is_feature = row_features >= 0
+    row_columns = row_features.clamp(min=0).to(rows.device)
+    # inner[i, j]: normalised |edge| from the feature of row j into the target of row i.
+    inner = rows[:, row_columns].abs() / weights[:, None]
+    inner[:, ~is_feature.to(rows.device)] = 0
+    current = torch.zeros(rows.shape[0], device=rows.device, dtype=rows.dtype)
+    current[:n_logits] = logit_probabilities.to(rows.dtype)
+    total = current.clone()
+    for _ in range(rows.shape[0] + 1):
+        current = current @ inner
+        if not current.any():
+            break
+        total += current
+    return (total / weights) @ rows.abs()
