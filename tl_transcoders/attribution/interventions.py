@@ -1,0 +1,184 @@
+"""`intervene`: set, scale or zero transcoder features and see how the logits change.
+
+The model runs with its transcoders spliced in: each transcoder layer's MLP output is
+the transcoder's output (from the edited latents) plus its error on the clean prompt,
+held constant. With `freeze_attention` the attention patterns and norm scales are
+held at their clean values (as in the attribution graph's replacement model); with
+`constrained_layers` the features of those layers (other than the edited ones) keep
+their clean activations and layers without a transcoder keep their clean MLP output.
+Freezing attention and constraining every layer leaves a model that is linear in the
+features, where the change of a demeaned logit is exactly the graph's edge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from tl_transcoders.attribution.attribute import prompt_tokens
+from tl_transcoders.attribution.replacement import (
+    freeze_hooks,
+    output_site,
+    record_frozen_values,
+    transcoders_by_layer,
+)
+from tl_transcoders.sites import SiteFn, attach
+from tl_transcoders.transcoder import Transcoder
+
+
+@dataclass(frozen=True)
+class FeatureEdit:
+    """Set one feature's activation at one position to `value`, or multiply it by
+    `scale`; exactly one of the two is given."""
+
+    layer: int
+    position: int
+    latent: int
+    value: float | None = None
+    scale: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.value is None) == (self.scale is None):
+            raise ValueError(f"{self}: give exactly one of value= (set) or scale= (multiply)")
+
+
+def zero(layer: int, position: int, latent: int) -> FeatureEdit:
+    """An edit that switches one feature off at one position."""
+    return FeatureEdit(layer, position, latent, value=0.0)
+
+
+@dataclass
+class InterventionResult:
+    """Logits before and after the edits, and the last position's largest changes."""
+
+    original_logits: Float[Tensor, "n_pos d_vocab"]
+    new_logits: Float[Tensor, "n_pos d_vocab"]
+    top_tokens: Int[Tensor, " n_top"]  # the tokens whose last-position logit moved most
+    top_changes: Float[Tensor, " n_top"]  # their change (new - original)
+
+    @property
+    def change(self) -> Float[Tensor, "n_pos d_vocab"]:
+        return self.new_logits - self.original_logits
+
+
+def intervene(
+    model: nn.Module,
+    transcoders: Sequence[Transcoder],
+    prompt_or_tokens: str | Int[Tensor, " n_pos"] | Int[Tensor, "1 n_pos"],
+    edits: Sequence[FeatureEdit],
+    *,
+    freeze_attention: bool = True,
+    constrained_layers: Iterable[int] | None = None,
+    n_top: int = 10,
+) -> InterventionResult:
+    """Run the prompt with `edits` applied to the spliced transcoders (see the module
+    docstring) and compare the logits with the clean model's.
+
+    Raises `ValueError` for an edit at a layer without a transcoder, a position or
+    latent out of range, or a zero/scale edit of a feature that is not active there."""
+    tokens = prompt_tokens(model, prompt_or_tokens)
+    by_layer = transcoders_by_layer(model, transcoders)
+    constrained = set(constrained_layers or ())
+    bad = sorted(layer for layer in constrained if not 0 <= layer < model.cfg.n_layers)
+    if bad:
+        raise ValueError(f"constrained_layers {bad} are out of range: the model has {model.cfg.n_layers} layers")
+    clean = _clean_pass(model, by_layer, tokens)
+    _check_edits(edits, by_layer, clean["latents"], tokens.numel())
+    hooks = freeze_hooks(model, clean["frozen"]) if freeze_attention else []
+    inputs: dict[int, Tensor] = {}
+    for layer in range(model.cfg.n_layers):
+        transcoder = by_layer.get(layer)
+        site = output_site(layer, by_layer)
+        if transcoder is not None:
+            hooks.append((transcoder.cfg.input_site, _store(inputs, layer)))
+            layer_edits = [edit for edit in edits if edit.layer == layer]
+            fixed = clean["latents"][layer] if layer in constrained else None
+            hooks.append((site, _edited_output(transcoder, inputs, fixed, layer_edits, clean["errors"][layer])))
+        elif layer in constrained:
+            hooks.append((site, _constant(clean["outputs"][layer])))
+    with torch.no_grad(), attach(model, hooks):
+        new_logits = model(tokens[None])[0]
+    original = clean["logits"]
+    change = (new_logits - original)[-1]
+    top = change.abs().topk(min(n_top, change.numel())).indices
+    return InterventionResult(original, new_logits, top, change[top])
+
+
+def _clean_pass(model: nn.Module, by_layer: dict[int, Transcoder], tokens: Tensor) -> dict:
+    """Logits, frozen-site values, MLP outputs, transcoder latents and errors of the
+    clean prompt."""
+    hooks, frozen = record_frozen_values(model)
+    inputs: dict[int, Tensor] = {}
+    outputs: dict[int, Tensor] = {}
+    for layer in range(model.cfg.n_layers):
+        transcoder = by_layer.get(layer)
+        if transcoder is not None:
+            hooks.append((transcoder.cfg.input_site, _store(inputs, layer)))
+        hooks.append((output_site(layer, by_layer), _store(outputs, layer)))
+    with torch.no_grad(), attach(model, hooks):
+        logits = model(tokens[None])[0]
+        latents, errors = {}, {}
+        for layer, transcoder in by_layer.items():
+            x = inputs[layer].to(transcoder.W_enc.dtype)
+            latents[layer] = transcoder.encode(x)
+            errors[layer] = outputs[layer] - transcoder(x).to(outputs[layer].dtype)
+    return {"logits": logits, "frozen": frozen, "outputs": outputs, "latents": latents, "errors": errors}
+
+
+def _check_edits(edits: Sequence[FeatureEdit], by_layer: dict[int, Transcoder], latents: dict, n_pos: int) -> None:
+    for edit in edits:
+        if not isinstance(edit, FeatureEdit):
+            raise ValueError(f"edits must be FeatureEdit objects (see zero()), got {type(edit).__name__}")
+        if edit.layer not in by_layer:
+            raise ValueError(f"{edit}: no transcoder replaces layer {edit.layer}; transcoders are at layers {sorted(by_layer)}")
+        if not 0 <= edit.position < n_pos:
+            raise ValueError(f"{edit}: position {edit.position} is out of range, the prompt has {n_pos} tokens")
+        d_latent = by_layer[edit.layer].cfg.d_latent
+        if not 0 <= edit.latent < d_latent:
+            raise ValueError(f"{edit}: latent {edit.latent} is out of range, the transcoder has {d_latent} latents")
+        if (edit.scale is not None or edit.value == 0) and latents[edit.layer][0, edit.position, edit.latent] == 0:
+            raise ValueError(
+                f"{edit}: the feature is not active at position {edit.position} of this prompt, so "
+                "zeroing or scaling it changes nothing; set it with value= to switch it on"
+            )
+
+
+def _store(store: dict[int, Tensor], layer: int) -> SiteFn:
+    def hook(activation: Tensor) -> None:
+        store[layer] = activation
+
+    return hook
+
+
+def _constant(value: Tensor) -> SiteFn:
+    return lambda activation: value.expand_as(activation)
+
+
+def _edited_output(
+    transcoder: Transcoder,
+    inputs: dict[int, Tensor],
+    fixed: Tensor | None,
+    edits: list[FeatureEdit],
+    error: Tensor,
+) -> SiteFn:
+    """The transcoder's output from this pass's input (or the `fixed` clean latents),
+    with `edits` applied, plus the clean error."""
+    layer = transcoder.cfg.layer
+
+    def hook(activation: Tensor) -> Tensor:
+        x = inputs[layer].to(transcoder.W_enc.dtype)
+        latents = (transcoder.encode(x) if fixed is None else fixed).clone()
+        for edit in edits:
+            current = latents[:, edit.position, edit.latent]
+            latents[:, edit.position, edit.latent] = edit.value if edit.value is not None else current * edit.scale
+        out = transcoder.decode(latents)
+        if transcoder.cfg.skip:
+            out = out + x @ transcoder.W_skip.T
+        return out.to(activation.dtype) + error
+
+    return hook
+
