@@ -64,6 +64,17 @@ def test_path_contributions_equal_autograd(model, request):
     )
     cases.append(([Node("embedding", src), Node("head", src, 0, 2), Node("feature", dest, 1, 3)], ref))
 
+    streams = clean_cache(model, {"blocks.1.hook_resid_pre", "blocks.1.hook_resid_mid"})
+    ref, _ = frozen_derivative(
+        model, transcoders, TOKENS, ("blocks.1.hook_resid_pre", src, streams["blocks.1.hook_resid_pre"][[src]]),
+        feature_target, attention=(1,), head=(1, head, dest),
+    )
+    cases.append(([Node("head", src, 1, head), target], ref))
+    inject_mid = ("blocks.1.hook_resid_mid", dest, streams["blocks.1.hook_resid_mid"][[dest]])
+    no_skip, _ = frozen_derivative(model, transcoders, TOKENS, inject_mid, feature_target)
+    ref, _ = frozen_derivative(model, transcoders, TOKENS, inject_mid, feature_target, skip_layers=(1,))
+    cases.append(([Node("skip", dest, 1), target], ref - no_skip))
+
     cache = capture(model, TOKENS[None], [t0.cfg.input_site, t0.cfg.output_site])
     error = cache[t0.cfg.output_site][[dest]] - t0(cache[t0.cfg.input_site][[dest]]).detach()
     ref, _ = frozen_derivative(model, transcoders, TOKENS, (t0.cfg.output_site, dest, error), feature_target)

@@ -41,6 +41,7 @@ from tl_transcoders.attribution.virtual_weights import (
     logit_directions,
     output_norm,
     pull_back_head,
+    pull_back_heads,
     pull_back_skip,
     read_directions,
     write_directions,
@@ -182,7 +183,7 @@ def _write_scale(run: PromptRun, transcoder: Transcoder) -> Float[Tensor, " n_po
     """The frozen scale of the post-MLP norm a transcoder's output passes through (ones
     where it is written into the residual stream as is)."""
     if output_norm(run.model, transcoder) is None:
-        return torch.ones_like(run.scale("ln_final"))
+        return torch.ones(run.n_pos, dtype=run.embeddings.dtype, device=run.embeddings.device)
     return run.scale(f"blocks.{transcoder.cfg.layer}.ln2_post")
 
 
@@ -222,6 +223,13 @@ def target_direction(run: PromptRun, target: Node) -> tuple[Float[Tensor, " d_mo
     raise AttributionError(f"a target must be a feature or a logit node, got {target.kind!r}")
 
 
+def _head_weights(run: PromptRun, layer: int, destination: int) -> Float[Tensor, "n_heads n_pos"]:
+    """Pattern / (ln1 scale at the source x ln1_post scale at the destination) for
+    every head of `layer` and source position, reading into `destination`."""
+    scales = run.scale(f"blocks.{layer}.ln1") * run.scale(f"blocks.{layer}.ln1_post")[destination]
+    return run.patterns[layer, :, destination] / scales
+
+
 def _pull_back_edge(
     run: PromptRun, edge: Node, direction: Float[Tensor, " d_model"], destination: int
 ) -> tuple[Float[Tensor, " d_model"], int]:
@@ -229,15 +237,14 @@ def _pull_back_edge(
     direction at the edge's input position and the residual point it reads."""
     layer = edge.layer
     if edge.kind == "head":
-        weight = run.patterns[layer, edge.index, destination, edge.position]
-        weight = weight / (run.scale(f"blocks.{layer}.ln1")[edge.position] * run.scale(f"blocks.{layer}.ln1_post")[destination])
+        weight = _head_weights(run, layer, destination)[edge.index, edge.position]
         return weight * pull_back_head(run.model, Head(layer, edge.index), direction[None])[0], 2 * layer
     if edge.kind == "skip":
         transcoder = _transcoder(run, layer)
         scale = run.scale(f"blocks.{layer}.ln2")[edge.position] if input_norm(run.model, transcoder) else 1.0
-        if output_norm(run.model, transcoder) is not None:
-            scale = scale * run.scale(f"blocks.{layer}.ln2_post")[edge.position]
-        return pull_back_skip(run.model, transcoder, direction[None])[0] / scale, 2 * layer + 1
+        return pull_back_skip(run.model, transcoder, direction[None])[0] / (
+            scale * _write_scale(run, transcoder)[edge.position]
+        ), 2 * layer + 1
     raise AttributionError(f"an edge must be a head or a skip node, got {edge.kind!r}")
 
 
@@ -263,7 +270,9 @@ def _write_point(source: Node) -> int:
 
 def path_contribution(run: PromptRun, nodes: Sequence[Node]) -> float:
     """The contribution of the path `nodes` (source, edges..., target) to its target in
-    the frozen replacement model."""
+    the frozen replacement model. A path may also start at an edge (a head or skip
+    node): its value is then the edge's flow, everything reaching the target through
+    it (the stream it reads, biases included, times the pulled-back direction)."""
     nodes = list(nodes)
     if len(nodes) < 2:
         raise AttributionError("a path needs at least a source and a target node")
@@ -271,7 +280,9 @@ def path_contribution(run: PromptRun, nodes: Sequence[Node]) -> float:
         _check_position(run, node.position)
     direction, point = target_direction(run, nodes[-1])
     destination = nodes[-1].position
-    for edge in reversed(nodes[1:-1]):
+    source = nodes[0]
+    starts_at_edge = source.kind in ("head", "skip")
+    for edge in reversed(nodes[0 if starts_at_edge else 1 : -1]):
         if edge.kind == "head" and not edge.position <= destination:
             raise AttributionError(f"head edge {edge} reads a later position than it writes ({destination})")
         if edge.kind == "skip" and edge.position != destination:
@@ -281,7 +292,9 @@ def path_contribution(run: PromptRun, nodes: Sequence[Node]) -> float:
             raise AttributionError(f"edge {edge} writes after its successor reads: order the path by layer")
         direction, point = _pull_back_edge(run, edge, direction, destination)
         destination = edge.position
-    source = nodes[0]
+    if starts_at_edge:
+        stream = run.resid_pre if source.kind == "head" else run.resid_mid
+        return float(stream[source.layer, source.position] @ direction)
     if source.position != destination:
         raise AttributionError(f"source {source} is not at the position its successor reads ({destination})")
     if _write_point(source) > point:
@@ -320,13 +333,12 @@ def _edges(run: PromptRun, direction: Tensor, point: int, position: int) -> list
     found = []
     for layer in range(run.model.cfg.n_layers):
         if 2 * layer + 1 <= point:
-            for head in range(run.model.cfg.n_heads):
-                for source in range(position + 1):
-                    if run.patterns[layer, head, position, source] == 0:
-                        continue
-                    node = Node("head", source, layer, head)
-                    pulled, read = _pull_back_edge(run, node, direction, position)
-                    found.append((node, pulled, read, float(run.resid_pre[layer, source] @ pulled)))
+            pulled = pull_back_heads(run.model, layer, direction[None])[:, 0]  # [n_heads, d_model]
+            weights = _head_weights(run, layer, position)[:, : position + 1]
+            flows = weights * (pulled @ run.resid_pre[layer, : position + 1].T)
+            for head, source in weights.nonzero().tolist():
+                node = Node("head", source, layer, head)
+                found.append((node, weights[head, source] * pulled[head], 2 * layer, float(flows[head, source])))
         if 2 * layer + 2 <= point and layer in run.skips:
             node = Node("skip", position, layer)
             pulled, read = _pull_back_edge(run, node, direction, position)

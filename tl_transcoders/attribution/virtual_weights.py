@@ -39,7 +39,7 @@ dictionaries of 10^5 latents never need a dense latents x latents matrix.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -206,22 +206,30 @@ def logit_directions(
     return W_U.T if norm is None else norm.pull_back(W_U.T)
 
 
+def pull_back_heads(
+    model: nn.Module, layer: int, directions: Float[Tensor, "n d_model"]
+) -> Float[Tensor, "n_heads n d_model"]:
+    """For every head of `layer`, the directions at its source position whose dot
+    product with the stream equals the head's output dotted with `directions` (per unit
+    of attention, scales of ln1 and any ln1_post left out):
+    `centre(w_ln1 * W_OV (centre(w_ln1_post * d)))`."""
+    check_layer(model, layer)
+    W_V, W_O = value_output_weights(model, layer)
+    post = norm_affine(model, f"blocks.{layer}.ln1_post")
+    if post is not None:
+        directions = post.pull_back(directions)
+    out = directions @ W_O.transpose(1, 2) @ W_V.transpose(1, 2)
+    pre = norm_affine(model, f"blocks.{layer}.ln1")
+    return out if pre is None else pre.pull_back(out)
+
+
 def pull_back_head(
     model: nn.Module, head: Head, directions: Float[Tensor, "n d_model"]
 ) -> Float[Tensor, "n d_model"]:
-    """The directions at a head's source position whose dot product with the stream
-    equals the head's output dotted with `directions` (per unit of attention, scales of
-    ln1 and any ln1_post left out): `centre(w_ln1 * W_OV (centre(w_ln1_post * d)))`."""
-    check_layer(model, head.layer)
+    """`pull_back_heads` for one head."""
     if not 0 <= head.head < model.cfg.n_heads:
         raise AttributionError(f"head {head.head} is out of range: layer {head.layer} has {model.cfg.n_heads} heads")
-    W_V, W_O = value_output_weights(model, head.layer)
-    post = norm_affine(model, f"blocks.{head.layer}.ln1_post")
-    if post is not None:
-        directions = post.pull_back(directions)
-    out = directions @ W_O[head.head].T @ W_V[head.head].T
-    pre = norm_affine(model, f"blocks.{head.layer}.ln1")
-    return out if pre is None else pre.pull_back(out)
+    return pull_back_heads(model, head.layer, directions)[head.head]
 
 
 def pull_back_skip(
@@ -382,11 +390,9 @@ def blockwise_topk(
     return TopPairs(values=best[0], sources=best[1], targets=best[2])
 
 
-def _top_of_vector(
-    rows: Tensor, column: Tensor, k: int, mode: Mode, block_size: int, index: Callable[[Tensor], Tensor] | None = None
-) -> TopK:
+def _top_of_vector(rows: Tensor, column: Tensor, k: int, mode: Mode, block_size: int) -> TopK:
     pairs = blockwise_topk(rows, column[None], k, mode, block_size)
-    return TopK(values=pairs.values, indices=pairs.sources if index is None else index(pairs.sources))
+    return TopK(values=pairs.values, indices=pairs.sources)
 
 
 def _one_latent(transcoder: Transcoder, latent: int) -> Tensor:
