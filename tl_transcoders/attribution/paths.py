@@ -118,7 +118,8 @@ def run_prompt(
     model: nn.Module, transcoders: Sequence[Transcoder], tokens: Int[Tensor, "*batch n_pos"]
 ) -> PromptRun:
     """Run `model` once on one prompt with `transcoders` (at most one per layer, in
-    increasing layer order) spliced in, and record what attribution needs."""
+    increasing layer order) spliced in, and record what attribution needs. A layer
+    without a transcoder keeps its MLP, whose whole output is that layer's error node."""
     transcoders = list(transcoders)
     layers = [t.cfg.layer for t in transcoders]
     if layers != sorted(set(layers)):
@@ -131,7 +132,7 @@ def run_prompt(
         raise AttributionError(f"pass one prompt (a 1-D tensor of token ids), got shape {tuple(tokens.shape)}")
     n_layers = model.cfg.n_layers
     cache: dict[str, Tensor] = {}
-    sites = ["blocks.0.hook_resid_pre", "ln_final.hook_scale"]
+    sites = ["ln_final.hook_scale"]
     for layer in range(n_layers):
         sites += [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.hook_resid_mid",
                   f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.hook_mlp_out"]
@@ -151,7 +152,9 @@ def run_prompt(
 
     by_layer = {t.cfg.layer: t for t in transcoders}
     scales = {
-        name.removesuffix(".hook_scale"): value.reshape(-1) for name, value in cache.items() if name.endswith("hook_scale")
+        name.removesuffix(".hook_scale"): value.reshape(-1)
+        for name, value in cache.items()
+        if name.endswith("hook_scale")
     }
     run = PromptRun(
         model=model,
