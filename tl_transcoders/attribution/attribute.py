@@ -230,7 +230,8 @@ class _Attributor:
         n_features = self.features.n
         budget = n_features if max_feature_nodes is None else min(max_feature_nodes, n_features)
         n_logits = int(logit_tokens.shape[0])
-        rows = torch.zeros(n_logits + budget, self.n_columns, device=self.storage)
+        dtype = torch.promote_types(self.embed.dtype, torch.float32)
+        rows = torch.zeros(n_logits + budget, self.n_columns, device=self.storage, dtype=dtype)
         row_features = torch.full((n_logits + budget,), -1, dtype=torch.long)
         W_U = self.model.W_U.detach()
         logit_vectors = (W_U[:, logit_tokens] - W_U.mean(dim=1, keepdim=True)).T
@@ -309,16 +310,15 @@ class _Attributor:
     def adjacency(self, rows: Tensor, row_features: Tensor, n_logit_rows: int) -> Float[Tensor, "n_nodes n_nodes"]:
         """The graph's adjacency from the computed rows: the features with rows, all
         errors and tokens, then the logits."""
-        feature_rows = row_features[n_logit_rows:]
-        selected, order = feature_rows.sort()
-        n_selected = int(selected.numel())
+        selected, order = row_features[n_logit_rows:].sort()
         columns = torch.cat([selected, torch.arange(self.features.n, self.n_columns)]).to(self.storage)
-        n_sources = columns.numel()
+        n_sources, n_selected = columns.numel(), selected.numel()
         n_nodes = n_sources + n_logit_rows
         adjacency = torch.zeros(n_nodes, n_nodes, device=self.storage, dtype=rows.dtype)
-        feature_block = rows[n_logit_rows:][order.to(self.storage)]
-        adjacency[:n_selected, :n_sources] = feature_block[:, columns]
-        adjacency[n_sources:, :n_sources] = rows[:n_logit_rows][:, columns]
+        # Gathering rows and columns in one indexing step copies only the kept block.
+        feature_rows = (order + n_logit_rows).to(self.storage)
+        adjacency[:n_selected, :n_sources] = rows[feature_rows[:, None], columns]
+        adjacency[n_sources:, :n_sources] = rows[torch.arange(n_logit_rows, device=self.storage)[:, None], columns]
         return adjacency
 
 
@@ -333,14 +333,15 @@ def partial_influences(
     row-normalised absolute edges (circuit-tracer's `compute_partial_influences`).
 
     Only rows carry influence on, so the propagation runs on the rows' own columns
-    and one final product spreads it to every column."""
-    weights = rows.abs().sum(dim=1).clamp(min=1e-8)
+    and one final product spreads it to every column (in chunks of rows, so that no
+    copy of the whole matrix is made)."""
+    weights = torch.linalg.vector_norm(rows, ord=1, dim=1).clamp(min=1e-8)
     n_logits = logit_probabilities.shape[0]
-    is_feature = row_features >= 0
+    is_feature = (row_features >= 0).to(rows.device)
     row_columns = row_features.clamp(min=0).to(rows.device)
     # inner[i, j]: normalised |edge| from the feature of row j into the target of row i.
     inner = rows[:, row_columns].abs() / weights[:, None]
-    inner[:, ~is_feature.to(rows.device)] = 0
+    inner[:, ~is_feature] = 0
     current = torch.zeros(rows.shape[0], device=rows.device, dtype=rows.dtype)
     current[:n_logits] = logit_probabilities.to(rows.dtype)
     total = current.clone()
@@ -349,4 +350,11 @@ def partial_influences(
         if not current.any():
             break
         total += current
-    return (total / weights) @ rows.abs()
+    scaled = total / weights
+    influence = rows.new_zeros(rows.shape[1])
+    for start in range(0, rows.shape[0], _CHUNK):
+        influence += scaled[start : start + _CHUNK] @ rows[start : start + _CHUNK].abs()
+    return influence
+
+
+_CHUNK = 256

@@ -23,6 +23,7 @@ from tl_transcoders.attribution.attribute import prompt_tokens
 from tl_transcoders.attribution.replacement import (
     freeze_hooks,
     output_site,
+    quiet_norm_edits,
     record_frozen_values,
     transcoders_by_layer,
 )
@@ -100,7 +101,7 @@ def intervene(
             hooks.append((site, _edited_output(transcoder, inputs, fixed, layer_edits, clean["errors"][layer])))
         elif layer in constrained:
             hooks.append((site, _constant(clean["outputs"][layer])))
-    with torch.no_grad(), attach(model, hooks):
+    with torch.no_grad(), attach(model, hooks), quiet_norm_edits():
         new_logits = model(tokens[None])[0]
     original = clean["logits"]
     change = (new_logits - original)[-1]

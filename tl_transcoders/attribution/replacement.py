@@ -24,6 +24,7 @@ gradients at, and after the pass holds each layer's latents and error vectors.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -106,6 +107,16 @@ def freeze_hooks(
     return [(site, freeze(site)) for site in frozen_sites(model)]
 
 
+@contextlib.contextmanager
+def quiet_norm_edits() -> Iterator[None]:
+    """Silence the Bridge's warning that a hook edited a norm scale (it then rebuilds
+    the norm's output from the hooked values, equal up to rounding): freezing the
+    scales does so on purpose."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="A forward hook edited hook_scale")
+        yield
+
+
 def record_frozen_values(model: nn.Module) -> tuple[list[tuple[str, SiteFn]], dict[str, Tensor]]:
     """Hooks that record, during a pass, the first value of every frozen site (of the
     first sequence), and the dict they fill."""
@@ -174,7 +185,7 @@ def frozen_replacement(
         hooks.append((f"blocks.{layer}.mlp.hook_in", lambda activation: activation.detach()))
         hooks.append((output_site(layer, by_layer), _linear_output(state, layer, transcoder)))
     hooks.append(("unembed.hook_in", _store_unembed_input(state)))
-    with attach(model, hooks):
+    with attach(model, hooks), quiet_norm_edits():
         yield state
 
 
