@@ -85,17 +85,21 @@ def record_clean(model, by_layer: dict, tokens: torch.Tensor) -> dict[str, torch
     return record
 
 
-def frozen_values(model, by_layer: dict, tokens, record: dict, removals: dict[str, torch.Tensor], graph) -> torch.Tensor:
+def frozen_values(
+    model, by_layer: dict, tokens, record: dict, removals: dict[str, torch.Tensor], graph
+) -> torch.Tensor:
     """The graph's target values `[batch, n_targets]` in the frozen model, with
     `removals[site]` (`[batch, n_pos, d]`) subtracted at the embedding and MLP outputs."""
     batch = next(iter(removals.values())).shape[0]
     current: dict[int, torch.Tensor] = {}
-    hooks = [(s, (lambda s: lambda act: record[s].expand_as(act).clone())(s)) for s in model.hook_dict if FROZEN.search(s)]
+    frozen = [s for s in model.hook_dict if FROZEN.search(s)]
+    hooks = [(s, (lambda s: lambda act: record[s].expand_as(act).clone())(s)) for s in frozen]
     hooks.append(("hook_embed", lambda act: record["hook_embed"] - removals["hook_embed"]))
     for layer in range(model.cfg.n_layers):
         site, t = out_site(layer, by_layer), by_layer.get(layer)
         if t is not None:
-            hooks.append((t.cfg.input_site, (lambda layer: lambda act: current.__setitem__(layer, act))(layer)))
+            keep = (lambda layer: lambda act: current.__setitem__(layer, act))(layer)
+            hooks.append((t.cfg.input_site, keep))
 
         def output(act, site=site, t=t, layer=layer):
             value = record[site].expand_as(act).clone()
@@ -117,7 +121,9 @@ def frozen_values(model, by_layer: dict, tokens, record: dict, removals: dict[st
     return torch.stack(values, dim=1)
 
 
-def reference(model, by_layer: dict, tokens, graph, n_checked: int = 40) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def reference(
+    model, by_layer: dict, tokens, graph, n_checked: int = 40
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Edges `[n_targets, n_checked_sources]` by removing each of a sample of sources
     (every error and token node and `n_checked` features), each target's clean value
     minus its value with every source removed, and the sampled source nodes."""
@@ -186,7 +192,8 @@ def test_every_edge_is_the_exact_effect_of_its_source(name, activation, skip):
     assert not graph.adjacency[graph.n_features : n_sources].any()
     assert not graph.adjacency[:, n_sources:].any()
     record = record_clean(model, by_layer, tokens)
-    assert torch.allclose(graph.activations.to(edges.dtype), clean_activations(by_layer, record, graph), rtol=1e-6, atol=1e-6)
+    activations = clean_activations(by_layer, record, graph)
+    assert torch.allclose(graph.activations.to(edges.dtype), activations, rtol=1e-6, atol=1e-6)
     if getattr(model, "tokenizer", None) is not None:
         assert graph.features[:, 1].min() >= 1  # no feature nodes at the BOS position
 
@@ -195,7 +202,8 @@ def test_every_edge_is_the_exact_effect_of_its_source(name, activation, skip):
 def test_logit_nodes_cover_the_desired_probability(name):
     model = build_model(name)
     tokens = prompt(model)
-    graph = attribute(model, transcoders_for(model, "topk", True), tokens, max_n_logits=5, desired_logit_prob=0.3)
+    transcoders = transcoders_for(model, "topk", True)
+    graph = attribute(model, transcoders, tokens, max_n_logits=5, desired_logit_prob=0.3)
     probabilities = torch.softmax(model(tokens[None])[0, -1], -1)
     top = probabilities.sort(descending=True)
     n = min(5, int((top.values.cumsum(0) < 0.3).sum()) + 1)
@@ -216,7 +224,8 @@ def test_max_feature_nodes_keeps_the_most_logit_influential_features(name):
     expected = full.features[direct[: full.n_features].topk(n).indices]
     assert sorted(map(tuple, part.features.tolist())) == sorted(map(tuple, expected.tolist()))
     # Its rows are the full graph's rows, restricted to the kept features.
-    nodes = [full.feature_node(*f) for f in part.features.tolist()] + list(range(full.n_features, full.n_nodes))
+    nodes = [full.feature_node(*f) for f in part.features.tolist()]
+    nodes += range(full.n_features, full.n_nodes)
     assert torch.allclose(part.adjacency, full.adjacency[nodes][:, nodes], atol=1e-6)
 
 
@@ -258,8 +267,11 @@ def test_bad_input_is_refused_with_a_clear_error():
     foreign = Transcoder(TranscoderConfig(d_in=8, d_out=8, d_latent=32, layer=0, input_space="any"))
     with pytest.raises(ReplacementError, match="another model"):
         attribute(model, [foreign], torch.tensor([1, 2]))
-    sae = Transcoder(TranscoderConfig(d_in=16, d_out=16, d_latent=32, layer=1, input_site="blocks.1.hook_mlp_out", input_space="any"))
+    sae = Transcoder(
+        TranscoderConfig(d_in=16, d_out=16, d_latent=32, layer=1, input_site="blocks.1.hook_mlp_out", input_space="any")
+    )
     with pytest.raises(ReplacementError, match="SAE"):
         attribute(model, [sae], torch.tensor([1, 2]))
     with pytest.raises(ReplacementError, match="same layer"):
-        attribute(model, [transcoders[0], make_transcoder(model, 0, output_site="blocks.0.mlp.hook_out")], torch.tensor([1, 2]))
+        second = make_transcoder(model, 0, output_site="blocks.0.mlp.hook_out")
+        attribute(model, [transcoders[0], second], torch.tensor([1, 2]))

@@ -59,9 +59,10 @@ def attribute(
         device: where the edges are kept (default: the model's device).
 
     Logit targets are the logits before any output soft-cap, minus their mean."""
-    for name, value, low in (("max_n_logits", max_n_logits, 1), ("batch_size", batch_size, 1), ("update_interval", update_interval, 1)):
-        if value < low:
-            raise ValueError(f"{name} must be at least {low}, got {value}")
+    counts = {"max_n_logits": max_n_logits, "batch_size": batch_size, "update_interval": update_interval}
+    for name, value in counts.items():
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
     if not 0 < desired_logit_prob <= 1:
         raise ValueError(f"desired_logit_prob must be in (0, 1], got {desired_logit_prob}")
     if max_feature_nodes is not None and max_feature_nodes < 0:
@@ -74,7 +75,9 @@ def attribute(
     logit_tokens, logit_probabilities = top_logits(probabilities, max_n_logits, desired_logit_prob)
     storage = torch.device(device) if device is not None else model_device(model)
     attributor = _Attributor(model, by_layer, state, starts_with_bos(model, tokens), storage)
-    rows, row_features, n_logit_rows = attributor.rows(logit_tokens, logit_probabilities, max_feature_nodes, batch_size, update_interval)
+    rows, row_features, n_logit_rows = attributor.rows(
+        logit_tokens, logit_probabilities, max_feature_nodes, batch_size, update_interval
+    )
     adjacency = attributor.adjacency(rows, row_features, n_logit_rows)
     features = attributor.features
     selected = row_features[n_logit_rows:].sort().values
@@ -114,14 +117,20 @@ def prompt_tokens(model: nn.Module, prompt_or_tokens: str | Tensor) -> Int[Tenso
         if tokens.ndim == 2 and tokens.shape[0] == 1:
             tokens = tokens[0]
         if tokens.ndim != 1 or tokens.is_floating_point():
-            raise ValueError(f"token ids must be an integer tensor [n_pos] or [1, n_pos], got {tokens.dtype} {tuple(tokens.shape)}")
+            raise ValueError(
+                f"token ids must be an integer tensor [n_pos] or [1, n_pos], got {tokens.dtype} {tuple(tokens.shape)}"
+            )
     n_ctx, d_vocab = model.cfg.n_ctx, model.cfg.d_vocab
     if tokens.numel() == 0:
         raise ValueError("the prompt is empty")
     if tokens.numel() > n_ctx:
-        raise ValueError(f"the prompt has {tokens.numel()} tokens but the model's context is {n_ctx}: shorten it")
+        raise ValueError(
+            f"the prompt has {tokens.numel()} tokens but the model's context is {n_ctx}: shorten it"
+        )
     if tokens.min() < 0 or tokens.max() >= d_vocab:
-        raise ValueError(f"token ids must lie in [0, {d_vocab}), got {tokens.min().item()}..{tokens.max().item()}")
+        raise ValueError(
+            f"token ids must lie in [0, {d_vocab}), got {tokens.min().item()}..{tokens.max().item()}"
+        )
     return tokens.to(model_device(model))
 
 
@@ -138,7 +147,8 @@ def top_logits(
     """The most probable tokens, as few as reach `desired_logit_prob` in total, at most
     `max_n_logits`, and their probabilities."""
     top_p, top_ids = probabilities.topk(min(max_n_logits, probabilities.numel()))
-    cutoff = int(torch.searchsorted(top_p.cumsum(0), torch.tensor(desired_logit_prob, device=top_p.device))) + 1
+    target = torch.tensor(desired_logit_prob, device=top_p.device, dtype=top_p.dtype)
+    cutoff = int(torch.searchsorted(top_p.cumsum(0), target)) + 1
     return top_ids[:cutoff], top_p[:cutoff]
 
 
@@ -199,7 +209,12 @@ class _Attributor:
     Row columns: every active feature, then the errors (layer-major), then the tokens."""
 
     def __init__(
-        self, model: nn.Module, by_layer: dict[int, Transcoder], state: ReplacementState, bos: bool, storage: torch.device
+        self,
+        model: nn.Module,
+        by_layer: dict[int, Transcoder],
+        state: ReplacementState,
+        bos: bool,
+        storage: torch.device,
     ):
         self.model, self.by_layer, self.state, self.bos, self.storage = model, by_layer, state, bos, storage
         self.n_layers, self.n_pos = model.cfg.n_layers, state.embed.shape[1]
@@ -214,7 +229,8 @@ class _Attributor:
         """Position 0 has no feature nodes: its features' output joins its error node."""
         for layer, transcoder in self.by_layer.items():
             values, indices = self.state.latents(transcoder)
-            self.errors[layer][0] += (values[0] @ transcoder.W_dec.detach()[indices[0]]).to(self.errors[layer].dtype)
+            decoded = values[0] @ transcoder.W_dec.detach()[indices[0]]
+            self.errors[layer][0] += decoded.to(self.errors[layer].dtype)
 
     def rows(
         self,
@@ -244,7 +260,9 @@ class _Attributor:
             if budget == n_features:
                 pending = torch.arange(n_features)
             else:
-                influence = partial_influences(rows[:filled], row_features[:filled], logit_probabilities.to(self.storage), n_features)
+                influence = partial_influences(
+                    rows[:filled], row_features[:filled], logit_probabilities.to(self.storage)
+                )
                 ranked = influence[:n_features].argsort(descending=True).cpu()
                 queue = min(update_interval * batch_size, n_logits + budget - filled)
                 pending = ranked[~visited[ranked]][:queue]
@@ -307,7 +325,9 @@ class _Attributor:
             row[:, start:] = torch.einsum("bpd,pd->bp", gradients[-1][:, 0], self.embed)
         return row
 
-    def adjacency(self, rows: Tensor, row_features: Tensor, n_logit_rows: int) -> Float[Tensor, "n_nodes n_nodes"]:
+    def adjacency(
+        self, rows: Tensor, row_features: Tensor, n_logit_rows: int
+    ) -> Float[Tensor, "n_nodes n_nodes"]:
         """The graph's adjacency from the computed rows: the features with rows, all
         errors and tokens, then the logits."""
         selected, order = row_features[n_logit_rows:].sort()
@@ -318,7 +338,8 @@ class _Attributor:
         # Gathering rows and columns in one indexing step copies only the kept block.
         feature_rows = (order + n_logit_rows).to(self.storage)
         adjacency[:n_selected, :n_sources] = rows[feature_rows[:, None], columns]
-        adjacency[n_sources:, :n_sources] = rows[torch.arange(n_logit_rows, device=self.storage)[:, None], columns]
+        logit_rows = torch.arange(n_logit_rows, device=self.storage)
+        adjacency[n_sources:, :n_sources] = rows[logit_rows[:, None], columns]
         return adjacency
 
 
@@ -326,7 +347,6 @@ def partial_influences(
     rows: Float[Tensor, "n_rows n_columns"],
     row_features: Int[Tensor, " n_rows"],
     logit_probabilities: Float[Tensor, " n_logits"],
-    n_features: int,
 ) -> Float[Tensor, " n_columns"]:
     """Each column's influence on the logits through the rows known so far: the sum
     over path lengths of the logit probabilities propagated back through the

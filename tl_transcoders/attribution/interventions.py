@@ -24,6 +24,7 @@ from tl_transcoders.attribution.replacement import (
     freeze_hooks,
     output_site,
     quiet_norm_edits,
+    store_hook,
     record_frozen_values,
     transcoders_by_layer,
 )
@@ -86,40 +87,52 @@ def intervene(
     constrained = set(constrained_layers or ())
     bad = sorted(layer for layer in constrained if not 0 <= layer < model.cfg.n_layers)
     if bad:
-        raise ValueError(f"constrained_layers {bad} are out of range: the model has {model.cfg.n_layers} layers")
+        raise ValueError(
+            f"constrained_layers {bad} are out of range: the model has {model.cfg.n_layers} layers"
+        )
     clean = _clean_pass(model, by_layer, tokens)
-    _check_edits(edits, by_layer, clean["latents"], tokens.numel())
-    hooks = freeze_hooks(model, clean["frozen"]) if freeze_attention else []
+    _check_edits(edits, by_layer, clean.latents, tokens.numel())
+    hooks = freeze_hooks(model, clean.frozen) if freeze_attention else []
     inputs: dict[int, Tensor] = {}
     for layer in range(model.cfg.n_layers):
         transcoder = by_layer.get(layer)
         site = output_site(layer, by_layer)
         if transcoder is not None:
-            hooks.append((transcoder.cfg.input_site, _store(inputs, layer)))
+            hooks.append((transcoder.cfg.input_site, store_hook(inputs, layer)))
             layer_edits = [edit for edit in edits if edit.layer == layer]
-            fixed = clean["latents"][layer] if layer in constrained else None
-            hooks.append((site, _edited_output(transcoder, inputs, fixed, layer_edits, clean["errors"][layer])))
+            fixed = clean.latents[layer] if layer in constrained else None
+            hooks.append((site, _edited_output(transcoder, inputs, fixed, layer_edits, clean.errors[layer])))
         elif layer in constrained:
-            hooks.append((site, _constant(clean["outputs"][layer])))
+            hooks.append((site, _constant(clean.outputs[layer])))
     with torch.no_grad(), attach(model, hooks), quiet_norm_edits():
         new_logits = model(tokens[None])[0]
-    original = clean["logits"]
+    original = clean.logits
     change = (new_logits - original)[-1]
     top = change.abs().topk(min(n_top, change.numel())).indices
     return InterventionResult(original, new_logits, top, change[top])
 
 
-def _clean_pass(model: nn.Module, by_layer: dict[int, Transcoder], tokens: Tensor) -> dict:
-    """Logits, frozen-site values, MLP outputs, transcoder latents and errors of the
-    clean prompt."""
+@dataclass
+class _CleanPass:
+    """The clean prompt's logits, frozen-site values, MLP outputs (by layer), and each
+    transcoder's dense latents and error."""
+
+    logits: Tensor
+    frozen: dict[str, Tensor]
+    outputs: dict[int, Tensor]
+    latents: dict[int, Tensor]
+    errors: dict[int, Tensor]
+
+
+def _clean_pass(model: nn.Module, by_layer: dict[int, Transcoder], tokens: Tensor) -> _CleanPass:
     hooks, frozen = record_frozen_values(model)
     inputs: dict[int, Tensor] = {}
     outputs: dict[int, Tensor] = {}
     for layer in range(model.cfg.n_layers):
         transcoder = by_layer.get(layer)
         if transcoder is not None:
-            hooks.append((transcoder.cfg.input_site, _store(inputs, layer)))
-        hooks.append((output_site(layer, by_layer), _store(outputs, layer)))
+            hooks.append((transcoder.cfg.input_site, store_hook(inputs, layer)))
+        hooks.append((output_site(layer, by_layer), store_hook(outputs, layer)))
     with torch.no_grad(), attach(model, hooks):
         logits = model(tokens[None])[0]
         latents, errors = {}, {}
@@ -127,32 +140,34 @@ def _clean_pass(model: nn.Module, by_layer: dict[int, Transcoder], tokens: Tenso
             x = inputs[layer].to(transcoder.W_enc.dtype)
             latents[layer] = transcoder.encode(x)
             errors[layer] = outputs[layer] - transcoder(x).to(outputs[layer].dtype)
-    return {"logits": logits, "frozen": frozen, "outputs": outputs, "latents": latents, "errors": errors}
+    return _CleanPass(logits, frozen, outputs, latents, errors)
 
 
-def _check_edits(edits: Sequence[FeatureEdit], by_layer: dict[int, Transcoder], latents: dict, n_pos: int) -> None:
+def _check_edits(
+    edits: Sequence[FeatureEdit], by_layer: dict[int, Transcoder], latents: dict[int, Tensor], n_pos: int
+) -> None:
     for edit in edits:
         if not isinstance(edit, FeatureEdit):
             raise ValueError(f"edits must be FeatureEdit objects (see zero()), got {type(edit).__name__}")
         if edit.layer not in by_layer:
-            raise ValueError(f"{edit}: no transcoder replaces layer {edit.layer}; transcoders are at layers {sorted(by_layer)}")
+            raise ValueError(
+                f"{edit}: no transcoder replaces layer {edit.layer}; transcoders are at layers {sorted(by_layer)}"
+            )
         if not 0 <= edit.position < n_pos:
-            raise ValueError(f"{edit}: position {edit.position} is out of range, the prompt has {n_pos} tokens")
+            raise ValueError(
+                f"{edit}: position {edit.position} is out of range, the prompt has {n_pos} tokens"
+            )
         d_latent = by_layer[edit.layer].cfg.d_latent
         if not 0 <= edit.latent < d_latent:
-            raise ValueError(f"{edit}: latent {edit.latent} is out of range, the transcoder has {d_latent} latents")
-        if (edit.scale is not None or edit.value == 0) and latents[edit.layer][0, edit.position, edit.latent] == 0:
+            raise ValueError(
+                f"{edit}: latent {edit.latent} is out of range, the transcoder has {d_latent} latents"
+            )
+        inactive = latents[edit.layer][0, edit.position, edit.latent] == 0
+        if (edit.scale is not None or edit.value == 0) and inactive:
             raise ValueError(
                 f"{edit}: the feature is not active at position {edit.position} of this prompt, so "
                 "zeroing or scaling it changes nothing; set it with value= to switch it on"
             )
-
-
-def _store(store: dict[int, Tensor], layer: int) -> SiteFn:
-    def hook(activation: Tensor) -> None:
-        store[layer] = activation
-
-    return hook
 
 
 def _constant(value: Tensor) -> SiteFn:
@@ -175,7 +190,8 @@ def _edited_output(
         latents = (transcoder.encode(x) if fixed is None else fixed).clone()
         for edit in edits:
             current = latents[:, edit.position, edit.latent]
-            latents[:, edit.position, edit.latent] = edit.value if edit.value is not None else current * edit.scale
+            new = edit.value if edit.value is not None else current * edit.scale
+            latents[:, edit.position, edit.latent] = new
         out = transcoder.decode(latents)
         if transcoder.cfg.skip:
             out = out + x @ transcoder.W_skip.T

@@ -180,7 +180,7 @@ def frozen_replacement(
     for layer in range(model.cfg.n_layers):
         transcoder = by_layer.get(layer)
         if transcoder is not None:
-            hooks.append((transcoder.cfg.input_site, _store(state.inputs, layer)))
+            hooks.append((transcoder.cfg.input_site, store_hook(state.inputs, layer)))
         # The MLP's own computation never carries gradient: only the skip term does.
         hooks.append((f"blocks.{layer}.mlp.hook_in", lambda activation: activation.detach()))
         hooks.append((output_site(layer, by_layer), _linear_output(state, layer, transcoder)))
@@ -197,7 +197,9 @@ def _embedding_leaf(state: ReplacementState) -> SiteFn:
     return hook
 
 
-def _store(store: dict[int, Tensor], layer: int) -> SiteFn:
+def store_hook(store: dict[int, Tensor], layer: int) -> SiteFn:
+    """A hook that keeps the activation it sees as `store[layer]`."""
+
     def hook(activation: Tensor) -> None:
         store[layer] = activation
 
