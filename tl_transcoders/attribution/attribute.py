@@ -355,7 +355,8 @@ def partial_influences(
     Only rows carry influence on, so the propagation runs on the rows' own columns
     and one final product spreads it to every column (in chunks of rows, so that no
     copy of the whole matrix is made)."""
-    weights = torch.linalg.vector_norm(rows, ord=1, dim=1).clamp(min=1e-8)
+    chunks = rows.split(_CHUNK)
+    weights = torch.cat([chunk.abs().sum(dim=1) for chunk in chunks]).clamp(min=1e-8)
     n_logits = logit_probabilities.shape[0]
     is_feature = (row_features >= 0).to(rows.device)
     row_columns = row_features.clamp(min=0).to(rows.device)
@@ -370,10 +371,9 @@ def partial_influences(
         if not current.any():
             break
         total += current
-    scaled = total / weights
     influence = rows.new_zeros(rows.shape[1])
-    for start in range(0, rows.shape[0], _CHUNK):
-        influence += scaled[start : start + _CHUNK] @ rows[start : start + _CHUNK].abs()
+    for chunk, scaled in zip(chunks, (total / weights).split(_CHUNK)):
+        influence += scaled @ chunk.abs()
     return influence
 
 
