@@ -199,6 +199,18 @@ def test_every_edge_is_the_exact_effect_of_its_source(name, activation, skip):
 
 
 @pytest.mark.parametrize("name", [MODEL_PARAMS[0], "bridge-llama"])
+def test_without_transcoders_every_mlp_is_an_error_node(name):
+    model = float64_model(name)
+    tokens = prompt(model)
+    graph = attribute(model, [], tokens)
+    assert graph.n_features == 0
+    edges, totals, checked = reference(model, {}, tokens, graph)
+    logit_rows = graph.adjacency[-graph.n_logits :, : -graph.n_logits].to(edges.dtype)
+    assert torch.allclose(logit_rows[:, checked], edges, rtol=1e-4, atol=1e-6 * edges.abs().max().item())
+    assert torch.allclose(logit_rows.sum(dim=1), totals, rtol=1e-4, atol=1e-6 * edges.abs().max().item())
+
+
+@pytest.mark.parametrize("name", [MODEL_PARAMS[0], "bridge-llama"])
 def test_logit_nodes_cover_the_desired_probability(name):
     model = build_model(name)
     tokens = prompt(model)

@@ -48,6 +48,8 @@ def transcoders_by_layer(model: nn.Module, transcoders: Sequence[Transcoder]) ->
     """Check that `transcoders` fit `model` (as `splice` does), that each replaces a
     different layer's MLP and is not an SAE, and return them keyed by layer."""
     transcoders = list(transcoders)
+    if not transcoders:  # a model of error nodes only
+        return {}
     try:
         check_compatible(model, transcoders)
     except SpliceError as err:
