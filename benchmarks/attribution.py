@@ -167,11 +167,13 @@ def load_transcoders(cache: Path) -> list:
 
     transcoders = []
     for layer in range(N_LAYERS):
-        tensors = load_file(transcoder_dir(cache) / f"layer_{layer}.safetensors")
+        # Copies in memory, as circuit-tracer holds them (not pages of the mapped file).
+        tensors = {k: v.clone() for k, v in load_file(transcoder_dir(cache) / f"layer_{layer}.safetensors").items()}
         cfg = TranscoderConfig(d_in=D_MODEL, d_out=D_MODEL, d_latent=D_LATENT, layer=layer, activation="relu",
                                k=None, skip=True, input_space="unfolded_ln")
-        transcoder = Transcoder(cfg)
-        transcoder.load_state_dict(tensors)
+        with torch.device("meta"):  # no random initialisation to overwrite
+            transcoder = Transcoder(cfg)
+        transcoder.load_state_dict(tensors, assign=True)
         transcoders.append(transcoder.eval().requires_grad_(False))
     return transcoders
 
