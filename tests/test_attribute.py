@@ -287,3 +287,10 @@ def test_bad_input_is_refused_with_a_clear_error():
     with pytest.raises(ReplacementError, match="same layer"):
         second = make_transcoder(model, 0, output_site="blocks.0.mlp.hook_out")
         attribute(model, [transcoders[0], second], torch.tensor([1, 2]))
+
+
+def test_graph_tensors_carry_no_autograd_history():
+    model = build_model(MODEL_PARAMS[0])
+    graph = attribute(model, [make_transcoder(model, 1)], torch.tensor([1, 2, 3, 4]))
+    tensors = [graph.tokens, graph.features, graph.activations, graph.logit_tokens, graph.logit_probabilities, graph.adjacency]
+    assert not any(t.requires_grad for t in tensors)

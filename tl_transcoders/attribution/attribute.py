@@ -71,7 +71,7 @@ def attribute(
     with torch.enable_grad(), frozen_replacement(model, transcoders) as state:
         logits = model(tokens[None])
     by_layer = state.transcoders
-    probabilities = torch.softmax(logits[0, -1].float(), dim=-1)
+    probabilities = torch.softmax(logits[0, -1].detach().float(), dim=-1)
     logit_tokens, logit_probabilities = top_logits(probabilities, max_n_logits, desired_logit_prob)
     storage = torch.device(device) if device is not None else model_device(model)
     attributor = _Attributor(model, by_layer, state, starts_with_bos(model, tokens), storage)
