@@ -349,7 +349,7 @@ def run_config(name: str, args) -> dict:
         out = work / f"ours_{i}.json"
         cmd = me + ["--worker", "ours", "--config", name, "--max-tokens", str(spec["tokens"]),
                     "--save-dir", str(work / f"ours_{i}"), "--out", str(out)]
-        cmd += ["--normalize"] if args.normalize else []
+        cmd += ["--normalize" if args.normalize else "--no-normalize"]
         run_worker(cmd, work / f"ours_{i}.log", args.max_wait)
         return json.loads(out.read_text())
 
@@ -490,12 +490,14 @@ def print_summary(r: dict) -> None:
 
 
 def main() -> None:
+    from tl_transcoders.training import TrainConfig
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=["B1", "B2", "both"], default="B1")
     parser.add_argument("--tokens", type=int, default=None, help="override the config's token count (quick runs)")
     parser.add_argument("--rounds", type=int, default=1, help="alternate ours/sparsify this many times")
     parser.add_argument("--forward-batches", type=int, default=None, help="forward-only timing on the first N batches (default: all)")
-    parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=False, help="TrainConfig.normalize for ours")
+    parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=TrainConfig.normalize, help="TrainConfig.normalize for ours (default: TrainConfig's)")
     parser.add_argument("--skip-sparsify", action="store_true")
     parser.add_argument("--max-wait", type=float, default=1800.0, help="wait up to this many seconds for an idle machine before each run")
     parser.add_argument("--cache", type=Path, default=Path("/work/scratch/bench-train"))

@@ -213,3 +213,19 @@ def test_capture_at_the_last_layer_skips_the_unembedding(model):
         handle.remove()
     assert acts["blocks.3.hook_mlp_out"].shape == (4, 64)
     assert len(calls) == (1 if is_bridge(model) else 0)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_skip_term_starts_at_the_least_squares_fit(model, tmp_path, normalize):
+    trainer = Trainer(model, config(tmp_path, normalize=normalize))
+    transcoder = trainer.transcoders[1]
+    d_in, d_out = transcoder.cfg.d_in, transcoder.cfg.d_out
+    generator = torch.Generator().manual_seed(0)
+    x = 3 * torch.randn(512, d_in, generator=generator) + 1
+    linear = torch.randn(d_out, d_in, generator=generator)
+    y = x @ linear.T + torch.randn(d_out, generator=generator)
+    trainer._initialise({transcoder.cfg.input_site: x, transcoder.cfg.output_site: y})
+    with torch.no_grad():
+        y_hat = trainer.folded(1)(x)
+    fvu = (y - y_hat).pow(2).sum() / (y - y.mean(0)).pow(2).sum()
+    assert fvu < 1e-5, fvu

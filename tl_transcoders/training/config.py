@@ -16,14 +16,14 @@ class TrainConfig:
     Dictionary: `d_latent` latents per transcoder, or `expansion * d_in` when None.
     Sites: `input_site` / `output_site` are templates with `{layer}` (defaults: the MLP's
     exact input and `hook_mlp_out`); `sae=True` trains SAEs on the output site.
-    Optimiser: Adam with `lr` (None: 2e-4 / sqrt(d_latent / 2**14), scaled to the
-    dictionary size as in sparsify), linear warm-up over `warmup_steps` (at most 10% of
-    the run) and linear decay to zero.
+    Optimiser: Adam (betas 0.9, 0.99) with `lr` (None: 3e-3 / sqrt(d_latent / 2**14),
+    scaled to the dictionary size as in sparsify), linear warm-up over `warmup_steps`
+    (at most 10% of the run) and linear decay to zero.
     Losses: FVU, plus `auxk_alpha` x AuxK for TopK (revives latents dead for
     `dead_tokens` tokens), `l1_coefficient` x L1 for ReLU, `l0_coefficient` x L0 (with a
     straight-through threshold gradient of `jumprelu_bandwidth`) for JumpReLU.
-    `normalize`: train on inputs and outputs scaled to unit mean squared norm per
-    dimension; the scales are folded back into the weights when saving.
+    `normalize` (default on): train on inputs and outputs scaled to unit mean squared
+    norm per dimension; the scales are folded back into the weights when saving.
     `shuffle_buffer`: mix activations of this many batches before training on them.
     Metrics (FVU, L0, dead fraction, tokens/s) every `log_every` steps; spliced CE on
     held-out tokens every `eval_every` steps (0: never) when `fit` gets `eval_tokens`;
@@ -56,7 +56,7 @@ class TrainConfig:
     l1_coefficient: float = 1e-3
     l0_coefficient: float = 1e-3
     jumprelu_bandwidth: float = 1e-3
-    normalize: bool = False
+    normalize: bool = True
     shuffle_buffer: int = 0
     log_every: int = 20
     eval_every: int = 0
@@ -103,7 +103,7 @@ class TrainConfig:
         return (self.input_site or default_input_site(layer)).format(layer=layer), output_site
 
     def learning_rate(self, d_latent: int) -> float:
-        return self.lr if self.lr is not None else 2e-4 / math.sqrt(d_latent / 2**14)
+        return self.lr if self.lr is not None else 3e-3 / math.sqrt(d_latent / 2**14)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -80,7 +80,7 @@ class Trainer:
                 {"params": list(t.parameters()), "lr": cfg.learning_rate(t.cfg.d_latent)}
                 for t in self.transcoders.values()
             ],
-            betas=(0.9, 0.999),
+            betas=(0.9, 0.99),
         )
         warmup = max(min(cfg.warmup_steps, cfg.total_steps // 10), 1)
         total = cfg.total_steps
@@ -271,9 +271,11 @@ class Trainer:
         return x, y
 
     def _initialise(self, activations: dict[str, Tensor]) -> None:
-        """Data-dependent start (sparsify's): normalisation scales, b_dec = mean output,
-        b_enc centring the inputs, a zero decoder for transcoders and the encoder's
-        transpose for SAEs."""
+        """Data-dependent start on the first batch: normalisation scales, b_dec = mean
+        output, b_enc centring the inputs, a zero decoder for transcoders and the
+        encoder's transpose for SAEs (as sparsify does); a skip term starts at the
+        least-squares linear map from input to output (ridge-regularised), so the
+        latents only have to learn what a linear map cannot."""
         for layer, transcoder in self.transcoders.items():
             c = transcoder.cfg
             x = activations[c.input_site].double()
@@ -294,6 +296,23 @@ class Trainer:
                 else:
                     transcoder.W_dec.zero_()
                 transcoder.b_enc.copy_(-(transcoder.W_enc @ x_mean))
+                if c.skip:
+                    skip, offset = self._least_squares(x / s_in, y / s_out, n)
+                    transcoder.W_skip.copy_(skip)
+                    transcoder.b_dec.copy_(offset)
+
+    def _least_squares(self, x: Tensor, y: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
+        """The ridge regression `y ~ x @ W.T + b` over the rows of every process:
+        returns (W [d_out, d_in], b [d_out]). The ridge is 1e-3 of the mean input
+        variance, enough to keep rarely used input directions at zero."""
+        x_mean = self.sum_ranks(x.sum(0)) / n
+        y_mean = self.sum_ranks(y.sum(0)) / n
+        xc = x - x_mean
+        gram = self.sum_ranks(xc.T @ xc)
+        cross = self.sum_ranks(xc.T @ (y - y_mean))
+        ridge = 1e-3 * gram.diagonal().mean().clamp(min=1e-12)
+        weight = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype), cross).T
+        return weight, y_mean - weight @ x_mean
 
     # --- saving --------------------------------------------------------------------------
 
