@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent(
     cfg = TrainConfig(layers=[0, 1, 2], activation=activation, k=4, expansion=2, batch_size=8,
                       context_size=16, max_tokens=8 * 16 * 12, output_dir=output_dir,
                       distribute=distribute, normalize=True, dead_tokens=64, log_every=4,
-                      dtype="float64")
+                      dtype="float64", lr=2e-3)
     Trainer(model, cfg).fit(batches())
     """
 )
