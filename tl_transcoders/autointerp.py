@@ -1,0 +1,638 @@
+"""Automated interpretability: LLM-written explanations of latents, scored by detection
+and fuzzing (the method of EleutherAI's delphi, used by "Transcoders Beat Sparse
+Autoencoders for Interpretability" to compare dictionaries).
+
+For one latent:
+
+1. `sample_contexts` picks contexts (token rows, or windows cut from them): the
+   strongest activating contexts to explain, activating test contexts spread over
+   activation quantiles, extra activating contexts (fuzzing negatives) and random
+   contexts where the latent never fires (detection negatives).
+2. An LLM reads the explanation contexts, with the active tokens marked `<<like this>>`,
+   and writes a one-sentence explanation.
+3. Detection: the LLM gets the explanation and unmarked contexts and answers, for each,
+   whether the latent fires in it (activating test contexts vs non-activating ones).
+   Fuzzing: the LLM gets the explanation and marked contexts and answers whether the
+   marks are the tokens the explanation describes (test contexts marked where the
+   latent is active vs extra contexts with as many tokens marked at random where it is
+   not).
+4. Each method's score is the balanced accuracy, (TPR + TNR) / 2, from its confusion
+   counts; an answer that cannot be parsed counts as wrong and is counted.
+
+`score_latents` runs all of this for many latents and `aggregate_scores` summarises
+them (mean, standard error, failures) for comparing dictionaries. Everything works on
+plain tensors (`tokens` and one latent's `activations`, both `[n_ctx, ctx_len]`), so any
+dictionary fits; `latent_activations` computes them for a `Transcoder`.
+
+The LLM is anything with `complete(messages, *, max_tokens, temperature) -> str`:
+`OpenAICompatibleClient` talks to an OpenAI-style `/chat/completions` endpoint (OpenAI,
+vLLM, llama.cpp server, ...); `FakeClient` is a deterministic judge for tests.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import random
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from tl_transcoders.dashboards import _chosen_latents, _token_strings, visible
+from tl_transcoders.evaluation import _token_batches
+from tl_transcoders.sites import capture
+from tl_transcoders.splice import check_compatible
+from tl_transcoders.transcoder import Transcoder
+
+Messages = list[dict[str, str]]
+TokenDecoder = Any
+"""A tokenizer (anything with `decode(list[int]) -> str`, each token decoded alone) or a
+function from a list of token ids to the list of their strings."""
+
+
+# --- activations ------------------------------------------------------------------
+
+
+def latent_activations(
+    model: nn.Module,
+    transcoder: Transcoder,
+    tokens: Int[Tensor, "n_ctx ctx_len"],
+    latents: Sequence[int] | Tensor,
+    batch_size: int = 32,
+) -> Float[Tensor, "n_latents n_ctx ctx_len"]:
+    """The activations of `latents` of `transcoder` on every token of `tokens`, on the
+    CPU in float32: the transcoder's input site is captured (`sites.capture`, one code
+    path for HookedTransformer and TransformerBridge) and encoded, `batch_size` rows
+    at a time."""
+    if not isinstance(transcoder, Transcoder):
+        raise TypeError(f"expected a Transcoder, got {type(transcoder).__name__}")
+    if transcoder.cfg.activation == "batchtopk" and transcoder.training:
+        raise ValueError("call transcoder.eval() first: a BatchTopK transcoder in training mode "
+                         "selects latents across the whole batch")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    check_compatible(model, [transcoder])
+    chosen = _chosen_latents(transcoder, latents)
+    site = transcoder.cfg.input_site
+    out = []
+    with torch.no_grad():
+        for batch in _token_batches(model, list(tokens.split(batch_size))):
+            x = capture(model, batch, [site])[site].to(transcoder.W_enc.dtype)
+            acts = transcoder.encode(x)[:, chosen].float().cpu()
+            out.append(acts.T.reshape(len(chosen), *batch.shape))
+    return torch.cat(out, dim=1)
+
+
+# --- sampling ---------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    """One context: its token ids, the latent's activation on each, where it starts in
+    the token set (`row`, `start`) and, for a test context, its activation quantile
+    (0 = the strongest contexts)."""
+
+    tokens: list[int]
+    activations: list[float]
+    row: int
+    start: int
+    quantile: int | None = None
+
+    @property
+    def max_activation(self) -> float:
+        return max(self.activations, default=0.0)
+
+
+@dataclass
+class LatentSamples:
+    """The contexts `sample_contexts` chose for one latent.
+
+    `train`: contexts the explanation is written from; `test`: activating contexts to
+    score (positives of both methods); `extra`: other activating contexts, shown with
+    random marks (fuzzing negatives); `non_activating`: contexts where the latent never
+    fires (detection negatives). `notes` says why a list is short or empty."""
+
+    train: list[Example]
+    test: list[Example]
+    extra: list[Example]
+    non_activating: list[Example]
+    n_contexts: int
+    n_active: int
+    max_activation: float
+    notes: list[str] = field(default_factory=list)
+
+
+def sample_contexts(
+    tokens: Int[Tensor, "n_rows row_len"],
+    activations: Float[Tensor, "n_rows_acts row_len_acts"],
+    n_train: int = 20,
+    n_test_per_quantile: int = 4,
+    n_quantiles: int = 5,
+    n_random: int = 20,
+    seed: int = 0,
+    window: int | None = None,
+    skip_bos: bool = True,
+) -> LatentSamples:
+    """Choose the contexts for one latent from `tokens` and its `activations` (same shape).
+
+    The rule, exactly:
+
+    1. Contexts are the rows, or with `window` the non-overlapping windows of `window`
+       tokens cut from each row from its start (a shorter tail is dropped). With
+       `skip_bos` the activation at position 0 of every row counts as 0.
+    2. A context is active when its largest activation is > 0. Active contexts are
+       ranked by their largest activation, decreasing (ties: earlier context first).
+    3. `train` is the first `n_train` of the ranking.
+    4. The rest of the ranking, N contexts, is cut into `n_quantiles` contiguous bins:
+       bin q holds ranks floor(q N / Q) to floor((q + 1) N / Q) - 1 (bin 0 strongest).
+       Each bin is shuffled (a `torch.Generator` seeded with `seed`, bins in order);
+       its first `n_test_per_quantile` contexts go to `test` (with quantile q), the
+       next `n_test_per_quantile` to `extra`.
+    5. `non_activating` is `n_random` contexts drawn uniformly without replacement (the
+       same generator, after the bins) from the contexts that are not active.
+
+    A latent that never fires gets empty `train`, `test` and `extra`; one that fires in
+    few contexts gets short lists; one that fires everywhere gets no `non_activating`.
+    `notes` says so in each case."""
+    if tokens.shape != activations.shape:
+        raise ValueError(f"tokens {tuple(tokens.shape)} and activations {tuple(activations.shape)} "
+                         "must have the same [n_ctx, ctx_len] shape")
+    for name, value, least in (("n_train", n_train, 0), ("n_test_per_quantile", n_test_per_quantile, 0),
+                               ("n_quantiles", n_quantiles, 1), ("n_random", n_random, 0)):
+        if value < least:
+            raise ValueError(f"{name} must be at least {least}, got {value}")
+    acts = activations.detach().float().cpu().clone()
+    toks = tokens.detach().cpu().long()
+    if skip_bos and acts.shape[1]:
+        acts[:, 0] = 0.0
+    width = acts.shape[1] if window is None else window
+    if not 1 <= width <= acts.shape[1]:
+        raise ValueError(f"window must be between 1 and the row length {acts.shape[1]}, got {window}")
+    n_per_row = acts.shape[1] // width
+    acts = acts[:, : n_per_row * width].reshape(-1, width)
+    toks = toks[:, : n_per_row * width].reshape(-1, width)
+
+    def example(index: int, quantile: int | None = None) -> Example:
+        return Example(toks[index].tolist(), acts[index].tolist(), index // n_per_row,
+                       (index % n_per_row) * width, quantile)
+
+    peak = acts.max(dim=1).values
+    active = (peak > 0).nonzero()[:, 0]
+    ranking = active[torch.sort(-peak[active], stable=True).indices].tolist()
+    notes = []
+    if not ranking:
+        notes.append(f"the latent never fires in these {len(peak)} contexts: nothing to explain")
+    elif len(ranking) <= n_train:
+        notes.append(f"the latent fires in only {len(ranking)} of {len(peak)} contexts: all are used "
+                     f"for the explanation (n_train={n_train}), none is left for scoring")
+    train = [example(i) for i in ranking[:n_train]]
+    rest = ranking[n_train:]
+    generator = torch.Generator().manual_seed(seed)
+    test, extra = [], []
+    for q in range(n_quantiles):
+        bin_ = rest[q * len(rest) // n_quantiles : (q + 1) * len(rest) // n_quantiles]
+        shuffled = [bin_[i] for i in torch.randperm(len(bin_), generator=generator).tolist()]
+        test += [example(i, q) for i in shuffled[:n_test_per_quantile]]
+        extra += [example(i, q) for i in shuffled[n_test_per_quantile : 2 * n_test_per_quantile]]
+    if rest and len(test) < n_test_per_quantile * n_quantiles:
+        notes.append(f"only {len(rest)} activating contexts left after the explanation examples: "
+                     f"{len(test)} test and {len(extra)} extra contexts instead of "
+                     f"{n_test_per_quantile * n_quantiles} each")
+    inactive = (peak <= 0).nonzero()[:, 0]
+    if len(inactive) == 0 and n_random:
+        notes.append("the latent fires in every context: no non-activating contexts for detection")
+    picked = torch.randperm(len(inactive), generator=generator)[:n_random]
+    non_activating = [example(int(inactive[i])) for i in picked.tolist()]
+    return LatentSamples(train, test, extra, non_activating, len(peak), len(ranking),
+                         float(peak.max()) if len(peak) else 0.0, notes)
+
+
+# --- LLM clients ------------------------------------------------------------------
+
+
+class LLMError(RuntimeError):
+    """A request to the LLM failed (HTTP error, timeout, unreadable response)."""
+
+
+@runtime_checkable
+class LLMClient(Protocol):
+    """What the pipeline needs from an LLM: one chat completion as text."""
+
+    def complete(self, messages: Messages, *, max_tokens: int, temperature: float) -> str: ...
+
+
+class OpenAICompatibleClient:
+    """Chat completions from an OpenAI-compatible server: POST `{base_url}/chat/completions`
+    (e.g. `https://api.openai.com/v1`, or `http://localhost:8000/v1` for vLLM and the
+    llama.cpp server). HTTP 429 and 5xx answers, refused connections and timeouts are
+    retried `retries` times, waiting `retry_wait * 2**attempt` seconds; other failures
+    raise `LLMError` at once. `extra_body` is merged into every request body."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 2,
+        retry_wait: float = 1.0,
+        extra_body: dict[str, Any] | None = None,
+    ):
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model, self.api_key, self.timeout = model, api_key, timeout
+        self.retries, self.retry_wait = retries, retry_wait
+        self.extra_body = dict(extra_body or {})
+
+    def complete(self, messages: Messages, *, max_tokens: int = 256, temperature: float = 0.0) -> str:
+        body = {"model": self.model, "messages": messages, "max_tokens": max_tokens,
+                "temperature": temperature, **self.extra_body}
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        data = json.dumps(body).encode()
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            try:
+                request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    raw = response.read()
+                break
+            except urllib.error.HTTPError as err:
+                detail = err.read()[:500].decode(errors="replace")
+                if last or not (err.code == 429 or err.code >= 500):
+                    raise LLMError(f"HTTP {err.code} from {self.url}: {detail}") from err
+            except (OSError, http.client.HTTPException) as err:  # URLError, timeouts, resets
+                if last:
+                    reason = err.reason if isinstance(err, urllib.error.URLError) else err
+                    what = (f"timed out after {self.timeout} s" if isinstance(reason, TimeoutError)
+                            else f"failed: {reason!r}")
+                    raise LLMError(f"request to {self.url} {what}") from err
+            time.sleep(self.retry_wait * 2**attempt)
+        try:
+            return json.loads(raw)["choices"][0]["message"]["content"] or ""
+        except (ValueError, KeyError, IndexError, TypeError) as err:
+            raise LLMError(f"{self.url} answered something that is not a chat completion: "
+                           f"{raw[:300].decode(errors='replace')!r}") from err
+
+
+class FakeClient:
+    """A deterministic stand-in for an LLM, for tests and dry runs.
+
+    Explanation prompts get `explanation`. For detection and fuzzing prompts it answers
+    each example with `judge(kind, text)` (kind "detection" or "fuzzing", `text` the
+    example as shown, marks included), flipped with probability `noise` (a
+    `random.Random(seed)`). Every prompt is kept in `calls`."""
+
+    def __init__(self, explanation: str, judge: Callable[[str, str], bool], noise: float = 0.0, seed: int = 0):
+        self.explanation, self.judge, self.noise = explanation, judge, noise
+        self.rng = random.Random(seed)
+        self.calls: list[Messages] = []
+
+    def complete(self, messages: Messages, *, max_tokens: int = 256, temperature: float = 0.0) -> str:
+        self.calls.append(messages)
+        kind = _KIND_OF_SYSTEM_PROMPT.get(messages[0]["content"])
+        if kind is None:
+            raise LLMError("FakeClient only answers the prompts of tl_transcoders.autointerp")
+        if kind == "explanation":
+            return f"Explanation: {self.explanation}"
+        answers = []
+        for text in example_texts(messages[-1]["content"]):
+            answer = bool(self.judge(kind, text))
+            answers.append(int(answer != (self.rng.random() < self.noise)))
+        return json.dumps(answers)
+
+
+# --- prompts and parsing ----------------------------------------------------------
+
+EXPLANATION_SYSTEM = (
+    "You are studying one latent feature of a language model. You will see text excerpts in "
+    "which the feature is active; the tokens where it is active are marked with << and >>. "
+    "Work out what the marked tokens, and the text around them, have in common. Finish "
+    "with one line of the form\nExplanation: <a short description of the pattern>"
+)
+DETECTION_SYSTEM = (
+    "You will be given a description of a feature of text and numbered text excerpts. For "
+    "each excerpt decide whether the feature is present in it (1) or not (0). Reply with a "
+    "JSON list holding one integer per excerpt, in order, for example [1, 0, 1], and nothing else."
+)
+FUZZING_SYSTEM = (
+    "You will be given a description of a feature of text and numbered text excerpts in which "
+    "some tokens are marked with << and >>. For each excerpt decide whether the marked tokens "
+    "are the ones the description refers to (1) or whether they are marked wrongly (0). Reply "
+    "with a JSON list holding one integer per excerpt, in order, for example [1, 0, 1], and "
+    "nothing else."
+)
+_KIND_OF_SYSTEM_PROMPT = {EXPLANATION_SYSTEM: "explanation", DETECTION_SYSTEM: "detection",
+                          FUZZING_SYSTEM: "fuzzing"}
+_EXAMPLE_LINE = re.compile(r"^Example (\d+): (.*)$", re.MULTILINE)
+_LIST = re.compile(r"\[[^\[\]]*\]")
+
+
+def render(strings: Sequence[str], marked: Sequence[bool]) -> str:
+    """The tokens as one line of text (whitespace made visible, see `dashboards.visible`),
+    each run of consecutive marked tokens wrapped in `<<` and `>>`. Angle brackets in the
+    text become `‹` and `›`, so that marks are never ambiguous."""
+    out, inside = [], False
+    for text, mark in zip(strings, marked):
+        if mark != inside:
+            out.append("<<" if mark else ">>")
+            inside = mark
+        out.append(_shown(text))
+    return "".join(out) + (">>" if inside else "")
+
+
+def _shown(text: str) -> str:
+    return visible(text).replace("<", "‹").replace(">", "›")
+
+
+def marked_spans(text: str) -> list[str]:
+    """The marked parts of a rendered example."""
+    return re.findall(r"<<(.*?)>>", text)
+
+
+def example_texts(prompt: str) -> list[str]:
+    """The examples of a detection or fuzzing prompt, in order."""
+    return [match.group(2) for match in _EXAMPLE_LINE.finditer(prompt)]
+
+
+def explanation_prompt(strings: Sequence[Sequence[str]], activations: Sequence[Sequence[float]],
+                       show_activations: bool = True) -> Messages:
+    """The prompt asking for an explanation: one line per context with its active tokens
+    marked, followed (with `show_activations`) by each active token's strength on a
+    1-10 scale relative to the strongest activation shown."""
+    top = max((max(a, default=0.0) for a in activations), default=0.0)
+    lines = []
+    for i, (toks, acts) in enumerate(zip(strings, activations), start=1):
+        lines.append(f"Example {i}: {render(toks, [a > 0 for a in acts])}")
+        if show_activations and top > 0:
+            strengths = [f"{_shown(t)!r}: {max(1, math.ceil(10 * a / top))}" for t, a in zip(toks, acts) if a > 0]
+            lines.append(f"Activations {i}: " + ", ".join(strengths))
+    return [{"role": "system", "content": EXPLANATION_SYSTEM},
+            {"role": "user", "content": "\n".join(lines)}]
+
+
+def classification_prompt(kind: str, explanation: str, texts: Sequence[str]) -> Messages:
+    """The detection or fuzzing prompt (`kind`) for a batch of rendered examples."""
+    system = {"detection": DETECTION_SYSTEM, "fuzzing": FUZZING_SYSTEM}[kind]
+    examples = "\n".join(f"Example {i}: {text}" for i, text in enumerate(texts, start=1))
+    user = (f"Feature description: {explanation}\n\nExcerpts:\n{examples}\n\n"
+            f"Reply with a JSON list of {len(texts)} integers (1 or 0).")
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def parse_explanation(answer: str) -> str | None:
+    """The text after the last `Explanation:` of an answer, else its last non-empty line;
+    None for an empty answer."""
+    found = re.findall(r"explanation\s*:\s*(.+)", answer, flags=re.IGNORECASE)
+    lines = [line.strip() for line in answer.splitlines() if line.strip()]
+    text = found[-1].strip() if found else (lines[-1] if lines else "")
+    return text.strip(" \"'*") or None
+
+
+def parse_labels(answer: str, n: int) -> list[int] | None:
+    """The last JSON list in `answer` of exactly `n` entries that are all 0 or 1 (or
+    booleans), as ints; None if there is none. Surrounding text is ignored."""
+    for candidate in reversed(_LIST.findall(answer)):
+        try:
+            values = json.loads(candidate)
+        except ValueError:
+            continue
+        if len(values) == n and all(v in (0, 1) and not isinstance(v, float) for v in values):
+            return [int(v) for v in values]
+    return None
+
+
+# --- scoring ----------------------------------------------------------------------
+
+
+@dataclass
+class ClassifierScore:
+    """Confusion counts of one scoring method for one latent. Samples whose answer could
+    not be parsed count as wrong (in `fn` or `fp`) and also in `n_unparsed`.
+    `per_quantile[q] = [correct, total]` over the activating samples of quantile q."""
+
+    tp: int = 0
+    fn: int = 0
+    tn: int = 0
+    fp: int = 0
+    n_unparsed: int = 0
+    n_batches: int = 0
+    n_failed_batches: int = 0
+    per_quantile: dict[int, list[int]] = field(default_factory=dict)
+
+    @property
+    def tpr(self) -> float:
+        return self.tp / (self.tp + self.fn) if self.tp + self.fn else math.nan
+
+    @property
+    def tnr(self) -> float:
+        return self.tn / (self.tn + self.fp) if self.tn + self.fp else math.nan
+
+    @property
+    def balanced_accuracy(self) -> float:
+        """(TPR + TNR) / 2; NaN when either class has no samples."""
+        return (self.tpr + self.tnr) / 2
+
+    def add(self, truth: bool, prediction: int | None, quantile: int | None) -> None:
+        correct = prediction is not None and bool(prediction) == truth
+        self.n_unparsed += prediction is None
+        if truth:
+            self.tp += correct
+            self.fn += not correct
+            if quantile is not None:
+                counts = self.per_quantile.setdefault(quantile, [0, 0])
+                counts[0] += correct
+                counts[1] += 1
+        else:
+            self.tn += correct
+            self.fp += not correct
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "per_quantile": {str(q): c for q, c in sorted(self.per_quantile.items())},
+                "tpr": self.tpr, "tnr": self.tnr, "balanced_accuracy": self.balanced_accuracy}
+
+
+@dataclass
+class LatentScore:
+    """The explanation of one latent and its detection and fuzzing scores. A latent that
+    could not be scored has `explanation` None and a reason in `notes` (skipped: too
+    few contexts) or `error` (the LLM failed)."""
+
+    latent: int | None
+    explanation: str | None
+    detection: ClassifierScore
+    fuzzing: ClassifierScore
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"latent": self.latent, "explanation": self.explanation, "detection": self.detection.to_dict(),
+                "fuzzing": self.fuzzing.to_dict(), "notes": list(self.notes), "error": self.error}
+
+
+@dataclass
+class _Sample:
+    text: str
+    truth: bool
+    quantile: int | None
+
+
+def _decoder(decode: TokenDecoder) -> Callable[[list[int]], list[str]]:
+    if hasattr(decode, "decode"):
+        return lambda ids: _token_strings(decode, ids)
+    if callable(decode):
+        return lambda ids: [str(s) for s in decode(ids)]
+    raise TypeError(f"decode must be a tokenizer or a function from token ids to strings, got {type(decode).__name__}")
+
+
+def explain_and_score(
+    client: LLMClient,
+    decode: TokenDecoder,
+    samples: LatentSamples,
+    latent: int | None = None,
+    batch_size: int = 5,
+    show_activations: bool = True,
+    fuzz_threshold: float = 0.3,
+    seed: int = 0,
+    temperature: float = 0.0,
+    max_tokens: int = 512,
+) -> LatentScore:
+    """Explain one latent from `samples.train` and score the explanation by detection and
+    fuzzing, `batch_size` examples per prompt, in an order shuffled with `seed`.
+
+    Fuzzing marks, in a test context, the tokens whose activation is at least
+    `fuzz_threshold` times that context's largest; in an extra context it marks as many
+    tokens (the mean count over the test contexts, rounded up) drawn at random from
+    those below the threshold. Raises `LLMError` if the client fails."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if not 0 < fuzz_threshold <= 1:
+        raise ValueError(f"fuzz_threshold must be in (0, 1], got {fuzz_threshold}")
+    strings = _decoder(decode)
+    notes = list(samples.notes)
+    score = LatentScore(latent, None, ClassifierScore(), ClassifierScore(), notes)
+    if not samples.train:
+        notes.append("not scored: no activating contexts to explain")
+        return score
+    prompt = explanation_prompt([strings(e.tokens) for e in samples.train],
+                                [e.activations for e in samples.train], show_activations)
+    explanation = parse_explanation(client.complete(prompt, max_tokens=max_tokens, temperature=temperature))
+    if explanation is None:
+        score.error = "the explanation answer was empty"
+        return score
+    score.explanation = explanation
+    rng = random.Random(seed)
+    detection = [_Sample(render(strings(e.tokens), [False] * len(e.tokens)), truth, e.quantile)
+                 for group, truth in ((samples.test, True), (samples.non_activating, False)) for e in group]
+    fuzzing = _fuzzing_samples(samples, strings, fuzz_threshold, rng, notes)
+    for kind, group, result in (("detection", detection, score.detection), ("fuzzing", fuzzing, score.fuzzing)):
+        if not any(s.truth for s in group) or all(s.truth for s in group):
+            notes.append(f"{kind}: needs both activating and non-activating samples; balanced accuracy is NaN")
+        rng.shuffle(group)
+        for start in range(0, len(group), batch_size):
+            batch = group[start : start + batch_size]
+            answer = client.complete(classification_prompt(kind, explanation, [s.text for s in batch]),
+                                     max_tokens=max_tokens, temperature=temperature)
+            labels = parse_labels(answer, len(batch))
+            result.n_batches += 1
+            result.n_failed_batches += labels is None
+            for i, sample in enumerate(batch):
+                result.add(sample.truth, None if labels is None else labels[i], sample.quantile)
+    return score
+
+
+def _fuzzing_samples(samples: LatentSamples, strings: Callable[[list[int]], list[str]], threshold: float,
+                     rng: random.Random, notes: list[str]) -> list[_Sample]:
+    correct = []
+    for e in samples.test:
+        cut = threshold * e.max_activation
+        correct.append(_Sample(render(strings(e.tokens), [a >= cut for a in e.activations]), True, e.quantile))
+    if not samples.test:
+        return correct
+    n_marks = math.ceil(sum(sum(a >= threshold * e.max_activation for a in e.activations)
+                            for e in samples.test) / len(samples.test))
+    wrong, dropped = [], 0
+    for e in samples.extra:
+        cut = threshold * e.max_activation
+        candidates = [i for i, a in enumerate(e.activations) if a < cut]
+        if not candidates:
+            dropped += 1
+            continue
+        chosen = set(rng.sample(candidates, min(n_marks, len(candidates))))
+        wrong.append(_Sample(render(strings(e.tokens), [i in chosen for i in range(len(e.tokens))]), False, None))
+    if dropped:
+        notes.append(f"fuzzing: {dropped} extra contexts have no token below the threshold to mark")
+    return correct + wrong
+
+
+def score_latents(
+    client: LLMClient,
+    decode: TokenDecoder,
+    tokens: Int[Tensor, "n_rows row_len"],
+    activations: Float[Tensor, "n_latents n_rows_acts row_len_acts"],
+    latents: Sequence[int] | None = None,
+    n_train: int = 20,
+    n_test_per_quantile: int = 4,
+    n_quantiles: int = 5,
+    n_random: int = 20,
+    window: int | None = None,
+    skip_bos: bool = True,
+    batch_size: int = 5,
+    show_activations: bool = True,
+    fuzz_threshold: float = 0.3,
+    seed: int = 0,
+    temperature: float = 0.0,
+    max_tokens: int = 512,
+    raise_errors: bool = False,
+) -> list[LatentScore]:
+    """`sample_contexts` and `explain_and_score` for each latent: `activations[i]` belongs
+    to latent `latents[i]` (default: i). An `LLMError` on one latent is recorded in its
+    `error` and the next latent goes on, unless `raise_errors`."""
+    latents = list(range(activations.shape[0])) if latents is None else list(latents)
+    if len(latents) != activations.shape[0]:
+        raise ValueError(f"{len(latents)} latent ids for {activations.shape[0]} activation tensors")
+    scores = []
+    for i, latent in enumerate(latents):
+        samples = sample_contexts(tokens, activations[i], n_train, n_test_per_quantile, n_quantiles,
+                                  n_random, seed, window, skip_bos)
+        try:
+            scores.append(explain_and_score(client, decode, samples, latent, batch_size, show_activations,
+                                            fuzz_threshold, seed, temperature, max_tokens))
+        except LLMError as err:
+            if raise_errors:
+                raise
+            scores.append(LatentScore(latent, None, ClassifierScore(), ClassifierScore(), samples.notes, str(err)))
+    return scores
+
+
+def aggregate_scores(scores: Sequence[LatentScore]) -> dict[str, Any]:
+    """Summary over latents, for comparing dictionaries: for detection and fuzzing the
+    mean balanced accuracy, its standard error (sample std / sqrt(n); NaN for n < 2)
+    and n over the latents with a finite score; how many latents were skipped (too few
+    contexts), failed (LLM error or empty explanation); and the unparsed answers."""
+    summary: dict[str, Any] = {
+        "n_latents": len(scores),
+        "n_skipped": sum(s.explanation is None and s.error is None for s in scores),
+        "n_failed": sum(s.error is not None for s in scores),
+    }
+    for kind in ("detection", "fuzzing"):
+        results = [getattr(s, kind) for s in scores]
+        values = [r.balanced_accuracy for r in results if not math.isnan(r.balanced_accuracy)]
+        n = len(values)
+        mean = sum(values) / n if n else math.nan
+        sem = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else math.nan
+        summary[kind] = {"mean": mean, "sem": sem, "n": n,
+                         "n_unparsed": sum(r.n_unparsed for r in results),
+                         "n_failed_batches": sum(r.n_failed_batches for r in results)}
+    return summary
