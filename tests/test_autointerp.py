@@ -123,10 +123,11 @@ def test_sampler_windows_and_bos():
 
 
 def test_sampler_rare_and_dead_latents():
-    tokens, acts = synthetic_latent(n_rows=30, n_active=3)
-    rare = sample_contexts(tokens, acts, n_train=20)
-    assert len(rare.train) == 3 and not rare.test and not rare.extra
-    assert "only 3" in rare.notes[0]
+    tokens, acts = synthetic_latent(n_rows=30, n_active=9)
+    rare = sample_contexts(tokens, acts, n_train=20, n_quantiles=2, n_test_per_quantile=4)
+    # 9 active contexts: 4 explain, 5 left in bins of 2 and 3, each split test/extra
+    assert (len(rare.train), len(rare.test), len(rare.extra)) == (4, 1 + 2, 1 + 1)
+    assert "only 9" in rare.notes[0]
     dead = sample_contexts(tokens, torch.zeros_like(acts), n_train=20)
     assert dead.n_active == 0 and not dead.train and "never fires" in dead.notes[0]
     everywhere = sample_contexts(tokens, torch.ones_like(acts), n_train=2, n_random=5)
@@ -245,6 +246,8 @@ def test_dead_and_saturated_latents_are_reported_not_scored():
     client = FakeClient("w7", perfect_judge)
     dead = explain_and_score(client, decode, sample_contexts(tokens, torch.zeros_like(acts)))
     assert dead.explanation is None and not client.calls and "not scored" in dead.notes[-1]
+    single = explain_and_score(client, decode, sample_contexts(tokens, acts * (torch.arange(20) == 3)[:, None]))
+    assert single.explanation is None and not client.calls and "left to test" in single.notes[-1]
     everywhere = explain_and_score(client, decode, sample_contexts(tokens, torch.ones_like(acts), n_train=2))
     assert math.isnan(everywhere.detection.balanced_accuracy)
     assert any("every context" in note for note in everywhere.notes)

@@ -119,7 +119,8 @@ class LatentSamples:
     `train`: contexts the explanation is written from; `test`: activating contexts to
     score (positives of both methods); `extra`: other activating contexts, shown with
     random marks (fuzzing negatives); `non_activating`: contexts where the latent never
-    fires (detection negatives). `notes` says why a list is short or empty."""
+    fires (detection negatives). `notes` says why a list is short or empty; a latent
+    without `train` or `test` contexts is not scored."""
 
     train: list[Example]
     test: list[Example]
@@ -151,12 +152,14 @@ def sample_contexts(
        `skip_bos` the activation at position 0 of every row counts as 0.
     2. A context is active when its largest activation is > 0. Active contexts are
        ranked by their largest activation, decreasing (ties: earlier context first).
-    3. `train` is the first `n_train` of the ranking.
+    3. `train` is the first min(`n_train`, max(1, A // 2)) of the ranking, A the number
+       of active contexts: at most half of them when they are few, so that the rest
+       can be scored.
     4. The rest of the ranking, N contexts, is cut into `n_quantiles` contiguous bins:
        bin q holds ranks floor(q N / Q) to floor((q + 1) N / Q) - 1 (bin 0 strongest).
        Each bin is shuffled (a `torch.Generator` seeded with `seed`, bins in order);
-       its first `n_test_per_quantile` contexts go to `test` (with quantile q), the
-       next `n_test_per_quantile` to `extra`.
+       its first t = min(`n_test_per_quantile`, ceil(size / 2)) contexts go to `test`
+       (with quantile q), the next up to `n_test_per_quantile` to `extra`.
     5. `non_activating` is `n_random` contexts drawn uniformly without replacement (the
        same generator, after the bins) from the contexts that are not active.
 
@@ -189,20 +192,22 @@ def sample_contexts(
     active = (peak > 0).nonzero()[:, 0]
     ranking = active[torch.sort(-peak[active], stable=True).indices].tolist()
     notes = []
+    n_explain = min(n_train, max(1, len(ranking) // 2))
     if not ranking:
         notes.append(f"the latent never fires in these {len(peak)} contexts: nothing to explain")
-    elif len(ranking) <= n_train:
-        notes.append(f"the latent fires in only {len(ranking)} of {len(peak)} contexts: all are used "
-                     f"for the explanation (n_train={n_train}), none is left for scoring")
-    train = [example(i) for i in ranking[:n_train]]
-    rest = ranking[n_train:]
+    elif n_explain < n_train:
+        notes.append(f"the latent fires in only {len(ranking)} of {len(peak)} contexts: {n_explain} "
+                     f"explain it (n_train={n_train}), the rest are scored")
+    train = [example(i) for i in ranking[:n_explain]]
+    rest = ranking[n_explain:]
     generator = torch.Generator().manual_seed(seed)
     test, extra = [], []
     for q in range(n_quantiles):
         bin_ = rest[q * len(rest) // n_quantiles : (q + 1) * len(rest) // n_quantiles]
         shuffled = [bin_[i] for i in torch.randperm(len(bin_), generator=generator).tolist()]
-        test += [example(i, q) for i in shuffled[:n_test_per_quantile]]
-        extra += [example(i, q) for i in shuffled[n_test_per_quantile : 2 * n_test_per_quantile]]
+        t = min(n_test_per_quantile, math.ceil(len(bin_) / 2))
+        test += [example(i, q) for i in shuffled[:t]]
+        extra += [example(i, q) for i in shuffled[t : t + n_test_per_quantile]]
     if rest and len(test) < n_test_per_quantile * n_quantiles:
         notes.append(f"only {len(rest)} activating contexts left after the explanation examples: "
                      f"{len(test)} test and {len(extra)} extra contexts instead of "
@@ -522,8 +527,8 @@ def explain_and_score(
     strings = _decoder(decode)
     notes = list(samples.notes)
     score = LatentScore(latent, None, ClassifierScore(), ClassifierScore(), notes)
-    if not samples.train:
-        notes.append("not scored: no activating contexts to explain")
+    if not samples.train or not samples.test:
+        notes.append(f"not scored: no activating contexts {'to explain' if not samples.train else 'left to test'}")
         return score
     prompt = explanation_prompt([strings(e.tokens) for e in samples.train],
                                 [e.activations for e in samples.train], show_activations)
