@@ -190,6 +190,15 @@ class Transcoder(nn.Module):
         transcoder.load_state_dict(tensors)
         return transcoder.to(device) if device is not None else transcoder
 
+    @classmethod
+    def from_pretrained(cls, repo_or_dir: str | os.PathLike, subfolder: str | None = None,
+                        revision: str | None = None, **kwargs) -> Transcoder | list[Transcoder]:
+        """Load from a local directory or a Hub repository, in our format or sparsify's,
+        SAELens's or circuit-tracer's: see `tl_transcoders.interop.load_pretrained`."""
+        from tl_transcoders.interop import load_pretrained
+
+        return load_pretrained(repo_or_dir, subfolder, revision, **kwargs)
+
 
 def read_config(path: Path) -> TranscoderConfig:
     """Parse and validate a `config.json` written by `Transcoder.save`."""

@@ -1,0 +1,207 @@
+"""Read transcoders and SAEs saved by other libraries; export for circuit-tracer.
+
+Formats, detected from the files in a directory:
+
+- `tl-transcoders`: `config.json` + `transcoder.safetensors` (`Transcoder.save`).
+- `sparsify` (EleutherAI `eai-sparsify` 1.x): `cfg.json` + `sae.safetensors` in a
+  directory named after the hookpoint (`layers.6.mlp`).
+- `saelens` (SAELens 6): `cfg.json` + `sae_weights.safetensors`.
+- `circuit-tracer` (0.5): `config.yaml` (`model_kind: transcoder_set`) naming one
+  safetensors file per layer.
+
+A directory of directories in one of the first three formats (a sparsify training
+run, our `layer_N/` checkpoints) loads as a list. `load_pretrained` returns a single
+`Transcoder` for a directory holding one transcoder, and a list sorted by layer
+otherwise (always a list for circuit-tracer). Conversions are exact: a file whose
+computation a `Transcoder` cannot reproduce is refused with `TranscoderFileError`.
+The readers (and the circuit-tracer writer) are in `tl_transcoders.formats`, one module
+per library; docs/interop.md says how each format's fields map to a `TranscoderConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tl_transcoders.config import INPUT_SPACES
+from tl_transcoders.formats import circuit_tracer, saelens, sparsify
+from tl_transcoders.formats.circuit_tracer import export_circuit_tracer
+from tl_transcoders.formats.common import AUTO, Placement, Source, build
+from tl_transcoders.formats.sparsify import hookpoint_sites as sparsify_hookpoint_sites
+from tl_transcoders.transcoder import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    Transcoder,
+    TranscoderFileError,
+    parameter_shapes,
+    read_config,
+    read_tensors,
+)
+
+__all__ = [
+    "AUTO",
+    "FORMATS",
+    "detect_format",
+    "export_circuit_tracer",
+    "load_directory",
+    "load_pretrained",
+    "sparsify_hookpoint_sites",
+]
+
+_DIRECTORY_FILES = {
+    # format: (config file, weights file) of a directory holding one transcoder
+    "tl-transcoders": (CONFIG_FILE, WEIGHTS_FILE),
+    "saelens": saelens.FILES,
+    "sparsify": sparsify.FILES,
+}
+FORMATS = (*_DIRECTORY_FILES, "circuit-tracer")
+
+_HUB_FILES = (
+    *dict.fromkeys(name for pair in _DIRECTORY_FILES.values() for name in pair),
+    circuit_tracer.CONFIG_FILE,
+    "layer_*.safetensors",
+)
+
+
+def _own_source(directory: Path, placement: Placement) -> Source:
+    """Our own format (`Transcoder.save`): the saved config, with the caller's overrides."""
+    cfg = read_config(directory / CONFIG_FILE)
+    if placement != Placement():  # recompute only what the caller overrides
+        if placement.input_space == AUTO:
+            placement = dataclasses.replace(placement, input_space=cfg.input_space)
+        cfg = placement.config(
+            directory / CONFIG_FILE,
+            d_in=cfg.d_in, d_out=cfg.d_out, d_latent=cfg.d_latent, activation=cfg.activation,
+            k=cfg.k, skip=cfg.skip, layer=cfg.layer, input_site=cfg.input_site,
+            output_site=cfg.output_site, ln_space=cfg.input_space, model_name=cfg.model_name,
+        )
+    shapes = parameter_shapes(cfg)
+    return Source(cfg, lambda: read_tensors(directory / WEIGHTS_FILE, shapes), directory)
+
+
+_SOURCE_READERS = {"tl-transcoders": _own_source, "saelens": saelens.source, "sparsify": sparsify.source}
+
+
+def _directory_format(directory: Path) -> str | None:
+    """The format of a directory holding one transcoder, or None. A weights file
+    without its config is an error."""
+    for name, (config, weights) in _DIRECTORY_FILES.items():
+        if (directory / weights).is_file():
+            if not (directory / config).is_file():
+                raise TranscoderFileError(
+                    f"{directory / config}: no such file, but {weights} is there: a {name} "
+                    f"directory holds {config} and {weights}"
+                )
+            return name
+    return None
+
+
+def detect_format(directory: str | Path) -> str:
+    """The format of the transcoder files in `directory` (one of `FORMATS`), directly
+    in it or in its subdirectories. Raises `TranscoderFileError` when none is found or
+    the subdirectories mix formats."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise TranscoderFileError(f"{directory}: no such directory")
+    if (directory / circuit_tracer.CONFIG_FILE).is_file():
+        return "circuit-tracer"
+    found = _directory_format(directory)
+    if found:
+        return found
+    kinds = {_directory_format(d) for d in directory.iterdir() if d.is_dir()} - {None}
+    if len(kinds) == 1:
+        return kinds.pop()
+    if kinds:
+        raise TranscoderFileError(f"{directory}: subdirectories mix formats {sorted(kinds)}")
+    expected = "; ".join(f"{n}: {c} + {w}" for n, (c, w) in _DIRECTORY_FILES.items())
+    raise TranscoderFileError(
+        f"{directory}: no transcoder files found (looked for {expected}; circuit-tracer: "
+        f"{circuit_tracer.CONFIG_FILE}), in it or in its subdirectories"
+    )
+
+
+def load_directory(
+    directory: str | Path,
+    *,
+    layers: Sequence[int] | None = None,
+    layer: int | None = None,
+    input_site: str | None = None,
+    output_site: str | None = None,
+    input_space: str | None = AUTO,
+    model_name: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Transcoder | list[Transcoder]:
+    """Load the transcoders in a local directory, whatever its format (`detect_format`).
+
+    Returns one `Transcoder` when `directory` holds one directly, else a list sorted by
+    layer (always a list for circuit-tracer). `layers` keeps only those layers (read
+    from disk only for them). The other arguments override what the files say or
+    imply: `layer` (only for a single transcoder), `input_site` / `output_site` (hook
+    names, or templates with `{layer}`), `input_space` (`"auto"`: from the format and
+    the input site; or one of `INPUT_SPACES` or None), `model_name`; `dtype` (default:
+    the file's) and `device`."""
+    directory = Path(directory)
+    if input_space != AUTO and input_space is not None and input_space not in INPUT_SPACES:
+        raise ValueError(f"input_space must be {AUTO!r}, one of {INPUT_SPACES} or None, got {input_space!r}")
+    placement = Placement(layer, input_site, output_site, input_space, model_name)
+    fmt = detect_format(directory)
+    single = fmt != "circuit-tracer" and _directory_format(directory) is not None
+    if layer is not None and not single:
+        raise ValueError(f"{directory} holds several transcoders: layer= applies to one; use layers=[...] to select")
+    if fmt == "circuit-tracer":
+        sources = circuit_tracer.sources(directory, placement, layers)
+    elif single:
+        sources = [_SOURCE_READERS[fmt](directory, placement)]
+    else:
+        subdirs = sorted(d for d in directory.iterdir() if d.is_dir() and _directory_format(d))
+        sources = [_SOURCE_READERS[fmt](d, placement) for d in subdirs]
+    if layers is not None:
+        missing = sorted(set(layers) - {s.cfg.layer for s in sources})
+        if missing:
+            raise TranscoderFileError(
+                f"{directory}: no transcoder for layer(s) {missing}; it has layers "
+                f"{sorted({s.cfg.layer for s in sources})}"
+            )
+        sources = [s for s in sources if s.cfg.layer in layers]
+    transcoders = [build(s, device, dtype) for s in sources]
+    if single:
+        return transcoders[0]
+    return sorted(transcoders, key=lambda t: (t.cfg.layer, t.cfg.input_site, t.cfg.output_site))
+
+
+def load_pretrained(
+    repo_or_dir: str | os.PathLike,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    **kwargs: Any,
+) -> Transcoder | list[Transcoder]:
+    """Load transcoders from a local directory or a Hugging Face Hub repository.
+
+    A path to an existing directory is read offline (`subfolder` joined to it).
+    Anything else is a Hub repo id: `huggingface_hub.snapshot_download` fetches, at
+    `revision`, only the transcoder files of the formats read here (under `subfolder`
+    if given: e.g. a sparsify hookpoint such as `layers.6.mlp`, or one SAELens SAE's
+    folder). Then as `load_directory`, which takes `kwargs`."""
+    path = Path(repo_or_dir)
+    if path.is_dir():
+        if revision is not None:
+            raise ValueError(f"revision= applies to Hub repositories, but {path} is a local directory")
+        return load_directory(path / subfolder if subfolder else path, **kwargs)
+    text = str(repo_or_dir)
+    if path.is_absolute() or text.startswith(".") or text.count("/") > 1:
+        raise TranscoderFileError(f"{text}: no such directory (and not a Hub repo id 'owner/name')")
+    import huggingface_hub
+
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    patterns = [prefix + p for name in _HUB_FILES for p in (name, f"*/{name}")]
+    root = Path(huggingface_hub.snapshot_download(text, revision=revision, allow_patterns=patterns))
+    directory = root / subfolder if subfolder else root
+    if not directory.is_dir():
+        raise TranscoderFileError(f"{text}: the repository has no transcoder files under {subfolder!r}")
+    return load_directory(directory, **kwargs)
