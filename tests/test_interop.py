@@ -170,6 +170,8 @@ def edit_json(path: Path, **changes) -> None:
         (dict(architecture="gated"), "architecture 'gated' is not supported"),
         (dict(d_sae="many"), "field 'd_sae' has the wrong type"),
         (dict(d_in=None), "no 'd_in' field"),
+        (dict(activation_fn_str="topk"), "pre-6.0 SAELens config with activation 'topk'"),
+        (dict(reshape_activations="hook_z"), "reshape_activations='hook_z'"),
     ],
 )
 def test_saelens_files_that_cannot_be_represented_are_refused(tmp_path, changes, message):
@@ -206,6 +208,39 @@ def test_circuit_tracer_layers_selects_files(tmp_path):
     assert [t.cfg.layer for t in load_directory(directory, layers=[1, 2])] == [1, 2]
     with pytest.raises(TranscoderFileError, match="no transcoder for layer"):
         load_directory(directory, layers=[7])
+
+
+def test_circuit_tracer_file_entries(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    directory = copy(tmp_path, CIRCUIT_TRACER / "jumprelu_skip")
+    reference = load_pretrained(CIRCUIT_TRACER / "jumprelu_skip")
+    config = yaml.safe_load((directory / "config.yaml").read_text())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (directory / "layer_2.safetensors").rename(elsewhere / "layer_2.safetensors")
+    downloads = []
+
+    def fake_hf_hub_download(repo_id, filename, revision=None):
+        downloads.append((repo_id, filename, revision))
+        return str(elsewhere / Path(filename).name)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_hf_hub_download)
+    config["transcoders"] = [
+        str((directory / "layer_0.safetensors").resolve()),  # absolute
+        "hf://org/this-repo/layer_1.safetensors",  # in the snapshot: no download
+        "hf://org/other-repo/sub/layer_2.safetensors@v2",  # downloaded
+    ]
+    (directory / "config.yaml").write_text(yaml.safe_dump(config))
+    loaded = load_pretrained(directory)
+    assert downloads == [("org/other-repo", "sub/layer_2.safetensors", "v2")]
+    x = torch.randn(4, 16)
+    for a, b in zip(reference, loaded):
+        assert torch.equal(a(x), b(x))
+    shutil.move(str(elsewhere / "layer_2.safetensors"), directory / "layer_2.safetensors")
+    del config["transcoders"]  # then the layer_{i}.safetensors files beside the config
+    (directory / "config.yaml").write_text(yaml.safe_dump(config))
+    assert [t.cfg.layer for t in load_pretrained(directory)] == [0, 1, 2]
 
 
 def random_transcoders(activation: str, skip: bool, n_layers: int = 3) -> list[Transcoder]:
