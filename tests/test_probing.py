@@ -121,7 +121,8 @@ def test_bad_probe_input_is_refused():
 
 def test_token_classes_from_strings():
     strings = [" The", "123", ",", "\n", "dog", " 4", "!)", " ", "Hello"]
-    classes = {name: [s for s, m in zip(strings, member.tolist()) if m] for name, member in token_classes(strings).items()}
+    classes = {name: [s for s, m in zip(strings, member.tolist()) if m]
+               for name, member in token_classes(strings).items()}
     assert classes["digits"] == ["123", " 4"]
     assert classes["punctuation"] == [",", "!)"]
     assert classes["capitalised"] == [" The", "Hello"]

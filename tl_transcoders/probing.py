@@ -283,7 +283,8 @@ def collect_features(
         if isinstance(source, str):
             check_site_exists(model, source)
         elif not isinstance(source, Transcoder):
-            raise TypeError(f"feature set {name!r}: expected a Transcoder or a hook site name, got {type(source).__name__}")
+            raise TypeError(f"feature set {name!r}: expected a Transcoder or a hook site name, "
+                            f"got {type(source).__name__}")
     if tokens.shape[1] <= int(skip_bos):
         raise ProbeError("sequences need at least one position besides the first to pool over")
     positions = torch.zeros(0, 2, dtype=torch.long) if positions is None else positions.cpu().long()
@@ -364,7 +365,8 @@ def probe_dictionaries(
             raise ProbeError(f"sequence task {name!r}: {tuple(labels.shape)} labels for {len(tokens)} sequences")
     for name, labels in token_tasks.items():
         if labels.shape != tokens.shape:
-            raise ProbeError(f"token task {name!r}: labels {tuple(labels.shape)} must match tokens {tuple(tokens.shape)}")
+            raise ProbeError(f"token task {name!r}: labels {tuple(labels.shape)} must match "
+                             f"tokens {tuple(tokens.shape)}")
     generator = torch.Generator().manual_seed(seed)
     chosen: dict[str, tuple[Tensor, Tensor] | str] = {
         name: _token_task_positions(labels.cpu().bool(), tokens_per_class, skip_bos, generator)
@@ -376,7 +378,8 @@ def probe_dictionaries(
     for name, labels in sequence_tasks.items():
         labels = labels.cpu().bool()
         small = min(int(labels.sum()), int((~labels).sum()))
-        jobs[name] = ("sequence", f"too few sequences in a class ({small})") if small < 2 else ("sequence", None, labels)
+        too_few = f"too few sequences in a class ({small})"
+        jobs[name] = ("sequence", too_few) if small < 2 else ("sequence", None, labels)
     offset = 0
     for name, choice in chosen.items():
         if isinstance(choice, str):
