@@ -119,7 +119,9 @@ def collect_activations(
     """Stream token `batches` (`[batch, pos]` tensors, one `pos` for all) through `model`
     and record, for every latent of `transcoder` (or those in `latents`), its `n_top`
     strongest activations with their windows, its firing count and its histogram (see
-    the module docstring for the definitions)."""
+    the module docstring for the definitions). The token batches are checked (integer
+    ids in the vocabulary, within the context length) and moved to the model's device
+    up front; activations are computed and folded in one batch at a time."""
     if not isinstance(transcoder, Transcoder):
         raise TypeError(f"expected a Transcoder, got {type(transcoder).__name__}")
     if transcoder.cfg.activation == "batchtopk" and transcoder.training:
@@ -313,9 +315,7 @@ class _Collector:
         )
 
 
-def top_latents(
-    records: LatentRecords, by: str = "frequency", n: int = 10
-) -> list[int]:
+def top_latents(records: LatentRecords, by: str = "frequency", n: int = 10) -> list[int]:
     """Up to `n` recorded latents that fired at least once, the most frequent first
     (`by="frequency"`) or the most strongly activating first (`by="max_activation"`)."""
     if by == "frequency":
@@ -544,7 +544,7 @@ def _top_effects(scores: Tensor, k: int, tokenizer: Any, sign: float = 1.0) -> l
 
 def _token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
     """Each token id as text: decoded one by one where the tokenizer can (so spaces and
-    bytes read as text), else its vocabulary entry, else the id itself."""
+    bytes read as text), else its vocabulary entry; the id itself without a tokenizer."""
     if tokenizer is None:
         return [str(i) for i in ids]
     if hasattr(tokenizer, "decode"):
