@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from tl_transcoders import Transcoder, evaluate_splice
 from tl_transcoders.models import tiny_random_model
-from tl_transcoders.training import TrainConfig, Trainer
+from tl_transcoders.training import TrainConfig, Trainer, fit_together
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ RUN = textwrap.dedent(
     """
     import sys, time, torch
     from tl_transcoders.models import tiny_random_model
-    from tl_transcoders.training import TrainConfig, Trainer
+    from tl_transcoders.training import TrainConfig, Trainer, fit_together
 
     torch.set_num_threads(1)
     output_dir, resume, delay = sys.argv[1], sys.argv[2] == "1", float(sys.argv[3])
@@ -229,3 +229,39 @@ def test_skip_term_starts_at_the_least_squares_fit(model, tmp_path, normalize):
         y_hat = trainer.folded(1)(x)
     fvu = (y - y_hat).pow(2).sum() / (y - y.mean(0)).pow(2).sum()
     assert fvu < 1e-5, fvu
+
+
+def test_fit_together_equals_separate_runs_from_one_forward_pass(model, tmp_path):
+    """An SAE, a transcoder and a skip transcoder of two layers trained together get the
+    same weights as trained one by one, with one model forward per batch."""
+    variants = {"sae": dict(sae=True, skip=False), "transcoder": dict(skip=False), "skip": dict(skip=True)}
+
+    def trainers(root):
+        return [Trainer(model, config(root / name, layers=[1, 2], max_tokens=8 * 32 * 12, **options))
+                for name, options in variants.items()]
+
+    built = trainers(tmp_path / "together")  # building probes the model's sites
+    forwards = []
+    handle = model.embed.register_forward_hook(lambda *args: forwards.append(1))
+    try:
+        together = fit_together(built, random_batches(model))
+    finally:
+        handle.remove()
+    assert len(forwards) == 12
+    for (name, options), result in zip(variants.items(), together):
+        (alone,) = [Trainer(model, config(tmp_path / "alone" / name, layers=[1, 2], max_tokens=8 * 32 * 12, **options))]
+        expected = alone.fit(random_batches(model))
+        for a, b in zip(result, expected):
+            assert a.cfg.input_site == b.cfg.input_site and a.cfg.output_site == b.cfg.output_site
+            for key, value in a.state_dict().items():
+                assert torch.equal(value, b.state_dict()[key]), (name, key)
+    sae, transcoder = together[0][0], together[1][0]
+    assert sae.cfg.output_site == transcoder.cfg.output_site  # both splice at the MLP output
+
+
+def test_fit_together_rejects_mismatched_trainers(model, tmp_path):
+    a = Trainer(model, config(tmp_path / "a"))
+    with pytest.raises(ValueError, match="same batch_size"):
+        fit_together([a, Trainer(model, config(tmp_path / "b", batch_size=4))], random_batches(model))
+    with pytest.raises(ValueError, match="own output_dir"):
+        fit_together([a, Trainer(model, config(tmp_path / "a", skip=False))], random_batches(model))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -97,6 +97,8 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.history: list[dict] = []
         self.output_dir = Path(cfg.output_dir)
+        self._logger = self._evaluate = None
+        self._clock = (time.perf_counter(), 0)
 
     @property
     def data_parallel(self) -> bool:
@@ -116,58 +118,58 @@ class Trainer:
         """Train until `cfg.max_tokens`; return the transcoders, also saved to
         `output_dir/layer_{L}` in the model's own activation space. With `eval_tokens`
         (`[batch, pos]`) and `cfg.eval_every`, spliced CE is measured during training."""
+        return fit_together([self], batches, eval_tokens)[0]
+
+    @property
+    def sites(self) -> list[str]:
+        """Every hook site this trainer's transcoders read or write."""
+        return [s for t in self.transcoders.values() for s in (t.cfg.input_site, t.cfg.output_site)]
+
+    def _start(self, eval_tokens: Tensor | None) -> None:
+        """Resume from the checkpoint (with `cfg.resume`) and set up logging and evaluation."""
         cfg = self.cfg
         if cfg.resume and self.checkpoint_path.exists():
             self.load_checkpoint()
-        logger = _wandb_logger(cfg) if self.rank == 0 else None
-        evaluate = self._evaluator(eval_tokens) if eval_tokens is not None and cfg.eval_every else None
-        sites = [s for t in self.transcoders.values() for s in (t.cfg.input_site, t.cfg.output_site)]
-        progress = tqdm(total=cfg.total_steps, initial=self.step, desc="training", unit="step")
-        start, start_step = time.perf_counter(), self.step
-        seen = 0
-        for tokens in batches:
-            seen += 1
-            if seen <= self.batches_seen:
-                continue
-            if self.step >= cfg.total_steps:
-                break
-            self._check_tokens(tokens)
-            if self.data_parallel:
-                tokens = tokens.chunk(self.world)[self.rank]
-            activations = capture(self.model, tokens, sites)
-            self.batches_seen += 1
-            for site, value in activations.items():
-                if not torch.isfinite(value).all():
-                    raise FloatingPointError(
-                        f"the model produced NaN or inf activations at {site} on token batch "
-                        f"{self.batches_seen - 1}. {self._kept_checkpoint_note()}"
-                    )
-            batch = self._mix(activations)
-            if batch is None:
-                continue
-            metrics = self._train_step(batch)
-            self.step += 1
-            progress.update(1)
-            evaluate_now = evaluate is not None and self.step % cfg.eval_every == 0
-            if evaluate_now or self.step % cfg.log_every == 0 or self.step == cfg.total_steps:
-                elapsed = time.perf_counter() - start
-                metrics["tokens_per_s"] = (self.step - start_step) * cfg.tokens_per_step / elapsed
-                metrics["step"] = self.step
-                if evaluate_now:
-                    metrics.update(evaluate())
-                self.history.append(metrics)
-                progress.set_postfix(fvu=f"{metrics['fvu']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-                if logger is not None:
-                    logger.log(metrics, step=self.step)
-            if self.step % cfg.checkpoint_every == 0 and self._writes_files:
-                self.save_checkpoint()
-        progress.close()
-        if logger is not None:
-            logger.finish()
+        self._logger = _wandb_logger(cfg) if self.rank == 0 else None
+        self._evaluate = self._evaluator(eval_tokens) if eval_tokens is not None and cfg.eval_every else None
+        self._clock = (time.perf_counter(), self.step)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.cfg.total_steps
+
+    def _consume(self, activations: dict[str, Tensor]) -> dict | None:
+        """One batch of captured activations: through the shuffle buffer, then a training
+        step, metrics and checkpoint. Returns the step's metrics (None while the buffer
+        fills)."""
+        cfg = self.cfg
+        self.batches_seen += 1
+        batch = self._mix({site: activations[site] for site in self.sites})
+        if batch is None:
+            return None
+        metrics = self._train_step(batch)
+        self.step += 1
+        evaluate_now = self._evaluate is not None and self.step % cfg.eval_every == 0
+        if evaluate_now or self.step % cfg.log_every == 0 or self.step == cfg.total_steps:
+            start, start_step = self._clock
+            metrics["tokens_per_s"] = (self.step - start_step) * cfg.tokens_per_step / (time.perf_counter() - start)
+            metrics["step"] = self.step
+            if evaluate_now:
+                metrics.update(self._evaluate())
+            self.history.append(metrics)
+            if self._logger is not None:
+                self._logger.log(metrics, step=self.step)
+        if self.step % cfg.checkpoint_every == 0 and self._writes_files:
+            self.save_checkpoint()
+        return metrics
+
+    def _finish(self) -> list[Transcoder]:
+        if self._logger is not None:
+            self._logger.finish()
         if self.step == 0:
             raise ValueError(
                 "no training step ran: the data gave no full batch of "
-                f"{cfg.batch_size} x {cfg.context_size} tokens"
+                f"{self.cfg.batch_size} x {self.cfg.context_size} tokens"
             )
         return self.save()
 
@@ -398,6 +400,63 @@ class Trainer:
         if path.exists():
             return f"The last checkpoint is kept at {path}; fix the input and resume with resume=True."
         return "No checkpoint had been written yet."
+
+
+def fit_together(
+    trainers: Sequence[Trainer], batches: Iterable[Tensor], eval_tokens: Tensor | None = None
+) -> list[list[Transcoder]]:
+    """Train several `Trainer`s of the same model from one forward pass per batch: e.g.
+    an SAE, a transcoder and a skip transcoder of the same layers on the same tokens.
+
+    The trainers must share the model, batch and context size (they see the same token
+    batches) and have distinct `output_dir`s; each keeps its own optimiser, schedule,
+    metrics (`trainer.history`) and checkpoints, and resumes from its own (their
+    consumed-batch counts must then agree). Returns each trainer's transcoders, in order."""
+    trainers = list(trainers)
+    if not trainers:
+        raise ValueError("fit_together needs at least one trainer")
+    first = trainers[0]
+    for other in trainers[1:]:
+        if other.model is not first.model:
+            raise ValueError("fit_together: every trainer must train on the same model object")
+        if (other.cfg.batch_size, other.cfg.context_size) != (first.cfg.batch_size, first.cfg.context_size):
+            raise ValueError("fit_together: every trainer must use the same batch_size and context_size")
+    directories = [t.output_dir.resolve() for t in trainers]
+    if len(set(directories)) != len(directories):
+        raise ValueError("fit_together: give every trainer its own output_dir")
+    for trainer in trainers:
+        trainer._start(eval_tokens)
+    resumed = {t.batches_seen for t in trainers}
+    if len(resumed) > 1:
+        raise ValueError(f"the trainers' checkpoints consumed different numbers of batches ({sorted(resumed)}); "
+                         "resume them separately or start again")
+    skip = resumed.pop()
+    progress = tqdm(total=max(t.cfg.total_steps for t in trainers), initial=first.step, desc="training", unit="step")
+    for seen, tokens in enumerate(batches, start=1):
+        if seen <= skip:
+            continue
+        active = [t for t in trainers if not t.done]
+        if not active:
+            break
+        first._check_tokens(tokens)
+        if first.data_parallel:
+            tokens = tokens.chunk(first.world)[first.rank]
+        sites = list(dict.fromkeys(s for t in active for s in t.sites))
+        activations = capture(first.model, tokens, sites)
+        for site, value in activations.items():
+            if not torch.isfinite(value).all():
+                raise FloatingPointError(
+                    f"the model produced NaN or inf activations at {site} on token batch {seen - 1}. "
+                    + " ".join(t._kept_checkpoint_note() for t in active)
+                )
+        logged = [m for m in (t._consume(activations) for t in active) if m is not None and "tokens_per_s" in m]
+        progress.n = max(t.step for t in trainers)
+        progress.refresh()
+        if logged:
+            fvu = sum(m["fvu"] for m in logged) / len(logged)
+            progress.set_postfix(fvu=f"{fvu:.3f}", tok_s=f"{logged[0]['tokens_per_s']:.0f}")
+    progress.close()
+    return [trainer._finish() for trainer in trainers]
 
 
 def _process_group() -> tuple[int, int]:
