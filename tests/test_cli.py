@@ -30,16 +30,18 @@ def test_eval_prints_the_report(monkeypatch, tmp_path, capsys):
     assert printed["layers"]["1"]["fvu"] == expected["layers"]["1"]["fvu"]
 
 
-def test_demo_writes_transcoders_and_report(tmp_path):
-    from tl_transcoders.demo import run_demo
-
-    out = run_demo(tmp_path / "demo", steps=30)
+def test_demo_writes_transcoders_report_and_dashboards(tmp_path):
+    out = tmp_path / "demo"
+    cli.main(["demo", "--model", "tiny", "--output", str(out), "--tokens", "8192", "--expansion", "4", "--k", "8"])
     report = json.loads((out / "report.json").read_text())
-    assert set(report["layers"]) == {"0", "1", "2", "3"}
-    for layer in range(4):
-        transcoder = Transcoder.load(out / f"layer_{layer}")
-        assert transcoder.cfg.skip and transcoder.cfg.layer == layer
-        assert report["layers"][str(layer)]["fvu"] < 1.0, "the fit should beat predicting the mean"
+    assert set(report["layers"]) == {"2"}  # the middle of the tiny model's 4 layers
+    transcoder = Transcoder.load(out / "transcoders" / "layer_2")
+    assert transcoder.cfg.skip and transcoder.cfg.layer == 2 and transcoder.cfg.k == 8
+    assert report["layers"]["2"]["fvu"] < 1.0, "the fit should beat predicting the mean"
+    html = (out / "dashboards.html").read_text()
+    assert html.count("<html") == 1 and "</html>" in html
+    run = json.loads((out / "run.json").read_text())
+    assert run["layer"] == 2 and run["tokens"] == 8192
 
 
 def test_eval_reads_and_packs_text(monkeypatch, tmp_path, capsys):

@@ -93,11 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="end-to-end run on an embedded default")
     demo.add_argument("--output", default="demo-output", help="output directory")
-    demo.add_argument("--steps", type=int, default=300, help="fit steps per transcoder")
-    demo.set_defaults(run=lambda args: run_demo(args.output, steps=args.steps))
+    demo.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2",
+                      help="SmolLM2-135M (extra [demo]) or a tiny random model")
+    demo.add_argument("--layer", type=int, default=None, help="layer to train (default: the middle one)")
+    demo.add_argument("--tokens", type=int, default=400_000, help="training tokens")
+    demo.add_argument("--expansion", type=int, default=8)
+    demo.add_argument("--k", type=int, default=32)
+    demo.set_defaults(run=lambda args: run_demo(args.output, model=args.model, layer=args.layer,
+                                                tokens=args.tokens, expansion=args.expansion, k=args.k))
 
     train = commands.add_parser("train", help="train transcoders on a model from a datasets corpus")
-    train.add_argument("--model", required=True, help="Hugging Face model name (TransformerLens)")
+    train.add_argument("--model", required=True, help="Hugging Face name, local Hugging Face directory or .gguf file")
     train.add_argument("--dataset", required=True, help="Hugging Face dataset name, or local files / directory / glob")
     train.add_argument("--split", default="train")
     train.add_argument("--text-column", default="text")
@@ -107,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=cmd_train)
 
     evaluate = commands.add_parser("eval", help="splice transcoders in and print the CE report as JSON")
-    evaluate.add_argument("--model", required=True, help="Hugging Face model name (TransformerLens)")
+    evaluate.add_argument("--model", required=True, help="Hugging Face name, local Hugging Face directory or .gguf file")
     evaluate.add_argument("--transcoders", nargs="+", required=True, help="directories written by Transcoder.save")
     source = evaluate.add_mutually_exclusive_group(required=True)
     source.add_argument("--tokens", help="a torch.save'd [batch, pos] tensor of token ids")

