@@ -30,6 +30,8 @@ MODULES = (
     "tl_transcoders.interop",
     "tl_transcoders.attribution",
     "tl_transcoders.dashboards",
+    "tl_transcoders.probing",
+    "tl_transcoders.autointerp",
     "tl_transcoders.comparison",
 )
 """The modules documented, in page order."""
