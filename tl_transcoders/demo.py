@@ -88,7 +88,7 @@ def run_demo(
     tokens: int = 400_000,
     expansion: int = 8,
     k: int = 32,
-    heldout_rows: int = 32,
+    heldout_rows: int = 64,
     n_dashboards: int = 12,
 ) -> Path:
     """Train, splice, evaluate and draw (see the module docstring); returns the output
