@@ -9,7 +9,7 @@ torch_spec="${TORCH_SPEC:-torch==2.13.0}"
 status=0
 for tl in 3.9.0 4.3.0; do
   venv=".venv-tl$tl"
-  if ! "$venv/bin/python" -c "import tl_transcoders, pytest" 2>/dev/null; then
+  if ! "$venv/bin/python" -c "import tl_transcoders, pytest, nbclient, ipykernel, gguf, plotly" 2>/dev/null; then
     echo "== creating $venv (transformer-lens==$tl)"
     python3 -m venv "$venv" &&
       "$venv/bin/pip" install -q --disable-pip-version-check "$torch_spec" &&

@@ -35,6 +35,9 @@ SIZES = {
         LAYER=2, TRAIN_TOKENS=8 * 8 * 64, EVAL_TOKENS=2 * 8 * 64, BATCH_SIZE=8, CONTEXT_SIZE=64, EXPANSION=4, K=8
     ),
     "circuits.ipynb": dict(TRAIN_TOKENS=8 * 8 * 64, BATCH_SIZE=8, CONTEXT_SIZE=64, EXPANSION=4, K=8),
+    "seed_comparison.ipynb": dict(
+        LAYERS=[1, 2], TOKENS=8 * 6 * 32, BATCH_SIZE=8, CONTEXT_SIZE=32, HELDOUT_ROWS=6, EXPANSION=2, K=4
+    ),
 }
 
 

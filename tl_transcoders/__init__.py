@@ -9,6 +9,8 @@ from tl_transcoders.evaluation import (
     compute_ablation_baselines,
     evaluate_splice,
 )
+from tl_transcoders.interop import export_circuit_tracer, load_pretrained
+from tl_transcoders.models import load_model
 from tl_transcoders.sites import SiteError
 from tl_transcoders.splice import SpliceError, check_compatible, splice
 from tl_transcoders.transcoder import Transcoder, TranscoderFileError
@@ -27,5 +29,8 @@ __all__ = [
     "TranscoderConfig",
     "TranscoderFileError",
     "check_compatible",
+    "export_circuit_tracer",
+    "load_model",
+    "load_pretrained",
     "splice",
 ]
