@@ -12,25 +12,10 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import Tensor
 
-from tl_transcoders.formats.common import LN_SITES, Placement, Source, field, tensor_names
+from tl_transcoders.formats.common import LN_SITES, Placement, Source, field, read_yaml, tensor_names
 from tl_transcoders.transcoder import Transcoder, TranscoderFileError, _atomic_write, read_tensors
 
 CONFIG_FILE = "config.yaml"
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    """A YAML mapping from `path`."""
-    import yaml
-
-    if not path.is_file():
-        raise TranscoderFileError(f"{path}: no such file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise TranscoderFileError(f"{path}: not valid YAML ({err})") from err
-    if not isinstance(data, dict):
-        raise TranscoderFileError(f"{path}: expected a YAML mapping, got {type(data).__name__}")
-    return data
 
 
 def _local_file(directory: Path, entry: str) -> Path:
@@ -56,7 +41,7 @@ def sources(directory: Path, placement: Placement, layers: Sequence[int] | None)
     """The transcoders of the set whose `config.yaml` is in `directory` (layer i is the
     i-th file), only those of `layers` if given."""
     path = directory / CONFIG_FILE
-    cfg = _read_yaml(path)
+    cfg = read_yaml(path)
     kind = field(cfg, path, "model_kind", str)
     if kind != "transcoder_set":
         raise TranscoderFileError(

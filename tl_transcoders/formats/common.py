@@ -120,14 +120,29 @@ def build(source: Source, device: str | torch.device | None, dtype: torch.dtype 
 
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from `path`."""
+    return read_mapping(path, json.loads, (json.JSONDecodeError,), "JSON", "object")
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping from `path`."""
+    import yaml
+
+    return read_mapping(path, yaml.safe_load, (yaml.YAMLError,), "YAML", "mapping")
+
+
+def read_mapping(
+    path: Path, parse: Callable[[str], Any], errors: tuple[type[Exception], ...], language: str, container: str
+) -> dict[str, Any]:
+    """`parse(text of path)`, which must give a dict; missing files, parse errors and
+    other values raise `TranscoderFileError` naming the file."""
     if not path.is_file():
         raise TranscoderFileError(f"{path}: no such file")
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise TranscoderFileError(f"{path}: not valid JSON ({err})") from err
+        data = parse(path.read_text())
+    except (*errors, UnicodeDecodeError) as err:
+        raise TranscoderFileError(f"{path}: not valid {language} ({err})") from err
     if not isinstance(data, dict):
-        raise TranscoderFileError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise TranscoderFileError(f"{path}: expected a {language} {container}, got {type(data).__name__}")
     return data
 
 
