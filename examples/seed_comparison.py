@@ -62,6 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--llm-model", default=None)
     parser.add_argument("--llm-api-key", default=None)
     parser.add_argument("--autointerp-latents", type=int, default=50, help="latents sampled per dictionary")
+    parser.add_argument("--checkpoint-every", type=int, default=100,
+                        help="steps between training checkpoints (each holds every dictionary and its optimiser)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue training from the checkpoints in --output (same options)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="seed-comparison")
     return parser.parse_args(argv)
@@ -193,7 +197,7 @@ def main(argv=None) -> Path:
     batches, heldout, heldout_set = token_data(args, model, corpus)
     variants = train_variants(model, args.layers, batches, out / "dictionaries", k=args.k, expansion=args.expansion,
                               max_tokens=args.tokens, batch_size=args.batch_size, context_size=args.context,
-                              seed=args.seed, checkpoint_every=10**9)
+                              seed=args.seed, checkpoint_every=args.checkpoint_every, resume=args.resume)
     rows = compare_variants(model, variants, heldout)
     probe = probing(args, model, variants, heldout_set) if heldout_set is not None else {}
     interp = autointerp(args, model, variants, heldout) if args.llm_url else {}

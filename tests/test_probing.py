@@ -166,8 +166,10 @@ def test_sequence_labels_and_token_sequences():
 def test_collect_features_match_the_model_cache(model, tokens):
     site = "blocks.0.mlp.hook_post"
     transcoder = make_transcoder(model, 1, activation="relu")
+    # an SAE on the same layer's MLP output writes the transcoder's output site: reading both is fine
+    sae = make_transcoder(model, 1, skip=False, input_site="blocks.1.hook_mlp_out", output_site="blocks.1.hook_mlp_out")
     positions = torch.tensor([[2, 5], [0, 1], [1, 11], [2, 5]])
-    got = collect_features(model, tokens, {"neurons": site, "tc": transcoder}, positions, batch_size=2)
+    got = collect_features(model, tokens, {"neurons": site, "tc": transcoder, "sae": sae}, positions, batch_size=2)
     _, cache = model.run_with_cache(tokens)
     neurons = cache[site].float()
     assert torch.allclose(got["neurons"][0], neurons[:, 1:].mean(1), atol=1e-5)
@@ -175,6 +177,8 @@ def test_collect_features_match_the_model_cache(model, tokens):
     latents = latent_activations(model, transcoder, tokens, list(range(48))).permute(1, 2, 0)
     assert torch.allclose(got["tc"][0], latents[:, 1:].mean(1), atol=1e-5)
     assert torch.allclose(got["tc"][1], latents[positions[:, 0], positions[:, 1]], atol=1e-5)
+    sae_latents = latent_activations(model, sae, tokens, list(range(48))).permute(1, 2, 0)
+    assert torch.allclose(got["sae"][1], sae_latents[positions[:, 0], positions[:, 1]], atol=1e-5)
     with pytest.raises(ProbeError, match="inside tokens"):
         collect_features(model, tokens, {"neurons": site}, torch.tensor([[3, 0]]))
 

@@ -276,9 +276,9 @@ def collect_features(
     position 0 with `skip_bos`) and the features at `positions` (rows of `(sequence,
     position)`; none if not given), on the CPU in float32. Every site needed is
     captured in one forward pass per batch of `batch_size` sequences."""
-    transcoders = [f for f in feature_sets.values() if isinstance(f, Transcoder)]
-    if transcoders:
-        check_compatible(model, transcoders)
+    for source in feature_sets.values():
+        if isinstance(source, Transcoder):  # one at a time: an SAE and a transcoder may share an output site
+            check_compatible(model, [source])
     for name, source in feature_sets.items():
         if isinstance(source, str):
             check_site_exists(model, source)
