@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 
 from tl_transcoders.comparison import (
-    VARIANTS, compare_variants, markdown_table, plot_comparison, rows_without_frequencies, train_variants,
+    VARIANTS, claim_evidence, compare_variants, evidence_markdown, markdown_table, plot_comparison,
+    rows_without_frequencies, train_variants,
 )
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "corpus"
@@ -57,7 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "else the embedded one")
     parser.add_argument("--heldout-data", default=None, help="as --train-data, for evaluation")
     parser.add_argument("--heldout-rows", type=int, default=64, help="rows of --context tokens for splice metrics")
-    parser.add_argument("--probe-per-source", type=int, default=24, help="64-token sequences per source for probing")
+    parser.add_argument("--probe-per-source", type=int, default=40, help="64-token sequences per source for probing")
+    parser.add_argument("--probe-splits", type=int, default=5,
+                        help="random train/test splits each probing score is averaged over")
     parser.add_argument("--llm-url", default=None, help="OpenAI-compatible endpoint for autointerp (off without)")
     parser.add_argument("--llm-model", default=None)
     parser.add_argument("--llm-api-key", default=None)
@@ -66,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="steps between training checkpoints (each holds every dictionary and its optimiser)")
     parser.add_argument("--resume", action="store_true",
                         help="continue training from the checkpoints in --output (same options)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="measure the dictionaries a finished run saved in --output instead of training")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="seed-comparison")
     return parser.parse_args(argv)
@@ -128,7 +133,8 @@ def probing(args, model, variants, heldout_set) -> dict:
     for i, layer in enumerate(args.layers):
         feature_sets = {name: transcoders[i] for name, transcoders in variants.items()}
         feature_sets["mlp_neurons"] = f"blocks.{layer}.mlp.hook_post"
-        results[str(layer)] = probe_dictionaries(model, tokens, feature_sets, tasks, token_tasks, seed=args.seed)
+        results[str(layer)] = probe_dictionaries(model, tokens, feature_sets, tasks, token_tasks, seed=args.seed,
+                                                 n_splits=args.probe_splits)
     return results
 
 
@@ -162,12 +168,48 @@ def dashboards(args, model, variants, heldout, out: Path) -> None:
         save_dashboards(out / f"dashboards_{name}.html", boards, f"{name}, layer {transcoder.cfg.layer}")
 
 
+def train_or_reuse(args, model, batches, out: Path) -> tuple[dict, dict]:
+    """The dictionaries by variant, and the training record (`dictionaries/training.json`:
+    wall time, machine, options), trained now or, with `--reuse`, loaded from `out`."""
+    from tl_transcoders.transcoder import Transcoder
+
+    record_path = out / "dictionaries" / "training.json"
+    options = {"model": model.cfg.model_name, "layers": args.layers, "k": args.k, "expansion": args.expansion,
+               "tokens": args.tokens, "batch_size": args.batch_size, "context": args.context, "seed": args.seed}
+    if args.reuse:
+        if not record_path.exists():
+            raise SystemExit(f"--reuse: {record_path} is missing; train first (without --reuse)")
+        record = json.loads(record_path.read_text())
+        if record["options"] != options:
+            changed = {k: (record["options"].get(k), v) for k, v in options.items() if record["options"].get(k) != v}
+            raise SystemExit(f"--reuse: the saved dictionaries were trained with other options {changed} "
+                             "(saved, asked); pass the same options or train again")
+        variants = {v: [Transcoder.load(out / "dictionaries" / v / f"layer_{layer}") for layer in args.layers]
+                    for v in VARIANTS}
+        return variants, record
+    started = time.perf_counter()
+    variants = train_variants(model, args.layers, batches, out / "dictionaries", k=args.k, expansion=args.expansion,
+                              max_tokens=args.tokens, batch_size=args.batch_size, context_size=args.context,
+                              seed=args.seed, checkpoint_every=args.checkpoint_every, resume=args.resume)
+    record = {"options": options, "train_s": time.perf_counter() - started, "machine": machine(),
+              "resumed": args.resume}
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    return variants, record
+
+
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
 def summary(rows, probe, interp, run) -> str:
-    """results.md: the table, the probing means and the autointerp means."""
+    """results.md: the table, the probing means, the autointerp means and the evidence
+    for each claim."""
     lines = [f"# SAE vs transcoder vs skip transcoder: {run['model']}", "",
              f"{run['tokens']:,} training tokens per dictionary, k = {run['k']}, {run['expansion']}x expansion, "
-             f"layers {run['layers']}; held-out: {run['heldout_tokens']:,} tokens. Wall time {run['wall_s']:.0f} s "
-             f"on {run['machine']}.", "", "## Reconstruction and splice", "", markdown_table(rows), ""]
+             f"layers {run['layers']}; held-out: {run['heldout_tokens']:,} tokens. Training took "
+             f"{run['train_s']:.0f} s on {run['train_machine']}{' (resumed)' if run['resumed'] else ''}; "
+             f"measuring took {run['measure_s']:.0f} s on {run['machine']}.", "",
+             "## Reconstruction and splice", "", markdown_table(rows), ""]
     if probe:
         sets = list(VARIANTS) + ["mlp_neurons"]
         ks = next(iter(probe.values()))["ks"]
@@ -185,6 +227,7 @@ def summary(rows, probe, interp, run) -> str:
             lines.append(f"| {key} | {a['detection']['mean']:.3f} ± {a['detection']['sem']:.3f} | "
                          f"{a['fuzzing']['mean']:.3f} ± {a['fuzzing']['sem']:.3f} | {a['detection']['n']} |")
         lines.append("")
+    lines += ["## Evidence for the claims", "", evidence_markdown(claim_evidence(rows, probe, interp))]
     return "\n".join(lines)
 
 
@@ -192,21 +235,21 @@ def main(argv=None) -> Path:
     args = parse_args(argv)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
     model, corpus = load(args)
     batches, heldout, heldout_set = token_data(args, model, corpus)
-    variants = train_variants(model, args.layers, batches, out / "dictionaries", k=args.k, expansion=args.expansion,
-                              max_tokens=args.tokens, batch_size=args.batch_size, context_size=args.context,
-                              seed=args.seed, checkpoint_every=args.checkpoint_every, resume=args.resume)
+    variants, training = train_or_reuse(args, model, batches, out)
+    started = time.perf_counter()
     rows = compare_variants(model, variants, heldout)
     probe = probing(args, model, variants, heldout_set) if heldout_set is not None else {}
     interp = autointerp(args, model, variants, heldout) if args.llm_url else {}
     dashboards(args, model, variants, heldout, out)
     run = {"model": model.cfg.model_name, "layers": args.layers, "k": args.k, "expansion": args.expansion,
-           "tokens": args.tokens, "heldout_tokens": heldout.numel(), "wall_s": time.perf_counter() - started,
-           "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                      f"torch {torch.__version__}"}
-    (out / "results.json").write_text(json.dumps({"run": run, "rows": rows_without_frequencies(rows)}, indent=2) + "\n")
+           "tokens": args.tokens, "heldout_tokens": heldout.numel(), "probe_per_source": args.probe_per_source,
+           "probe_splits": args.probe_splits, "train_s": training["train_s"], "train_machine": training["machine"],
+           "resumed": training["resumed"], "measure_s": time.perf_counter() - started, "machine": machine()}
+    evidence = claim_evidence(rows, probe, interp)
+    (out / "results.json").write_text(json.dumps({"run": run, "rows": rows_without_frequencies(rows),
+                                                  "evidence": evidence}, indent=2) + "\n")
     (out / "frequencies.json").write_text(json.dumps({f"{r['variant']}/layer{r['layer']}": r["frequencies"] for r in rows}))
     if probe:
         (out / "probing.json").write_text(json.dumps(probe, indent=1) + "\n")

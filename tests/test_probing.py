@@ -206,3 +206,19 @@ def test_probe_dictionaries_table(model):
         (tasks["first_half"]["scores"]["neurons"]["1"] + tasks["small_id"]["scores"]["neurons"]["1"]) / 2)
     with pytest.raises(ProbeError, match="labels"):
         probe_dictionaries(model, tokens, feature_sets, {"bad": torch.zeros(5, dtype=torch.bool)})
+
+
+def test_probe_dictionaries_averages_over_splits(model):
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randint(0, model.cfg.d_vocab, (40, 4), generator=g)
+    site = "blocks.0.mlp.hook_post"
+    labels = tokens[:, 1] < model.cfg.d_vocab // 2  # partly visible in the pooled neurons
+    table = probe_dictionaries(model, tokens, {"neurons": site}, {"even": labels}, ks=(2,), seed=5, n_splits=3)
+    pooled, _ = collect_features(model, tokens, {"neurons": site})["neurons"]
+    expected = [sparse_probe(pooled, labels, 2, split_mask(labels, 0.2, seed)).balanced_accuracy for seed in (5, 6, 7)]
+    assert len(set(expected)) > 1  # the splits differ, so the mean is not any one of them
+    task = table["tasks"]["even"]
+    assert task["scores"]["neurons"]["2"] == pytest.approx(sum(expected) / 3)
+    assert task["n_test"] == 8 and table["n_splits"] == 3
+    with pytest.raises(ProbeError, match="n_splits"):
+        probe_dictionaries(model, tokens, {"neurons": site}, {"even": labels}, n_splits=0)

@@ -344,22 +344,27 @@ def probe_dictionaries(
     selection: Selection = "mean_diff",
     batch_size: int = 16,
     skip_bos: bool = True,
+    n_splits: int = 1,
 ) -> dict[str, Any]:
     """Sparse probing of several feature sets on several tasks.
 
     Sequence tasks label each row of `tokens` (features mean-pooled over the row); token
     tasks label each token (`[n, pos]`; per task, a balanced sample of up to
-    `tokens_per_class` tokens of each class). Every task uses one stratified split
-    (`split_mask` with `seed`) for all feature sets and all k. A task with fewer than 2
-    samples in a class is skipped, with the reason.
+    `tokens_per_class` tokens of each class). Every task is scored on `n_splits`
+    stratified splits (`split_mask` with seeds `seed`, `seed + 1`, ...), the same for
+    all feature sets and all k, and its score is the mean balanced accuracy over them:
+    more splits, less noise on small tasks. A task with fewer than 2 samples in a class
+    is skipped, with the reason.
 
-    Returns `{"metric": "balanced_accuracy", "ks", "feature_sets", "tasks": {task:
-    {"kind", "n", "n_positive", "scores": {set: {k: balanced accuracy}}, "features":
-    {set: {k: chosen feature indices}}}}, "mean": {set: {k: mean over scored tasks}}}`
-    (k as strings), ready for `json.dump`."""
+    Returns `{"metric": "balanced_accuracy", "ks", "feature_sets", "n_splits", "tasks":
+    {task: {"kind", "n", "n_positive", "n_test", "scores": {set: {k: balanced accuracy}},
+    "features": {set: {k: feature indices chosen on the first split}}}}, "mean": {set:
+    {k: mean over scored tasks}}}` (k as strings), ready for `json.dump`."""
     sequence_tasks, token_tasks = dict(sequence_tasks or {}), dict(token_tasks or {})
     if not sequence_tasks and not token_tasks:
         raise ProbeError("give at least one sequence task or token task")
+    if n_splits < 1:
+        raise ProbeError(f"n_splits must be at least 1, got {n_splits}")
     for name, labels in sequence_tasks.items():
         if labels.shape != tokens.shape[:1]:
             raise ProbeError(f"sequence task {name!r}: {tuple(labels.shape)} labels for {len(tokens)} sequences")
@@ -388,20 +393,23 @@ def probe_dictionaries(
             jobs[name] = ("token", inverse[offset : offset + len(choice[0])], choice[1])
             offset += len(choice[0])
     table: dict[str, Any] = {"metric": "balanced_accuracy", "ks": list(ks), "feature_sets": list(feature_sets),
-                             "tasks": {}}
+                             "n_splits": n_splits, "tasks": {}}
     for name, job in jobs.items():
         if len(job) == 2:
             table["tasks"][name] = {"kind": job[0], "skipped": job[1]}
             continue
         kind, rows, labels = job
-        entry = {"kind": kind, "n": len(labels), "n_positive": int(labels.sum()), "scores": {}, "features": {}}
-        test = split_mask(labels, test_fraction, seed)
+        tests = [split_mask(labels, test_fraction, seed + i) for i in range(n_splits)]
+        entry = {"kind": kind, "n": len(labels), "n_positive": int(labels.sum()), "n_test": int(tests[0].sum()),
+                 "scores": {}, "features": {}}
         for set_name in feature_sets:
             pooled, at_positions = collected[set_name]
             x = pooled if rows is None else at_positions[rows]
-            results = {k: sparse_probe(x, labels, min(k, x.shape[1]), test, selection=selection) for k in ks}
-            entry["scores"][set_name] = {str(k): r.balanced_accuracy for k, r in results.items()}
-            entry["features"][set_name] = {str(k): r.features for k, r in results.items()}
+            results = {k: [sparse_probe(x, labels, min(k, x.shape[1]), test, selection=selection) for test in tests]
+                       for k in ks}
+            entry["scores"][set_name] = {str(k): sum(r.balanced_accuracy for r in rs) / n_splits
+                                         for k, rs in results.items()}
+            entry["features"][set_name] = {str(k): rs[0].features for k, rs in results.items()}
         table["tasks"][name] = entry
     scored = [t for t in table["tasks"].values() if "scores" in t]
     table["mean"] = {s: {str(k): sum(t["scores"][s][str(k)] for t in scored) / len(scored) if scored else float("nan")
