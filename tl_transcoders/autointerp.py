@@ -47,8 +47,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from tl_transcoders.dashboards import _chosen_latents, _token_strings, visible
-from tl_transcoders.evaluation import _token_batches
+from tl_transcoders.dashboards import check_latents, token_strings, visible
+from tl_transcoders.evaluation import check_token_batches
 from tl_transcoders.sites import capture
 from tl_transcoders.splice import check_compatible
 from tl_transcoders.transcoder import Transcoder
@@ -81,11 +81,11 @@ def latent_activations(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     check_compatible(model, [transcoder])
-    chosen = _chosen_latents(transcoder, latents)
+    chosen = check_latents(transcoder, latents)
     site = transcoder.cfg.input_site
     out = []
     with torch.no_grad():
-        for batch in _token_batches(model, list(tokens.split(batch_size))):
+        for batch in check_token_batches(model, list(tokens.split(batch_size))):
             x = capture(model, batch, [site])[site].to(transcoder.W_enc.dtype)
             acts = transcoder.encode(x)[:, chosen].float().cpu()
             out.append(acts.T.reshape(len(chosen), *batch.shape))
@@ -495,7 +495,7 @@ class _Sample:
 
 def _decoder(decode: TokenDecoder) -> Callable[[list[int]], list[str]]:
     if hasattr(decode, "decode"):
-        return lambda ids: _token_strings(decode, ids)
+        return lambda ids: token_strings(decode, ids)
     if callable(decode):
         return lambda ids: [str(s) for s in decode(ids)]
     raise TypeError(f"decode must be a tokenizer or a function from token ids to strings, got {type(decode).__name__}")

@@ -46,10 +46,11 @@ from tl_transcoders.attribution.virtual_weights import (
     embedding_weights,
     logit_weights,
 )
-from tl_transcoders.evaluation import _token_batches
+from tl_transcoders.evaluation import check_token_batches
+from tl_transcoders.files import atomic_write
 from tl_transcoders.sites import capture
 from tl_transcoders.splice import check_compatible, describe
-from tl_transcoders.transcoder import Transcoder, _atomic_write
+from tl_transcoders.transcoder import Transcoder
 
 ENCODE_CHUNK = 4096
 """Tokens encoded at once: bounds the dense `[tokens, d_latent]` intermediate."""
@@ -134,17 +135,19 @@ def collect_activations(
         if value < least:
             raise ValueError(f"{name} must be at least {least}, got {value}")
     check_compatible(model, [transcoder])
-    collector = _Collector(transcoder, _chosen_latents(transcoder, latents), n_top, n_bins,
+    collector = _Collector(transcoder, check_latents(transcoder, latents), n_top, n_bins,
                            window_before, window_after, int(skip_bos))
     site = transcoder.cfg.input_site
     with torch.no_grad():
-        for batch in _token_batches(model, batches):
+        for batch in check_token_batches(model, batches):
             x = capture(model, batch, [site])[site].to(transcoder.W_enc.dtype)
             collector.add(batch, x)
     return collector.records()
 
 
-def _chosen_latents(transcoder: Transcoder, latents: Tensor | Sequence[int] | None) -> Tensor:
+def check_latents(transcoder: Transcoder, latents: Tensor | Sequence[int] | None) -> Int[Tensor, " n_chosen"]:
+    """`latents` as a tensor of indices on the transcoder's device (every latent for
+    None); a `ValueError` for an empty, non-integer, repeated or out-of-range index."""
     d_latent = transcoder.cfg.d_latent
     device = transcoder.W_enc.device
     if latents is None:
@@ -524,7 +527,7 @@ def _contexts(records: LatentRecords, slot: int, tokenizer: Any) -> list[Context
         inside = ids >= 0
         token_ids = ids[inside].tolist()
         contexts.append(Context(
-            tokens=_token_strings(tokenizer, token_ids),
+            tokens=token_strings(tokenizer, token_ids),
             token_ids=token_ids,
             activations=records.window_activations[slot, j][inside].tolist(),
             top_index=int(inside[: records.window_before].sum()),
@@ -538,11 +541,11 @@ def _contexts(records: LatentRecords, slot: int, tokenizer: Any) -> list[Context
 def _top_effects(scores: Tensor, k: int, tokenizer: Any, sign: float = 1.0) -> list[TokenEffect]:
     values, ids = scores.detach().float().cpu().topk(min(k, scores.numel()))
     ids = ids.tolist()
-    names = _token_strings(tokenizer, ids)
+    names = token_strings(tokenizer, ids)
     return [TokenEffect(name, i, sign * v) for name, i, v in zip(names, ids, values.tolist())]
 
 
-def _token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
+def token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
     """Each token id as text: decoded one by one where the tokenizer can (so spaces and
     bytes read as text), else its vocabulary entry; the id itself without a tokenizer."""
     if tokenizer is None:
@@ -634,5 +637,5 @@ def save_dashboards(
     else:
         text = dashboard_page(dashboards, title)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return path

@@ -45,7 +45,7 @@ TokenBatches = list[Int[Tensor, "_ pos"]]
 """Token batches of one sequence length; the last batch may be smaller."""
 TokenInput = Tensor | Iterable[Tensor]
 """A `[batch, pos]` tensor of token ids or an iterable of them. Left unshaped in
-signatures on purpose: `_token_batches` checks it and says what is wrong (rank, dtype,
+signatures on purpose: `check_token_batches` checks it and says what is wrong (rank, dtype,
 vocabulary range, context length) in the caller's terms."""
 
 
@@ -134,7 +134,7 @@ def evaluate_splice(
     if len(set(layers)) != len(layers):
         raise ValueError(f"evaluate_splice takes at most one transcoder per layer, got layers {layers}")
     check_compatible(model, transcoders)
-    batches = _token_batches(model, tokens)
+    batches = check_token_batches(model, tokens)
     if baselines is None:
         sites = [t.cfg.output_site for t in transcoders]
         run, baselines = _run(model, batches, transcoders, sites)
@@ -151,7 +151,7 @@ def compute_ablation_baselines(
     for that layer's `hook_mlp_out`) on `tokens`, to reuse across `evaluate_splice`
     calls on the same tokens (e.g. every checkpoint of a training run)."""
     sites = [default_output_site(s) if isinstance(s, int) else s for s in sites]
-    return _run(model, _token_batches(model, tokens), [], sites)[1]
+    return _run(model, check_token_batches(model, tokens), [], sites)[1]
 
 
 # --- the evaluation run -------------------------------------------------------------
@@ -448,8 +448,11 @@ class _TranscoderStats:
         return 1.0 - self.fired.float().mean().item()
 
 
-def _token_batches(model: nn.Module, tokens: TokenInput) -> TokenBatches:
-    """Check token batches and move them to the model's device."""
+def check_token_batches(model: nn.Module, tokens: TokenInput) -> TokenBatches:
+    """`tokens` (one `[batch, pos]` tensor of token ids or several of one length) as a
+    list of batches on the model's device; a `ValueError` that says which batch is wrong
+    for a wrong shape or dtype, fewer than 2 positions, more than `n_ctx`, or an id
+    outside the vocabulary."""
     batches = [tokens] if isinstance(tokens, Tensor) else list(tokens)
     if not batches:
         raise ValueError("no token batches given")

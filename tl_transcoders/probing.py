@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int, Shaped
 from torch import Tensor, nn
 
-from tl_transcoders.dashboards import _token_strings
-from tl_transcoders.evaluation import _token_batches
+from tl_transcoders.dashboards import token_strings
+from tl_transcoders.evaluation import check_token_batches
 from tl_transcoders.sites import capture, check_site_exists
 from tl_transcoders.splice import check_compatible
 from tl_transcoders.transcoder import Transcoder
@@ -209,7 +209,7 @@ def token_class_labels(tokens: Int[Tensor, "n pos"], tokenizer: Any) -> dict[str
     """`token_classes` of every token of `tokens`; `tokenizer` decodes ids (anything
     with `decode`, or a function from a list of ids to their strings)."""
     ids = tokens.cpu().unique()
-    strings = tokenizer(ids.tolist()) if not hasattr(tokenizer, "decode") else _token_strings(tokenizer, ids.tolist())
+    strings = tokenizer(ids.tolist()) if not hasattr(tokenizer, "decode") else token_strings(tokenizer, ids.tolist())
     where = torch.searchsorted(ids, tokens.cpu())
     return {name: member[where] for name, member in token_classes(list(strings)).items()}
 
@@ -297,7 +297,7 @@ def collect_features(
     order: list[Tensor] = []
     first = 0
     with torch.no_grad():
-        for batch in _token_batches(model, list(tokens.split(batch_size))):
+        for batch in check_token_batches(model, list(tokens.split(batch_size))):
             n, pos = batch.shape
             acts = capture(model, batch, sites)
             here = ((positions[:, 0] >= first) & (positions[:, 0] < first + n)).nonzero()[:, 0]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ from torch import Tensor, nn
 from tl_transcoders import activations
 from tl_transcoders.activations import SparseLatents
 from tl_transcoders.config import ConfigError, TranscoderConfig
+from tl_transcoders.files import atomic_write
 
 FORMAT_NAME = "tl-transcoders"
 FORMAT_VERSION = 1
@@ -161,8 +161,8 @@ class Transcoder(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {name: p.detach().cpu().contiguous() for name, p in self.state_dict().items()}
         header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": self.cfg.to_dict()}
-        _atomic_write(directory / WEIGHTS_FILE, lambda path: save_file(tensors, path))
-        _atomic_write(
+        atomic_write(directory / WEIGHTS_FILE, lambda path: save_file(tensors, path))
+        atomic_write(
             directory / CONFIG_FILE,
             lambda path: Path(path).write_text(json.dumps(header, indent=2) + "\n"),
         )
@@ -254,23 +254,3 @@ def read_tensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, Te
         if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
             raise TranscoderFileError(f"{path}: tensor {name} holds NaN, inf or non-float values")
     return tensors
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call `write(temporary_path)` and rename the result to `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a normal file's mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    """The process's file-creation mask."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

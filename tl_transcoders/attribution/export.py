@@ -22,7 +22,7 @@ from typing import Any
 
 from tl_transcoders.attribution.graph import Graph, token_labels
 from tl_transcoders.attribution.prune import prune
-from tl_transcoders.transcoder import _atomic_write
+from tl_transcoders.files import atomic_write
 
 INDEX_FILE = "graph-metadata.json"
 NODE_FIELDS = (
@@ -121,12 +121,12 @@ def export_graph(
         clerps=clerps,
     )
     path = output_dir / f"{slug}.json"
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data)))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data)))
 
     index_path = output_dir / INDEX_FILE
     index = _read_index(index_path) if index_path.is_file() else {"graphs": []}
     index["graphs"] = [entry for entry in index["graphs"] if entry.get("slug") != slug] + [data["metadata"]]
-    _atomic_write(index_path, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
+    atomic_write(index_path, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
     return path
 
 

@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from tl_transcoders.transcoder import _atomic_write
+from tl_transcoders.files import atomic_write
 
 FORMAT_NAME = "tl-transcoders-graph"
 FORMAT_VERSION = 1
@@ -149,7 +149,7 @@ class Graph:
         tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in TENSOR_FIELDS}
         header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "fields": fields}
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
         return path
 
     @classmethod

@@ -12,8 +12,9 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import Tensor
 
+from tl_transcoders.files import atomic_write
 from tl_transcoders.formats.common import LN_SITES, Placement, Source, field, read_yaml, tensor_names
-from tl_transcoders.transcoder import Transcoder, TranscoderFileError, _atomic_write, read_tensors
+from tl_transcoders.transcoder import Transcoder, TranscoderFileError, read_tensors
 
 CONFIG_FILE = "config.yaml"
 
@@ -168,7 +169,7 @@ def export_circuit_tracer(
             tensors["activation_function.threshold"] = t.threshold
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         path = directory / f"layer_{t.cfg.layer}.safetensors"
-        _atomic_write(path, lambda p, tensors=tensors: save_file(tensors, p))
+        atomic_write(path, lambda p, tensors=tensors: save_file(tensors, p))
         files.append(f"hf://{repo_id}/{path.name}" if repo_id else str(path.resolve()))
     config: dict[str, Any] = {
         "model_kind": "transcoder_set",
@@ -186,5 +187,5 @@ def export_circuit_tracer(
     import yaml
 
     text = yaml.safe_dump(config, sort_keys=False)
-    _atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(text))
+    atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(text))
     return directory
