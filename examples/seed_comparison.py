@@ -16,12 +16,16 @@ skip transcoder, with equal width, k and tokens, then measures on held-out text:
   detection and fuzzing balanced accuracy per sampled latent;
 - dashboards of each dictionary's most frequent latents.
 
-Writes `results.json`, `results.md`, `comparison.html` (plots, with plotly),
-`probing.json`, `autointerp.json` (with an LLM) and `dashboards_<variant>.html` to
-`--output`.
+Writes to `--output`: `results.json` and `results.md` (the table, latent densities and
+the evidence for each claim), `comparison.html` (plots, with plotly), `probing.json`,
+`frequencies.json` (every latent's firing frequency), `autointerp.json` (with an LLM),
+`dashboards_<variant>.html`, and the dictionaries with their training record under
+`dictionaries/`. Training checkpoints every `--checkpoint-every` steps (`--resume`
+continues an interrupted run); `--reuse` measures a finished run's dictionaries again.
 
     python examples/seed_comparison.py                    # SmolLM2-135M, layers 3 9 15 21, 2M tokens
     python examples/seed_comparison.py --model tiny --tokens 40000 --layers 1 2   # seconds
+    python examples/seed_comparison.py --reuse --probe-splits 10   # measure again, no training
     python examples/seed_comparison.py --llm-url http://localhost:8000/v1 --llm-model Qwen/Qwen2.5-7B-Instruct
 """
 
@@ -37,8 +41,8 @@ from pathlib import Path
 import torch
 
 from tl_transcoders.comparison import (
-    VARIANTS, claim_evidence, compare_variants, evidence_markdown, markdown_table, plot_comparison,
-    rows_without_frequencies, train_variants,
+    VARIANTS, claim_evidence, compare_variants, density_histogram, density_table, evidence_markdown, markdown_table,
+    plot_comparison, rows_without_frequencies, train_variants,
 )
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "corpus"
@@ -209,7 +213,9 @@ def summary(rows, probe, interp, run) -> str:
              f"layers {run['layers']}; held-out: {run['heldout_tokens']:,} tokens. Training took "
              f"{run['train_s']:.0f} s on {run['train_machine']}{' (resumed)' if run['resumed'] else ''}; "
              f"measuring took {run['measure_s']:.0f} s on {run['machine']}.", "",
-             "## Reconstruction and splice", "", markdown_table(rows), ""]
+             "## Reconstruction and splice", "", markdown_table(rows), "",
+             "## Latent density (fraction of latents by firing frequency on the held-out tokens)", "",
+             density_table(rows), ""]
     if probe:
         sets = list(VARIANTS) + ["mlp_neurons"]
         ks = next(iter(probe.values()))["ks"]
@@ -249,7 +255,8 @@ def main(argv=None) -> Path:
            "resumed": training["resumed"], "measure_s": time.perf_counter() - started, "machine": machine()}
     evidence = claim_evidence(rows, probe, interp)
     (out / "results.json").write_text(json.dumps({"run": run, "rows": rows_without_frequencies(rows),
-                                                  "evidence": evidence}, indent=2) + "\n")
+                                                  "density": density_histogram(rows), "evidence": evidence},
+                                                 indent=2) + "\n")
     (out / "frequencies.json").write_text(json.dumps({f"{r['variant']}/layer{r['layer']}": r["frequencies"] for r in rows}))
     if probe:
         (out / "probing.json").write_text(json.dumps(probe, indent=1) + "\n")

@@ -7,8 +7,8 @@ import torch
 
 from tl_transcoders import evaluate_splice
 from tl_transcoders.comparison import (
-    VARIANTS, claim_evidence, compare_variants, evidence_markdown, latent_frequencies, markdown_table,
-    paired_difference, plot_comparison, train_variants,
+    VARIANTS, claim_evidence, compare_variants, density_histogram, density_table, evidence_markdown,
+    latent_frequencies, markdown_table, paired_difference, plot_comparison, train_variants,
 )
 from tl_transcoders.models import tiny_random_model
 from tl_transcoders.sites import capture
@@ -73,6 +73,17 @@ def test_bad_options(model, tmp_path):
         train_variants(model, [1], iter([]), tmp_path, variants=["crosscoder"])
     with pytest.raises(ValueError, match="set per variant"):
         train_variants(model, [1], iter([]), tmp_path, skip=True)
+
+
+def test_density_histogram_and_table():
+    rows = [{"variant": "sae", "layer": 2, "frequencies": [0.0, 0.0, 1e-7, 2e-4, 3e-4, 0.05, 0.5, 1.0]}]
+    histogram = density_histogram(rows, bins_per_decade=2, lowest=-4)
+    assert histogram["edges"] == [-4, -3.5, -3, -2.5, -2, -1.5, -1, -0.5, 0]
+    # 1e-7 clamps into the first bin; log10 2e-4 = -3.7 and 3e-4 = -3.52: bin 0; 0.05: bin 5; 0.5 and 1.0: the last
+    assert histogram["rows"] == [{"variant": "sae", "layer": 2, "dead": 2, "counts": [3, 0, 0, 0, 0, 1, 0, 2]}]
+    table = density_table(rows)
+    assert "| variant | layer | dead | < 1e-4 | 1e-4 to 1e-3 | 1e-3 to 1e-2 | 1e-2 to 1e-1 | >= 1e-1 |" in table
+    assert "| sae | 2 | 0.250 | 0.125 | 0.250 | 0.000 | 0.125 | 0.250 |" in table
 
 
 def test_paired_difference():

@@ -129,16 +129,57 @@ def markdown_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def density_histogram(rows: Sequence[dict], bins_per_decade: int = 4, lowest: int = -6) -> dict:
+    """Latent counts by firing frequency for each row (variant and layer), from the
+    rows' `frequencies`: log10 frequency binned from `lowest` to 0 with
+    `bins_per_decade` bins per decade (a frequency below 10**lowest goes in the first
+    bin, exactly 1 in the last), dead latents counted apart.
+
+    Returns `{"edges": [log10 bin edges], "rows": [{"variant", "layer", "dead",
+    "counts": [per bin]}]}`."""
+    n_bins = -lowest * bins_per_decade
+    edges = [lowest + i / bins_per_decade for i in range(n_bins + 1)]
+    out = []
+    for row in rows:
+        frequency = torch.tensor(row["frequencies"], dtype=torch.float64)
+        alive = frequency[frequency > 0].log10()
+        index = ((alive - lowest) * bins_per_decade).floor().long().clamp(0, n_bins - 1)
+        counts = torch.bincount(index, minlength=n_bins)
+        out.append({"variant": row["variant"], "layer": row["layer"], "dead": int((frequency == 0).sum()),
+                     "counts": counts.tolist()})
+    return {"edges": edges, "rows": out}
+
+
+def density_table(rows: Sequence[dict]) -> str:
+    """Markdown: the fraction of each dictionary's latents per decade of firing
+    frequency on the held-out tokens, and dead."""
+    histogram = density_histogram(rows, bins_per_decade=1, lowest=-5)
+    edges = histogram["edges"]
+    labels = [f"< 1e{edges[1]:.0f}"] + [f"1e{a:.0f} to 1e{b:.0f}" for a, b in zip(edges[1:-2], edges[2:-1])]
+    labels.append(f">= 1e{edges[-2]:.0f}")
+    lines = ["| variant | layer | dead | " + " | ".join(labels) + " |", "|---|---|---|" + "---|" * len(labels)]
+    order = sorted(histogram["rows"], key=lambda r: (r["layer"], list(VARIANTS).index(r["variant"])))
+    for row in order:
+        total = row["dead"] + sum(row["counts"])
+        cells = [row["dead"]] + row["counts"]
+        lines.append(f"| {row['variant']} | {row['layer']} | " + " | ".join(f"{c / total:.3f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_comparison(rows: Sequence[dict]):
     """A plotly figure: FVU and CE recovered by layer for each variant, and each
-    variant's histogram of log10 latent frequency (needs the `[plot]` extra)."""
+    variant's histogram of log10 latent frequency over all its layers (binned here, so
+    the figure stays small; needs the `[plot]` extra)."""
     try:
         from plotly.subplots import make_subplots
         import plotly.graph_objects as go
     except ImportError as error:
         raise ImportError("plot_comparison needs plotly: pip install 'tl-transcoders[plot]'") from error
     figure = make_subplots(rows=1, cols=3, subplot_titles=("FVU (lower is better)", "CE recovered",
-                                                            "latent frequency (log10, held-out tokens)"))
+                                                            "latents by log10 firing frequency (held-out)"))
+    histogram = density_histogram(rows)
+    edges = histogram["edges"]
+    centres = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
     for name in VARIANTS:
         mine = sorted((r for r in rows if r["variant"] == name), key=lambda r: r["layer"])
         if not mine:
@@ -147,13 +188,13 @@ def plot_comparison(rows: Sequence[dict]):
         figure.add_trace(go.Scatter(x=layers, y=[r["fvu"] for r in mine], name=name, legendgroup=name), 1, 1)
         figure.add_trace(go.Scatter(x=layers, y=[r["ce_recovered"] for r in mine], name=name,
                                     legendgroup=name, showlegend=False), 1, 2)
-        frequencies = torch.tensor([f for r in mine for f in r["frequencies"]])
-        alive = frequencies[frequencies > 0].log10()
-        figure.add_trace(go.Histogram(x=alive.tolist(), name=name, legendgroup=name, showlegend=False,
-                                      opacity=0.6, nbinsx=50), 1, 3)
+        counts = [sum(c) for c in zip(*(r["counts"] for r in histogram["rows"] if r["variant"] == name))]
+        figure.add_trace(go.Bar(x=centres, y=counts, name=name, legendgroup=name, showlegend=False,
+                                opacity=0.6, width=edges[1] - edges[0]), 1, 3)
     figure.update_layout(barmode="overlay", height=420, width=1300)
     figure.update_xaxes(title_text="layer", row=1, col=1)
     figure.update_xaxes(title_text="layer", row=1, col=2)
+    figure.update_xaxes(title_text="log10 fraction of tokens", row=1, col=3)
     return figure
 
 
