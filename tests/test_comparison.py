@@ -40,13 +40,13 @@ def test_three_variants_share_the_output_site(trained):
 
 def test_rows_match_single_evaluations(model, trained):
     tokens = torch.randint(0, model.cfg.d_vocab, (6, 32), generator=torch.Generator().manual_seed(1))
-    rows = compare_variants(model, trained, tokens)
+    rows = compare_variants(model, trained, tokens, batch_size=4)  # batches of 4 and 2 rows
     assert len(rows) == 6
     for row in rows:
         transcoder = next(t for t in trained[row["variant"]] if t.cfg.layer == row["layer"])
-        alone = evaluate_splice(model, [transcoder], tokens).layers[row["layer"]]
-        assert row["ce_spliced"] == pytest.approx(alone.ce_spliced, rel=1e-6)
-        assert row["fvu"] == pytest.approx(alone.fvu, rel=1e-6)
+        alone = evaluate_splice(model, [transcoder], tokens).layers[row["layer"]]  # one batch
+        assert row["ce_spliced"] == pytest.approx(alone.ce_spliced, rel=1e-5)
+        assert row["fvu"] == pytest.approx(alone.fvu, rel=1e-5)
         assert row["dead_fraction"] == pytest.approx(sum(f == 0 for f in row["frequencies"]) / len(row["frequencies"]))
     table = markdown_table(rows)
     assert table.count("\n") == 1 + 6 and "skip_transcoder" in table

@@ -86,19 +86,21 @@ def latent_frequencies(
 
 
 def compare_variants(
-    model: nn.Module, variants: dict[str, list[Transcoder]], tokens: Int[Tensor, "batch pos"]
+    model: nn.Module, variants: dict[str, list[Transcoder]], tokens: Int[Tensor, "batch pos"], batch_size: int = 8
 ) -> list[dict]:
-    """One row per (variant, layer) measured on `tokens`: FVU, CE clean / spliced /
-    zero-ablated, KL, CE recovered, L0, dead and dense fractions. Each dictionary is
-    spliced alone; the ablation baselines are computed once for all."""
+    """One row per (variant, layer) measured on `tokens`, `batch_size` rows at a time:
+    FVU, CE clean / spliced / zero-ablated, KL, CE recovered, L0, dead and dense
+    fractions. Each dictionary is spliced alone; the ablation baselines are computed
+    once for all."""
     layers = sorted({t.cfg.layer for ts in variants.values() for t in ts})
-    baselines = compute_ablation_baselines(model, tokens, layers)
+    batches = list(tokens.split(batch_size))  # one batch would hold [rows, pos, d_vocab] logits at once
+    baselines = compute_ablation_baselines(model, batches, layers)
     rows = []
     for name, transcoders in variants.items():
         for transcoder in transcoders:
-            report = evaluate_splice(model, [transcoder], tokens, baselines=baselines)
+            report = evaluate_splice(model, [transcoder], batches, baselines=baselines)
             layer = report.layers[transcoder.cfg.layer]
-            frequency = latent_frequencies(model, transcoder, tokens)
+            frequency = latent_frequencies(model, transcoder, tokens, batch_size)
             rows.append({
                 "variant": name,
                 "layer": transcoder.cfg.layer,
