@@ -61,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="JSON Lines files (glob) with a text column; default: the shared corpus if present, "
                              "else the embedded one")
     parser.add_argument("--heldout-data", default=None, help="as --train-data, for evaluation")
-    parser.add_argument("--heldout-rows", type=int, default=64, help="rows of --context tokens for splice metrics")
+    parser.add_argument("--heldout-rows", type=int, default=128, help="rows of --context tokens for splice metrics")
     parser.add_argument("--probe-per-source", type=int, default=40, help="64-token sequences per source for probing")
     parser.add_argument("--probe-splits", type=int, default=5,
                         help="random train/test splits each probing score is averaged over")
