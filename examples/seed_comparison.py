@@ -70,7 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--llm-api-key", default=None)
     parser.add_argument("--autointerp-latents", type=int, default=50, help="latents sampled per dictionary")
     parser.add_argument("--checkpoint-every", type=int, default=100,
-                        help="steps between training checkpoints (each holds every dictionary and its optimiser)")
+                        help="steps between training checkpoints (each holds every dictionary and its optimiser; "
+                             "removed when training ends)")
     parser.add_argument("--resume", action="store_true",
                         help="continue training from the checkpoints in --output (same options)")
     parser.add_argument("--reuse", action="store_true",
@@ -198,10 +199,13 @@ def train_or_reuse(args, model, batches, out: Path) -> tuple[dict, dict]:
     record = {"options": options, "train_s": time.perf_counter() - started, "machine": machine(),
               "resumed": args.resume}
     record_path.write_text(json.dumps(record, indent=2) + "\n")
+    for checkpoint in (out / "dictionaries").glob("*/checkpoint*.pt"):  # the run is done: no resuming it
+        checkpoint.unlink()
     return variants, record
 
 
 def machine() -> str:
+    """The processor, torch threads and torch version, for the results."""
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 

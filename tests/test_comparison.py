@@ -129,7 +129,7 @@ def test_example_script_on_the_tiny_model(tmp_path):
     spec = importlib.util.spec_from_file_location("seed_comparison", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    options = ["--model", "tiny", "--layers", "1", "2", "--tokens", str(8 * 32 * 6), "--batch-size", "8",
+    options = ["--checkpoint-every", "2", "--model", "tiny", "--layers", "1", "2", "--tokens", str(8 * 32 * 6), "--batch-size", "8",
                "--context", "32", "--heldout-rows", "6", "--k", "4", "--expansion", "2", "--output", str(tmp_path / "run")]
     out = script.main(options)
     import json
@@ -140,6 +140,7 @@ def test_example_script_on_the_tiny_model(tmp_path):
     for variant in VARIANTS:
         assert (out / f"dashboards_{variant}.html").is_file()
         assert (out / "dictionaries" / variant / "layer_2").is_dir()
+        assert not list((out / "dictionaries" / variant).glob("checkpoint*"))  # removed once training ended
     ratio = results["evidence"]["reconstruction"]["skip_transcoder vs transcoder"]["2"]["fvu_ratio"]
     rows = {(r["variant"], r["layer"]): r for r in results["rows"]}
     assert ratio == pytest.approx(rows["skip_transcoder", 2]["fvu"] / rows["transcoder", 2]["fvu"])
