@@ -51,6 +51,7 @@ from tl_transcoders.dashboards import check_latents, token_strings, visible
 from tl_transcoders.evaluation import check_token_batches
 from tl_transcoders.sites import capture
 from tl_transcoders.splice import check_compatible
+from tl_transcoders.statistics import mean_and_sem
 from tl_transcoders.transcoder import Transcoder
 
 Messages = list[dict[str, str]]
@@ -634,10 +635,8 @@ def aggregate_scores(scores: Sequence[LatentScore]) -> dict[str, Any]:
     for kind in ("detection", "fuzzing"):
         results = [getattr(s, kind) for s in scores]
         values = [r.balanced_accuracy for r in results if not math.isnan(r.balanced_accuracy)]
-        n = len(values)
-        mean = sum(values) / n if n else math.nan
-        sem = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else math.nan
-        summary[kind] = {"mean": mean, "sem": sem, "n": n,
+        mean, sem = mean_and_sem(values)
+        summary[kind] = {"mean": mean, "sem": sem, "n": len(values),
                          "n_unparsed": sum(r.n_unparsed for r in results),
                          "n_failed_batches": sum(r.n_failed_batches for r in results)}
     return summary

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from tl_transcoders.evaluation import compute_ablation_baselines, evaluate_splice
 from tl_transcoders.sites import capture
+from tl_transcoders.statistics import mean_and_sem
 from tl_transcoders.training import TrainConfig, Trainer, fit_together
 from tl_transcoders.transcoder import Transcoder
 
@@ -212,10 +213,8 @@ def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict:
     if len(a) != len(b):
         raise ValueError(f"paired_difference needs matched items, got {len(a)} and {len(b)}")
     d = [x - y for x, y in zip(a, b)]
-    n = len(d)
-    mean = sum(d) / n if n else math.nan
-    sem = math.sqrt(sum((v - mean) ** 2 for v in d) / (n - 1) / n) if n > 1 else math.nan
-    return {"mean": mean, "sem": sem, "n": n, "wins": sum(v > 0 for v in d), "losses": sum(v < 0 for v in d),
+    mean, sem = mean_and_sem(d)
+    return {"mean": mean, "sem": sem, "n": len(d), "wins": sum(v > 0 for v in d), "losses": sum(v < 0 for v in d),
             "ties": sum(v == 0 for v in d)}
 
 
