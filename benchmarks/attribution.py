@@ -184,7 +184,7 @@ def worker_prepare(args) -> None:
     from safetensors.torch import save_file
     from transformer_lens import HookedTransformer, loading
 
-    from tl_transcoders.sites import capture
+    from tl_transcoders.hooks.sites import capture
 
     cache = args.cache
     directory = str(smollm2.hf_dir())

@@ -33,10 +33,10 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from tl_transcoders.corpus import embedded_corpus
-    from tl_transcoders.data import token_batches
-    from tl_transcoders.models import load_model, smollm2_path
-    from tl_transcoders.sites import is_bridge
+    from tl_transcoders.app.corpus import embedded_corpus
+    from tl_transcoders.io.data import token_batches
+    from tl_transcoders.hooks.models import load_model, smollm2_path
+    from tl_transcoders.hooks.sites import is_bridge
 
     torch.set_grad_enabled(False)
     path = smollm2_path()

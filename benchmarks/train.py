@@ -126,7 +126,7 @@ def git_state() -> dict:
 def prepare_tokens(cache: Path, n_batches: int) -> tuple[Path, Path]:
     """The first `n_batches` training batches and the held-out rows, as int64 tensor
     files (`[rows, 128]`), written once."""
-    from tl_transcoders.data import load_text_dataset, token_batches
+    from tl_transcoders.io.data import load_text_dataset, token_batches
 
     train_path = cache / f"train_tokens_{n_batches}x{BATCH}x{CONTEXT}.pt"
     heldout_path = cache / f"heldout_tokens_{HELDOUT_ROWS}x{CONTEXT}.pt"
@@ -204,7 +204,7 @@ def worker_forward(args) -> None:
 
 def worker_ours(args) -> None:
     from tl_transcoders import Transcoder
-    from tl_transcoders.sites import capture
+    from tl_transcoders.hooks.sites import capture
     from tl_transcoders.training import TrainConfig, Trainer
 
     spec = CONFIGS[args.config]

@@ -12,7 +12,7 @@ import tempfile
 
 import torch
 
-from tl_transcoders import Transcoder, TranscoderConfig
+from tl_transcoders import Transcoder, transcoder_config
 from tl_transcoders.attribution import (
     Graph,
     Head,
@@ -30,13 +30,13 @@ from tl_transcoders.attribution import (
     top_upstream,
     zero,
 )
-from tl_transcoders.models import tiny_random_model
+from tl_transcoders.hooks.models import tiny_random_model
 
 
 def random_transcoder(model, layer: int, seed: int) -> Transcoder:
     """A skip transcoder for `layer` with random encoder, biases and skip (a stand-in
     for a trained one: use `Transcoder.load(path)` for real work)."""
-    cfg = TranscoderConfig.for_model(model, layer, d_latent=256, activation="topk", k=8, skip=True)
+    cfg = transcoder_config(model, layer, d_latent=256, activation="topk", k=8, skip=True)
     transcoder = Transcoder(cfg)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

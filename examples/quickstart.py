@@ -9,12 +9,12 @@ import sys
 
 import torch
 
-from tl_transcoders import Transcoder, TranscoderConfig, evaluate_splice, splice
-from tl_transcoders.models import load_model, tiny_random_model
+from tl_transcoders import Transcoder, evaluate_splice, splice, transcoder_config
+from tl_transcoders.hooks.models import load_model, tiny_random_model
 
 model = load_model(sys.argv[1]) if len(sys.argv) > 1 else tiny_random_model()
 layer = model.cfg.n_layers // 2
-cfg = TranscoderConfig.for_model(model, layer, d_latent=8 * model.cfg.d_model, k=32, skip=True)
+cfg = transcoder_config(model, layer, d_latent=8 * model.cfg.d_model, k=32, skip=True)
 transcoder = Transcoder(cfg).eval()
 print(transcoder)
 

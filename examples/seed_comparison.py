@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from tl_transcoders.comparison import (
+from tl_transcoders.analysis.comparison import (
     VARIANTS, claim_evidence, compare_variants, density_histogram, density_table, evidence_markdown, markdown_table,
     plot_comparison, rows_without_frequencies, train_variants,
 )
@@ -85,7 +85,7 @@ def load(args):
     """The model and a function giving its text datasets (None for the tiny model)."""
     import datasets
 
-    from tl_transcoders.models import load_model, smollm2_path, tiny_random_model
+    from tl_transcoders.hooks.models import load_model, smollm2_path, tiny_random_model
 
     if args.model == "tiny":
         return tiny_random_model(), None
@@ -94,7 +94,7 @@ def load(args):
         if pattern is None and SHARED.is_dir():
             pattern = str(SHARED / split / "*.jsonl.gz")
         if pattern is None:
-            from tl_transcoders.corpus import embedded_corpus
+            from tl_transcoders.app.corpus import embedded_corpus
 
             return embedded_corpus(split)
         return datasets.load_dataset("json", data_files=sorted(glob.glob(pattern)), split="train")
@@ -105,7 +105,7 @@ def load(args):
 
 def token_data(args, model, corpus):
     """Training batches, held-out rows and (with a tokenizer) probing sequences."""
-    from tl_transcoders.data import token_batches
+    from tl_transcoders.io.data import token_batches
 
     if corpus is None:  # tiny random model: random tokens, nothing to probe
         generator = torch.Generator().manual_seed(args.seed)
@@ -128,7 +128,7 @@ def token_data(args, model, corpus):
 
 def probing(args, model, variants, heldout_set) -> dict:
     """Sparse probing of every dictionary and of the MLP neurons, per layer."""
-    from tl_transcoders.probing import probe_dictionaries, sequence_labels, token_class_labels, token_sequences
+    from tl_transcoders.analysis.probing import probe_dictionaries, sequence_labels, token_class_labels, token_sequences
 
     encode = lambda text: model.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     tokens, sources = token_sequences(heldout_set, encode, 64, args.probe_per_source, model.tokenizer.bos_token_id)
@@ -145,8 +145,8 @@ def probing(args, model, variants, heldout_set) -> dict:
 
 def autointerp(args, model, variants, heldout) -> dict:
     """Autointerp scores of `--autointerp-latents` random live latents per dictionary."""
-    from tl_transcoders.autointerp import OpenAICompatibleClient, aggregate_scores, latent_activations, score_latents
-    from tl_transcoders.comparison import latent_frequencies
+    from tl_transcoders.analysis.autointerp import OpenAICompatibleClient, aggregate_scores, latent_activations, score_latents
+    from tl_transcoders.analysis.comparison import latent_frequencies
 
     client = OpenAICompatibleClient(args.llm_url, args.llm_model, api_key=args.llm_api_key)
     generator = torch.Generator().manual_seed(args.seed)
@@ -164,7 +164,7 @@ def autointerp(args, model, variants, heldout) -> dict:
 
 def dashboards(args, model, variants, heldout, out: Path) -> None:
     """The 8 most frequent latents of each dictionary of the first layer."""
-    from tl_transcoders.dashboards import collect_activations, latent_dashboards, save_dashboards, top_latents
+    from tl_transcoders.analysis.dashboards import collect_activations, latent_dashboards, save_dashboards, top_latents
 
     for name, transcoders in variants.items():
         transcoder = transcoders[0]
@@ -176,7 +176,7 @@ def dashboards(args, model, variants, heldout, out: Path) -> None:
 def train_or_reuse(args, model, batches, out: Path) -> tuple[dict, dict]:
     """The dictionaries by variant, and the training record (`dictionaries/training.json`:
     wall time, machine, options), trained now or, with `--reuse`, loaded from `out`."""
-    from tl_transcoders.transcoder import Transcoder
+    from tl_transcoders.core.transcoder import Transcoder
 
     record_path = out / "dictionaries" / "training.json"
     options = {"model": model.cfg.model_name, "layers": args.layers, "k": args.k, "expansion": args.expansion,

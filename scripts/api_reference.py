@@ -24,15 +24,15 @@ from types import ModuleType
 MODULES = (
     "tl_transcoders",
     "tl_transcoders.training",
-    "tl_transcoders.data",
-    "tl_transcoders.models",
-    "tl_transcoders.corpus",
-    "tl_transcoders.interop",
+    "tl_transcoders.io.data",
+    "tl_transcoders.hooks.models",
+    "tl_transcoders.app.corpus",
+    "tl_transcoders.io.loading",
     "tl_transcoders.attribution",
-    "tl_transcoders.dashboards",
-    "tl_transcoders.probing",
-    "tl_transcoders.autointerp",
-    "tl_transcoders.comparison",
+    "tl_transcoders.analysis.dashboards",
+    "tl_transcoders.analysis.probing",
+    "tl_transcoders.analysis.autointerp",
+    "tl_transcoders.analysis.comparison",
 )
 """The modules documented, in page order."""
 

@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-from tl_transcoders import Transcoder, TranscoderConfig  # noqa: E402
+from tl_transcoders import Transcoder, transcoder_config  # noqa: E402
 
 try:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -156,9 +156,7 @@ def make_transcoder(
 ) -> Transcoder:
     """A transcoder for `layer` of `model` with random weights, biases and skip, so that
     every term of its output is non-zero."""
-    cfg = TranscoderConfig.for_model(
-        model, layer, d_latent=d_latent, activation=activation, k=k, skip=skip, **sites
-    )
+    cfg = transcoder_config(model, layer, d_latent=d_latent, activation=activation, k=k, skip=skip, **sites)
     transcoder = Transcoder(cfg)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

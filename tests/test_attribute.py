@@ -18,7 +18,7 @@ from conftest import MODEL_PARAMS, build_model, make_transcoder
 from tl_transcoders import Transcoder, TranscoderConfig
 from tl_transcoders.attribution.attribute import attribute
 from tl_transcoders.attribution.replacement import ReplacementError
-from tl_transcoders.sites import attach
+from tl_transcoders.hooks.sites import attach
 
 # The reference runs also edit norm scales, which the Bridge reports on every pass.
 pytestmark = pytest.mark.filterwarnings("ignore:A forward hook edited hook_scale")

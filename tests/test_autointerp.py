@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import make_transcoder
 
-from tl_transcoders.autointerp import (
+from tl_transcoders.analysis.autointerp import (
     FakeClient,
     LLMError,
     OpenAICompatibleClient,

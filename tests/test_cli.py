@@ -8,7 +8,7 @@ import torch
 from conftest import MODEL_PARAMS, build_model, make_transcoder
 
 from tl_transcoders import Transcoder, evaluate_splice
-from tl_transcoders import cli
+from tl_transcoders.app import cli
 
 
 def test_eval_prints_the_report(monkeypatch, tmp_path, capsys):

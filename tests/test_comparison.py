@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from tl_transcoders import evaluate_splice
-from tl_transcoders.comparison import (
+from tl_transcoders.analysis.comparison import (
     VARIANTS, claim_evidence, compare_variants, density_histogram, density_table, evidence_markdown,
     latent_frequencies, markdown_table, paired_difference, plot_comparison, train_variants,
 )
-from tl_transcoders.models import tiny_random_model
-from tl_transcoders.sites import capture
+from tl_transcoders.hooks.models import tiny_random_model
+from tl_transcoders.hooks.sites import capture
 
 
 @pytest.fixture(scope="module")

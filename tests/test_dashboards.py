@@ -12,7 +12,7 @@ from conftest import MODEL_PARAMS, build_model, make_transcoder
 
 from tl_transcoders import Transcoder
 from tl_transcoders.attribution.virtual_weights import embedding_weights, logit_weights
-from tl_transcoders.dashboards import (
+from tl_transcoders.analysis.dashboards import (
     collect_activations,
     dashboard_page,
     latent_dashboard,
@@ -20,7 +20,7 @@ from tl_transcoders.dashboards import (
     save_dashboards,
     top_latents,
 )
-from tl_transcoders.sites import capture, is_bridge
+from tl_transcoders.hooks.sites import capture, is_bridge
 
 # one HookedTransformer (where TransformerLens has it) and one Bridge
 NAMES = ["ht-gpt2" if "ht-gpt2" in MODEL_PARAMS else "bridge_compat-gpt2", "bridge-llama"]

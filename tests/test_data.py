@@ -16,8 +16,8 @@ from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from tl_transcoders import data
-from tl_transcoders.data import load_text_dataset, token_batches
+from tl_transcoders.io import data
+from tl_transcoders.io.data import load_text_dataset, token_batches
 
 BOS, EOS = 0, 1
 VOCAB = 60

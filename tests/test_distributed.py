@@ -14,7 +14,7 @@ from tl_transcoders import Transcoder
 SCRIPT = textwrap.dedent(
     """
     import sys, torch
-    from tl_transcoders.models import tiny_random_model
+    from tl_transcoders.hooks.models import tiny_random_model
     from tl_transcoders.training import TrainConfig, Trainer
 
     torch.set_num_threads(1)

@@ -9,7 +9,7 @@ import torch
 from conftest import make_transcoder
 
 from tl_transcoders import compute_ablation_baselines, evaluate_splice, splice
-from tl_transcoders.sites import attach
+from tl_transcoders.hooks.sites import attach
 
 
 def per_token_ce(model, batches, hooks=()):
@@ -53,7 +53,7 @@ def test_report_equals_separate_computation(model, batches):
     close(report.ce_clean, per_token_ce(model, batches).mean().item())
     with splice(model, transcoders):
         close(report.ce_all_spliced, per_token_ce(model, batches).mean().item())
-    from tl_transcoders.splice import transcoder_hooks
+    from tl_transcoders.hooks.splice import transcoder_hooks
 
     close(report.kl_all_spliced, mean_kl(model, batches, transcoder_hooks(transcoders)))
     for t in transcoders:
@@ -170,7 +170,7 @@ def test_variants_do_not_rerun_the_early_blocks(model, batches):
 
 
 def test_full_passes_when_resuming_does_not_reproduce(model, batches, monkeypatch):
-    from tl_transcoders import evaluation
+    from tl_transcoders.evaluation import run as evaluation
 
     transcoders = [make_transcoder(model, layer) for layer in (0, 2)]
     expected = evaluate_splice(model, transcoders, batches).to_dict()
@@ -200,7 +200,7 @@ def test_nan_transcoder_outputs_are_reported(model, batches):
 def test_kl_shortcut_is_kept_where_the_head_is_affine(model, batches):
     """KL through the unembedding's input (O(d_model) per token) must agree with the
     direct sum over the vocabulary and stay in use; logit soft-capping disables it."""
-    from tl_transcoders.evaluation import _CleanRun, _head_input
+    from tl_transcoders.evaluation.run import _CleanRun, _head_input
 
     transcoder = make_transcoder(model, 1)
     clean = _CleanRun(model, batches[0], [transcoder], [], delta_ok=True, verify=False)

@@ -16,7 +16,7 @@ from conftest import build_model
 from safetensors.torch import load_file, save_file
 
 from tl_transcoders import SpliceError, Transcoder, TranscoderConfig, TranscoderFileError, check_compatible
-from tl_transcoders.interop import (
+from tl_transcoders.io.loading import (
     detect_format,
     export_circuit_tracer,
     load_directory,
@@ -406,7 +406,7 @@ def test_circuit_tracer_config_problems(tmp_path):
 
 
 def test_loaded_transcoders_fit_the_models_whose_input_space_they_share(model):
-    from tl_transcoders.sites import input_space_of
+    from tl_transcoders.hooks.sites import input_space_of
 
     transcoders = load_pretrained(SPARSIFY / "transcoder") + load_pretrained(CIRCUIT_TRACER / "jumprelu_skip")[2:]
     if input_space_of(model, "blocks.0.mlp.hook_in") == "folded_ln":
@@ -418,7 +418,7 @@ def test_loaded_transcoders_fit_the_models_whose_input_space_they_share(model):
 
 def test_spliced_sparsify_transcoder_writes_its_output_from_the_captured_input():
     from tl_transcoders import splice
-    from tl_transcoders.sites import capture
+    from tl_transcoders.hooks.sites import capture
 
     model = build_model("bridge-sandwich")
     transcoder = load_pretrained(SPARSIFY / "transcoder" / "layers.1.mlp")

@@ -9,7 +9,7 @@ from test_attribute import CASES, float64_model, out_site, prompt, skip_of, tran
 
 from tl_transcoders.attribution.attribute import attribute
 from tl_transcoders.attribution.interventions import FeatureEdit, intervene, zero
-from tl_transcoders.sites import attach
+from tl_transcoders.hooks.sites import attach
 
 # The reference runs also edit norm scales, which the Bridge reports on every pass.
 pytestmark = pytest.mark.filterwarnings("ignore:A forward hook edited hook_scale")

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tl_transcoders.models import ModelLoadError, load_model
-from tl_transcoders.sites import is_bridge
+from tl_transcoders.hooks.models import ModelLoadError, load_model
+from tl_transcoders.hooks.sites import is_bridge
 
 transformers = pytest.importorskip("transformers")
 

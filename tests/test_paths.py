@@ -16,7 +16,7 @@ from tl_transcoders.attribution.virtual_weights import (
     pull_back_head,
     write_directions,
 )
-from tl_transcoders.sites import capture
+from tl_transcoders.hooks.sites import capture
 
 
 ACTIVATIONS = ("topk", "relu", "jumprelu")

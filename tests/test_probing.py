@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import make_transcoder
 
-from tl_transcoders.autointerp import latent_activations
-from tl_transcoders.probing import (
+from tl_transcoders.analysis.autointerp import latent_activations
+from tl_transcoders.analysis.probing import (
     ProbeError,
     collect_features,
     probe_dictionaries,

@@ -7,7 +7,7 @@ import torch
 from conftest import BACKENDS, build_model, make_transcoder
 
 from tl_transcoders import SpliceError, Transcoder, TranscoderConfig, splice
-from tl_transcoders.sites import is_bridge
+from tl_transcoders.hooks.sites import is_bridge
 
 
 def hook_state(model: torch.nn.Module) -> dict[str, tuple]:

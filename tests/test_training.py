@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from tl_transcoders import Transcoder, evaluate_splice
-from tl_transcoders.models import tiny_random_model
+from tl_transcoders.hooks.models import tiny_random_model
 from tl_transcoders.training import TrainConfig, Trainer, fit_together
 
 
@@ -89,7 +89,7 @@ def test_saved_transcoders_work_in_the_model_space(model, tmp_path):
 RUN = textwrap.dedent(
     """
     import sys, time, torch
-    from tl_transcoders.models import tiny_random_model
+    from tl_transcoders.hooks.models import tiny_random_model
     from tl_transcoders.training import TrainConfig, Trainer, fit_together
 
     torch.set_num_threads(1)
@@ -203,7 +203,7 @@ def test_spliced_ce_during_training_and_wandb(model, tmp_path, monkeypatch):
 
 
 def test_capture_at_the_last_layer_skips_the_unembedding(model):
-    from tl_transcoders.sites import capture, is_bridge
+    from tl_transcoders.hooks.sites import capture, is_bridge
 
     calls = []
     handle = model.unembed.register_forward_hook(lambda *args: calls.append(1))

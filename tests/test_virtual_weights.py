@@ -29,7 +29,7 @@ from tl_transcoders.attribution.virtual_weights import (
     top_tokens,
     top_upstream,
 )
-from tl_transcoders.sites import attach
+from tl_transcoders.hooks.sites import attach
 
 NORMS = ("ln1", "ln2", "ln1_post", "ln2_post")
 

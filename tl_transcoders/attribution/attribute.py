@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 from tl_transcoders.attribution.graph import Graph
 from tl_transcoders.attribution.replacement import ReplacementState, frozen_replacement
-from tl_transcoders.sites import model_device, model_name
-from tl_transcoders.transcoder import Transcoder
+from tl_transcoders.hooks.sites import model_device, model_name
+from tl_transcoders.core.transcoder import Transcoder
 
 
 def attribute(

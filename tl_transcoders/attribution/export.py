@@ -22,7 +22,7 @@ from typing import Any
 
 from tl_transcoders.attribution.graph import Graph, token_labels
 from tl_transcoders.attribution.prune import prune
-from tl_transcoders.files import atomic_write
+from tl_transcoders.core.files import atomic_write
 
 INDEX_FILE = "graph-metadata.json"
 NODE_FIELDS = (

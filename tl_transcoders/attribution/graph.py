@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from tl_transcoders.files import atomic_write
+from tl_transcoders.core.files import atomic_write
 
 FORMAT_NAME = "tl-transcoders-graph"
 FORMAT_VERSION = 1

@@ -28,8 +28,8 @@ from tl_transcoders.attribution.replacement import (
     record_frozen_values,
     transcoders_by_layer,
 )
-from tl_transcoders.sites import SiteFn, attach
-from tl_transcoders.transcoder import Transcoder
+from tl_transcoders.hooks.sites import SiteFn, attach
+from tl_transcoders.core.transcoder import Transcoder
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from tl_transcoders.sites import capture, model_device
+from tl_transcoders.hooks.sites import capture, model_device
 
 
 @dataclass(frozen=True)

@@ -46,9 +46,9 @@ from tl_transcoders.attribution.virtual_weights import (
     read_directions,
     write_directions,
 )
-from tl_transcoders.sites import attach, model_device
-from tl_transcoders.splice import describe, splice
-from tl_transcoders.transcoder import Transcoder
+from tl_transcoders.hooks.sites import attach, model_device
+from tl_transcoders.hooks.splice import describe, splice
+from tl_transcoders.core.transcoder import Transcoder
 
 NodeKind = Literal["feature", "error", "embedding", "head", "skip", "logit"]
 

@@ -32,10 +32,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from tl_transcoders.activations import SparseLatents
-from tl_transcoders.sites import SiteFn, attach
-from tl_transcoders.splice import SpliceError, check_compatible, describe
-from tl_transcoders.transcoder import Transcoder
+from tl_transcoders.core.activations import SparseLatents
+from tl_transcoders.hooks.sites import SiteFn, attach
+from tl_transcoders.hooks.splice import SpliceError, check_compatible, describe
+from tl_transcoders.core.transcoder import Transcoder
 
 NORMS = ("ln1", "ln1_post", "ln2", "ln2_post")
 

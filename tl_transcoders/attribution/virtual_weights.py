@@ -55,8 +55,8 @@ from tl_transcoders.attribution.model_weights import (
     unembedding,
     value_output_weights,
 )
-from tl_transcoders.splice import SpliceError, check_compatible, describe
-from tl_transcoders.transcoder import Transcoder
+from tl_transcoders.hooks.splice import SpliceError, check_compatible, describe
+from tl_transcoders.core.transcoder import Transcoder
 
 Mode = Literal["absolute", "positive", "negative"]
 

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from tl_transcoders.config import ACTIVATIONS, ConfigError, default_input_site, default_output_site
+from tl_transcoders.core.config import ACTIVATIONS, ConfigError, default_input_site, default_output_site
 
 
 @dataclass

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tl_transcoders import activations
-from tl_transcoders.activations import SparseLatents
-from tl_transcoders.training import sparse
-from tl_transcoders.transcoder import Transcoder
+from tl_transcoders.core import activations
+from tl_transcoders.core.activations import SparseLatents
+from tl_transcoders.core import kernels as sparse
+from tl_transcoders.core.transcoder import Transcoder
 
 
 @dataclass

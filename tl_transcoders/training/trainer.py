@@ -26,12 +26,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from tl_transcoders.config import TranscoderConfig
 from tl_transcoders.evaluation import compute_ablation_baselines, evaluate_splice
-from tl_transcoders.sites import capture
+from tl_transcoders.hooks.sites import capture, probe_sites, transcoder_config
 from tl_transcoders.training.config import TrainConfig
 from tl_transcoders.training.losses import no_ranks, training_step
-from tl_transcoders.transcoder import Transcoder
+from tl_transcoders.core.transcoder import Transcoder
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -40,7 +39,7 @@ class Trainer:
     """Trains one transcoder per layer in `cfg.layers` on `model`.
 
     Usage: `Trainer(model, cfg).fit(batches)` with `batches` an iterable of `[batch,
-    context]` token tensors (e.g. `tl_transcoders.data.token_batches`); the same
+    context]` token tensors (e.g. `tl_transcoders.io.data.token_batches`); the same
     iterable must be given again to resume (consumed batches are skipped)."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig):
@@ -65,9 +64,8 @@ class Trainer:
         self.transcoders: dict[int, Transcoder] = {}
         for layer in layers:
             input_site, output_site = cfg.sites(layer)
-            probe = TranscoderConfig.for_model(model, layer, 1, input_site, output_site, k=1)
-            d_latent = cfg.d_latent or cfg.expansion * probe.d_in
-            tc_cfg = TranscoderConfig.for_model(
+            d_latent = cfg.d_latent or cfg.expansion * probe_sites(model, [input_site])[input_site].width
+            tc_cfg = transcoder_config(
                 model, layer, d_latent, input_site, output_site,
                 activation=cfg.activation, k=min(cfg.k, d_latent), skip=cfg.skip, dtype=cfg.dtype,
             )

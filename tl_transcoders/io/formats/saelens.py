@@ -7,9 +7,9 @@ from typing import Any
 
 from torch import Tensor
 
-from tl_transcoders.formats.common import Placement, Source, field, fold_input_shift, read_json, tensor_names
-from tl_transcoders.sites import layer_of
-from tl_transcoders.transcoder import TranscoderFileError, read_tensors
+from tl_transcoders.io.formats.common import Placement, Source, field, fold_input_shift, read_json, tensor_names
+from tl_transcoders.core.config import layer_of
+from tl_transcoders.core.native import TranscoderFileError, read_tensors
 
 FILES = ("cfg.json", "sae_weights.safetensors")
 """The config and weights files of one SAE or transcoder."""

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from tl_transcoders.activations import SparseLatents
+from tl_transcoders.core.activations import SparseLatents
 
 __all__ = ["topk_encode", "batchtopk_encode", "sparse_decode"]
 

@@ -25,10 +25,10 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from tl_transcoders.evaluation import compute_ablation_baselines, evaluate_splice
-from tl_transcoders.sites import capture
-from tl_transcoders.statistics import mean_and_sem
+from tl_transcoders.hooks.sites import capture
+from tl_transcoders.evaluation.statistics import mean_and_sem
 from tl_transcoders.training import TrainConfig, Trainer, fit_together
-from tl_transcoders.transcoder import Transcoder
+from tl_transcoders.core.transcoder import Transcoder
 
 VARIANTS: dict[str, dict] = {
     "sae": dict(sae=True, skip=False),

@@ -11,6 +11,7 @@ and the model's name. An SAE is a transcoder whose input and output sites are eq
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,15 @@ def default_input_site(layer: int) -> str:
 def default_output_site(layer: int) -> str:
     """What layer `layer`'s MLP adds to the residual stream."""
     return f"blocks.{layer}.hook_mlp_out"
+
+
+_LAYER = re.compile(r"^blocks\.(\d+)\.")
+
+
+def layer_of(site: str) -> int | None:
+    """The block index in a site name (`blocks.L....`), or None for sites outside blocks."""
+    match = _LAYER.match(site)
+    return int(match.group(1)) if match else None
 
 
 class ConfigError(ValueError):
@@ -136,37 +146,6 @@ class TranscoderConfig:
             raise ConfigError(f"model_name must be a string or None, got {self.model_name!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-
-    @classmethod
-    def for_model(
-        cls,
-        model: Any,
-        layer: int,
-        d_latent: int,
-        input_site: str | None = None,
-        output_site: str | None = None,
-        **kwargs: Any,
-    ) -> TranscoderConfig:
-        """A config for `layer` of `model`: `d_in` and `d_out` are read from the sites
-        (by a tiny probe pass that also checks they exist and fire), `input_space` and
-        `model_name` from the model. Other fields (`activation`, `k`, `skip`, ...) are
-        passed through."""
-        from tl_transcoders import sites
-
-        input_site = input_site or default_input_site(layer)
-        output_site = output_site or default_output_site(layer)
-        info = sites.probe_sites(model, [input_site, output_site])
-        return cls(
-            d_in=info[input_site].width,
-            d_out=info[output_site].width,
-            d_latent=d_latent,
-            layer=layer,
-            input_site=input_site,
-            output_site=output_site,
-            input_space=sites.input_space_of(model, input_site),
-            model_name=sites.model_name(model),
-            **kwargs,
-        )
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-ready dict."""

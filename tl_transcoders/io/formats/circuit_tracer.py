@@ -12,9 +12,10 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import Tensor
 
-from tl_transcoders.files import atomic_write
-from tl_transcoders.formats.common import LN_SITES, Placement, Source, field, read_yaml, tensor_names
-from tl_transcoders.transcoder import Transcoder, TranscoderFileError, read_tensors
+from tl_transcoders.core.files import atomic_write
+from tl_transcoders.io.formats.common import LN_SITES, Placement, Source, field, read_yaml, tensor_names
+from tl_transcoders.core.native import TranscoderFileError, read_tensors
+from tl_transcoders.core.transcoder import Transcoder
 
 CONFIG_FILE = "config.yaml"
 

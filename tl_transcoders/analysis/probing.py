@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int, Shaped
 from torch import Tensor, nn
 
-from tl_transcoders.dashboards import token_strings
+from tl_transcoders.analysis.dashboards import token_strings
 from tl_transcoders.evaluation import check_token_batches
-from tl_transcoders.sites import capture, check_site_exists
-from tl_transcoders.splice import check_compatible
-from tl_transcoders.transcoder import Transcoder
+from tl_transcoders.hooks.sites import capture, check_site_exists
+from tl_transcoders.hooks.splice import check_compatible
+from tl_transcoders.core.transcoder import Transcoder
 
 Selection = str
 """How `select_features` ranks features: "mean_diff" or "t_stat"."""

@@ -28,8 +28,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
-from tl_transcoders.config import default_output_site
-from tl_transcoders.sites import (
+from tl_transcoders.core.config import default_output_site
+from tl_transcoders.hooks.sites import (
     attach,
     check_resume,
     is_bridge,
@@ -37,8 +37,8 @@ from tl_transcoders.sites import (
     model_device,
     resumable_pass,
 )
-from tl_transcoders.splice import check_compatible, describe, transcoder_hooks
-from tl_transcoders.transcoder import Transcoder
+from tl_transcoders.hooks.splice import check_compatible, describe, transcoder_hooks
+from tl_transcoders.core.transcoder import Transcoder
 
 Tokens = Int[Tensor, "batch pos"]
 TokenBatches = list[Int[Tensor, "_ pos"]]

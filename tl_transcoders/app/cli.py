@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from tl_transcoders.demo import run_demo
+from tl_transcoders.app.demo import run_demo
 from tl_transcoders.evaluation import evaluate_splice
-from tl_transcoders.models import load_model
+from tl_transcoders.hooks.models import load_model
 from tl_transcoders.training import TrainConfig, Trainer
-from tl_transcoders.transcoder import Transcoder
+from tl_transcoders.core.transcoder import Transcoder
 
 
 def read_tokens(args: argparse.Namespace, model: torch.nn.Module) -> list[torch.Tensor]:
@@ -73,7 +73,7 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from tl_transcoders.data import load_text_dataset, token_batches
+    from tl_transcoders.io.data import load_text_dataset, token_batches
 
     model = load_model(args.model, device=args.device)
     names = {f.name for f in dataclasses.fields(TrainConfig)}

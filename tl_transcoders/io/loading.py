@@ -14,7 +14,7 @@ run, our `layer_N/` checkpoints) loads as a list. `load_pretrained` returns a si
 `Transcoder` for a directory holding one transcoder, and a list sorted by layer
 otherwise (always a list for circuit-tracer). Conversions are exact: a file whose
 computation a `Transcoder` cannot reproduce is refused with `TranscoderFileError`.
-The readers (and the circuit-tracer writer) are in `tl_transcoders.formats`, one module
+The readers (and the circuit-tracer writer) are in `tl_transcoders.io.formats`, one module
 per library; docs/interop.md says how each format's fields map to a `TranscoderConfig`.
 """
 
@@ -28,20 +28,13 @@ from typing import Any
 
 import torch
 
-from tl_transcoders.config import INPUT_SPACES
-from tl_transcoders.formats import circuit_tracer, saelens, sparsify
-from tl_transcoders.formats.circuit_tracer import export_circuit_tracer
-from tl_transcoders.formats.common import AUTO, Placement, Source, build
-from tl_transcoders.formats.sparsify import hookpoint_sites as sparsify_hookpoint_sites
-from tl_transcoders.transcoder import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    Transcoder,
-    TranscoderFileError,
-    parameter_shapes,
-    read_config,
-    read_tensors,
-)
+from tl_transcoders.core.config import INPUT_SPACES
+from tl_transcoders.io.formats import circuit_tracer, saelens, sparsify
+from tl_transcoders.io.formats.circuit_tracer import export_circuit_tracer
+from tl_transcoders.io.formats.common import AUTO, Placement, Source, build
+from tl_transcoders.io.formats.sparsify import hookpoint_sites as sparsify_hookpoint_sites
+from tl_transcoders.core.native import CONFIG_FILE, WEIGHTS_FILE, TranscoderFileError, read_config, read_tensors
+from tl_transcoders.core.transcoder import Transcoder, parameter_shapes
 
 __all__ = [
     "AUTO",

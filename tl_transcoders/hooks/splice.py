@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from tl_transcoders.sites import (
+from tl_transcoders.hooks.sites import (
     SiteError,
     SiteFn,
     attach,
@@ -27,7 +27,7 @@ from tl_transcoders.sites import (
     model_name,
     probe_sites,
 )
-from tl_transcoders.transcoder import Transcoder
+from tl_transcoders.core.transcoder import Transcoder
 
 
 class SpliceError(ValueError):

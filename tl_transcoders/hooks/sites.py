@@ -22,20 +22,37 @@ import difflib
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from tl_transcoders.core.errors import TranscodersError
+from tl_transcoders.core.config import TranscoderConfig, default_input_site, default_output_site, layer_of
+
 SiteFn = Callable[[Tensor], "Tensor | None"]
 """Called with the activation at a site; a returned tensor replaces it."""
 
-_LAYER = re.compile(r"^blocks\.(\d+)\.")
 _MLP_MODULE_SITE = re.compile(r"^blocks\.(\d+)\.mlp\.hook_(in|out)$")
 
 
-class SiteError(ValueError):
+class SiteError(TranscodersError, ValueError):
     """A site does not exist, never fires, or does not fit a transcoder."""
+
+
+class ModelError(TranscodersError, TypeError):
+    """Something that is not a TransformerLens model was given where one is needed."""
+
+
+def check_model(model: object) -> None:
+    """Raise `ModelError` unless `model` is a TransformerLens `HookedTransformer` or
+    `TransformerBridge` (a module with `cfg`, `blocks` and hook points)."""
+    if not isinstance(model, nn.Module) or not all(hasattr(model, name) for name in ("cfg", "blocks", "hooks")):
+        raise ModelError(
+            f"expected a TransformerLens HookedTransformer or TransformerBridge, got {type(model).__name__}; "
+            "load one with tl_transcoders.load_model(name_or_path)"
+        )
 
 
 def bridge_class() -> type | None:
@@ -56,12 +73,6 @@ def is_bridge(model: nn.Module) -> bool:
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter."""
     return next(model.parameters()).device
-
-
-def layer_of(site: str) -> int | None:
-    """The block index in a site name (`blocks.L....`), or None for sites outside blocks."""
-    match = _LAYER.match(site)
-    return int(match.group(1)) if match else None
 
 
 def _hook_names(model: nn.Module) -> set[str]:
@@ -247,6 +258,40 @@ def input_space_of(model: nn.Module, site: str) -> str:
 def model_name(model: nn.Module) -> str | None:
     """The model's name as TransformerLens records it."""
     return getattr(model.cfg, "model_name", None)
+
+
+def transcoder_config(
+    model: nn.Module,
+    layer: int,
+    d_latent: int | None = None,
+    input_site: str | None = None,
+    output_site: str | None = None,
+    *,
+    expansion: int | None = None,
+    **fields: Any,
+) -> TranscoderConfig:
+    """A `TranscoderConfig` for `layer` of `model`: `d_in` and `d_out` are read from the
+    sites (by one tiny probe pass that also checks they exist and fire), `input_space`
+    and `model_name` from the model. The dictionary has `d_latent` latents, or
+    `expansion * d_in` when `d_latent` is None. Other fields (`activation`, `k`,
+    `skip`, ...) are passed through."""
+    if (d_latent is None) == (expansion is None):
+        raise ValueError("transcoder_config: give exactly one of d_latent= and expansion=")
+    input_site = input_site or default_input_site(layer)
+    output_site = output_site or default_output_site(layer)
+    info = probe_sites(model, [input_site, output_site])
+    d_in = info[input_site].width
+    return TranscoderConfig(
+        d_in=d_in,
+        d_out=info[output_site].width,
+        d_latent=d_latent if d_latent is not None else expansion * d_in,
+        layer=layer,
+        input_site=input_site,
+        output_site=output_site,
+        input_space=input_space_of(model, input_site),
+        model_name=model_name(model),
+        **fields,
+    )
 
 
 Resume = Callable[[Tensor, int], Tensor]

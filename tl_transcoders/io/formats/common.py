@@ -13,8 +13,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from tl_transcoders.config import ConfigError, TranscoderConfig
-from tl_transcoders.transcoder import Transcoder, TranscoderFileError
+from tl_transcoders.core.config import ConfigError, TranscoderConfig
+from tl_transcoders.core.native import TranscoderFileError
+from tl_transcoders.core.transcoder import Transcoder
 
 AUTO = "auto"
 """`input_space` value meaning: derive it from the format and the input site."""

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from torch import Tensor
 
-from tl_transcoders.formats.common import Placement, Source, field, fold_input_shift, read_json
-from tl_transcoders.transcoder import TranscoderFileError, read_tensors
+from tl_transcoders.io.formats.common import Placement, Source, field, fold_input_shift, read_json
+from tl_transcoders.core.native import TranscoderFileError, read_tensors
 
 FILES = ("cfg.json", "sae.safetensors")
 """The config and weights files of one sparse coder."""

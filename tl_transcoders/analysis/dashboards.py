@@ -47,10 +47,10 @@ from tl_transcoders.attribution.virtual_weights import (
     logit_weights,
 )
 from tl_transcoders.evaluation import check_token_batches
-from tl_transcoders.files import atomic_write
-from tl_transcoders.sites import capture
-from tl_transcoders.splice import check_compatible, describe
-from tl_transcoders.transcoder import Transcoder
+from tl_transcoders.core.files import atomic_write
+from tl_transcoders.hooks.sites import capture
+from tl_transcoders.hooks.splice import check_compatible, describe
+from tl_transcoders.core.transcoder import Transcoder
 
 ENCODE_CHUNK = 4096
 """Tokens encoded at once: bounds the dense `[tokens, d_latent]` intermediate."""

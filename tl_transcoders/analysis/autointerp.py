@@ -47,12 +47,12 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from tl_transcoders.dashboards import check_latents, token_strings, visible
+from tl_transcoders.analysis.dashboards import check_latents, token_strings, visible
 from tl_transcoders.evaluation import check_token_batches
-from tl_transcoders.sites import capture
-from tl_transcoders.splice import check_compatible
-from tl_transcoders.statistics import mean_and_sem
-from tl_transcoders.transcoder import Transcoder
+from tl_transcoders.hooks.sites import capture
+from tl_transcoders.hooks.splice import check_compatible
+from tl_transcoders.evaluation.statistics import mean_and_sem
+from tl_transcoders.core.transcoder import Transcoder
 
 Messages = list[dict[str, str]]
 TokenDecoder = Any
@@ -309,7 +309,7 @@ class FakeClient:
         self.calls.append(messages)
         kind = _KIND_OF_SYSTEM_PROMPT.get(messages[0]["content"])
         if kind is None:
-            raise LLMError("FakeClient only answers the prompts of tl_transcoders.autointerp")
+            raise LLMError("FakeClient only answers the prompts of tl_transcoders.analysis.autointerp")
         if kind == "explanation":
             return f"Explanation: {self.explanation}"
         answers = []

@@ -18,23 +18,23 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from tl_transcoders import activations
-from tl_transcoders.activations import SparseLatents
-from tl_transcoders.config import ConfigError, TranscoderConfig
-from tl_transcoders.files import atomic_write
+from tl_transcoders.core import activations
+from tl_transcoders.core.activations import SparseLatents
+from tl_transcoders.core.config import TranscoderConfig
+from tl_transcoders.core.files import atomic_write
+from tl_transcoders.core.native import (
+    CONFIG_FILE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    read_config,
+    read_tensors,
+)
 
-FORMAT_NAME = "tl-transcoders"
-FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "transcoder.safetensors"
-
-
-class TranscoderFileError(ValueError):
-    """A saved transcoder cannot be read: the message names the file and the problem."""
+__all__ = ["Transcoder", "parameter_shapes"]
 
 
 def parameter_shapes(cfg: TranscoderConfig) -> dict[str, tuple[int, ...]]:
@@ -189,68 +189,3 @@ class Transcoder(nn.Module):
         transcoder = cls(cfg)
         transcoder.load_state_dict(tensors)
         return transcoder.to(device) if device is not None else transcoder
-
-    @classmethod
-    def from_pretrained(cls, repo_or_dir: str | os.PathLike, subfolder: str | None = None,
-                        revision: str | None = None, **kwargs) -> Transcoder | list[Transcoder]:
-        """Load from a local directory or a Hub repository, in our format or sparsify's,
-        SAELens's or circuit-tracer's: see `tl_transcoders.interop.load_pretrained`."""
-        from tl_transcoders.interop import load_pretrained
-
-        return load_pretrained(repo_or_dir, subfolder, revision, **kwargs)
-
-
-def read_config(path: Path) -> TranscoderConfig:
-    """Parse and validate a `config.json` written by `Transcoder.save`."""
-    if not path.is_file():
-        raise TranscoderFileError(
-            f"{path}: no such file. A saved transcoder is a directory holding "
-            f"{CONFIG_FILE} and {WEIGHTS_FILE} (written by Transcoder.save)."
-        )
-    try:
-        header = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise TranscoderFileError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
-        raise TranscoderFileError(
-            f"{path}: not a tl-transcoders config (expected \"format\": \"{FORMAT_NAME}\")"
-        )
-    version = header.get("format_version")
-    if version != FORMAT_VERSION:
-        raise TranscoderFileError(
-            f"{path}: format_version {version!r} is not supported; this version of "
-            f"tl-transcoders reads version {FORMAT_VERSION}. Upgrade tl-transcoders to "
-            "read files written by a newer release."
-        )
-    try:
-        return TranscoderConfig.from_dict(header.get("config"))
-    except ConfigError as err:
-        raise TranscoderFileError(f"{path}: {err}") from err
-
-
-def read_tensors(path: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, Tensor]:
-    """Load a safetensors file and check it holds exactly `shapes`, all finite."""
-    if not path.is_file():
-        raise TranscoderFileError(f"{path}: no such file (the transcoder's weights)")
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise TranscoderFileError(
-            f"{path}: cannot read the safetensors file, it may be truncated or corrupt ({err})"
-        ) from err
-    missing = sorted(set(shapes) - set(tensors))
-    unexpected = sorted(set(tensors) - set(shapes))
-    if missing or unexpected:
-        raise TranscoderFileError(
-            f"{path}: tensors do not match the config: missing {missing}, unexpected {unexpected}"
-        )
-    for name, shape in shapes.items():
-        tensor = tensors[name]
-        if tuple(tensor.shape) != shape:
-            raise TranscoderFileError(
-                f"{path}: tensor {name} has shape {tuple(tensor.shape)}, "
-                f"the config requires {shape}"
-            )
-        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
-            raise TranscoderFileError(f"{path}: tensor {name} holds NaN, inf or non-float values")
-    return tensors

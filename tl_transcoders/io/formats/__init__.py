@@ -1,2 +1,2 @@
 """Readers (and a writer) of other libraries' transcoder files, one module per library;
-the entry points are in `tl_transcoders.interop`."""
+the entry points are in `tl_transcoders.io.loading`."""

@@ -1,0 +1,1 @@
+"""The `tl-transcoders` command and the demo it runs."""

@@ -1,0 +1,2 @@
+"""The transcoder itself, with no model attached: its config, activation functions, the
+sparse kernels, the `Transcoder` module and its native file format."""

@@ -1,0 +1,17 @@
+"""The base class of every error the library raises on purpose.
+
+Each layer has its own error types (`ConfigError`, `TranscoderFileError`, `SiteError`,
+`SpliceError`, `TokenError`, `TrainingError`, ...); they all derive from
+`TranscodersError` and from the built-in class that fits them (mostly `ValueError`), so
+`except TranscodersError` catches everything the library refuses, and nothing else: the
+command line prints these as one line and shows tracebacks only for real crashes.
+Messages say what is wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+__all__ = ["TranscodersError"]
+
+
+class TranscodersError(Exception):
+    """Bad input or state that tl-transcoders refused, with a message that says what to do."""

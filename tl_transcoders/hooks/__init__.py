@@ -1,0 +1,2 @@
+"""A transcoder meets a TransformerLens model: hook sites, splice, loading models and
+the checks of token input, one hook-based path for both model classes."""
