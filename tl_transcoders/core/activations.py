@@ -1,8 +1,16 @@
-"""Sparsifying activation functions: TopK, BatchTopK, ReLU and JumpReLU.
+"""Sparsifying activation functions: TopK, BatchTopK, ReLU and JumpReLU, and the
+straight-through step that gives JumpReLU's threshold (and an L0 penalty) a gradient.
 
 Each takes encoder pre-activations `[..., d_latent]`. TopK returns its sparse form
 (values and indices of the k kept latents per token); the others return dense latents
-of the same shape as their input.
+of the same shape as their input. `topk` and `batchtopk` define what the sparse kernels
+(`kernels.py`) compute without dense pre-activations.
+
+JumpReLU and the step function H(pre - threshold) have zero gradient with respect to
+the threshold almost everywhere; with a `bandwidth` they use the rectangle-kernel
+pseudo-gradient of Rajamanoharan et al. (2024): d/d threshold is -(threshold /
+bandwidth) * K(pre - threshold) * grad for JumpReLU and -(1 / bandwidth) * K * grad for
+the step, K the indicator of |pre - threshold| < bandwidth / 2.
 """
 
 from __future__ import annotations
@@ -12,6 +20,16 @@ from typing import NamedTuple
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+
+__all__ = [
+    "SparseLatents",
+    "batchtopk",
+    "jumprelu",
+    "relu",
+    "sparsify_dense",
+    "step",
+    "topk",
+]
 
 
 class SparseLatents(NamedTuple):
@@ -49,11 +67,60 @@ def relu(pre: Float[Tensor, "*batch d_latent"]) -> Float[Tensor, "*batch d_laten
 
 
 def jumprelu(
-    pre: Float[Tensor, "*batch d_latent"], threshold: Float[Tensor, " d_latent"]
+    pre: Float[Tensor, "*batch d_latent"], threshold: Float[Tensor, " d_latent"], bandwidth: float | None = None
 ) -> Float[Tensor, "*batch d_latent"]:
     """Keep a pre-activation where it exceeds its latent's threshold, else zero
-    (JumpReLU; also BatchTopK at inference, with its calibrated threshold)."""
-    return pre * (pre > threshold)
+    (JumpReLU; also BatchTopK at inference, with its calibrated threshold). With a
+    `bandwidth` the threshold gets the straight-through gradient (module docstring)."""
+    if bandwidth is None:
+        return pre * (pre > threshold)
+    return _JumpReLU.apply(pre, threshold, bandwidth)
+
+
+def step(
+    pre: Float[Tensor, "*batch d_latent"], threshold: Float[Tensor, " d_latent"], bandwidth: float
+) -> Float[Tensor, "*batch d_latent"]:
+    """H(pre - threshold), 1 where a latent is active: its sum is the L0 count, whose
+    gradient reaches the threshold through the straight-through estimator."""
+    return _Step.apply(pre, threshold, bandwidth)
+
+
+def _near_threshold(pre: Tensor, threshold: Tensor, bandwidth: float, dtype: torch.dtype) -> Tensor:
+    return ((pre - threshold).abs() < bandwidth / 2).to(dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """pre * H(pre - threshold) with the rectangle-kernel pseudo-gradient for threshold."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, threshold = ctx.saved_tensors
+        near = _near_threshold(pre, threshold, ctx.bandwidth, grad.dtype)
+        grad_threshold = -(threshold / ctx.bandwidth) * near * grad
+        return grad * (pre > threshold), grad_threshold.reshape(-1, pre.shape[-1]).sum(0), None
+
+
+class _Step(torch.autograd.Function):
+    """H(pre - threshold) with the same pseudo-gradient for threshold."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, threshold = ctx.saved_tensors
+        near = _near_threshold(pre, threshold, ctx.bandwidth, grad.dtype)
+        grad_threshold = -(1.0 / ctx.bandwidth) * near * grad
+        return None, grad_threshold.reshape(-1, pre.shape[-1]).sum(0), None
 
 
 def sparsify_dense(latents: Float[Tensor, "*batch d_latent"]) -> SparseLatents:

@@ -1,4 +1,4 @@
-"""`TranscoderConfig`: the one description of a transcoder.
+"""`TranscoderConfig`: the one description of a transcoder, and what every config shares.
 
 A transcoder maps the activation at one hook site (its *input site*, by default the
 exact input of a layer's MLP) to the activation at another (its *output site*, by
@@ -6,19 +6,49 @@ default that layer's `hook_mlp_out`). The config records everything needed to sp
 it back into the right place of the right model: the layer, both site names, the
 input space (whether the model's layer-norm weights were folded when it was trained)
 and the model's name. An SAE is a transcoder whose input and output sites are equal.
+
+Configs document each field in a docstring under it (`field_docs` reads them: the
+command line's help comes from there), check every field's type from its annotation
+and its range when built (`validate`), and are checked again where they are used, so a
+config changed after construction cannot slip through.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import re
+import textwrap
+import types
+import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu")
+from tl_transcoders.core.errors import TranscodersError
+
+__all__ = [
+    "ACTIVATIONS",
+    "DTYPES",
+    "INPUT_SPACES",
+    "ConfigError",
+    "TranscoderConfig",
+    "check_field_types",
+    "config_from_dict",
+    "default_input_site",
+    "default_output_site",
+    "field_docs",
+    "layer_of",
+]
+
+Activation = Literal["topk", "batchtopk", "relu", "jumprelu"]
+InputSpace = Literal["folded_ln", "unfolded_ln", "no_ln", "any"]
+Dtype = Literal["float32", "float64", "float16", "bfloat16"]
+
+ACTIVATIONS = typing.get_args(Activation)
 """Supported activation functions. `topk` and `batchtopk` need `k`."""
 
-INPUT_SPACES = ("folded_ln", "unfolded_ln", "no_ln", "any")
+INPUT_SPACES = typing.get_args(InputSpace)
 """Input spaces a transcoder can be trained in.
 
 - `folded_ln`: the model's layer-norm weights are folded into the following linear
@@ -31,7 +61,7 @@ INPUT_SPACES = ("folded_ln", "unfolded_ln", "no_ln", "any")
   `ln2.hook_normalized`, taken before the affine step).
 """
 
-DTYPES = ("float32", "float64", "float16", "bfloat16")
+DTYPES = typing.get_args(Dtype)
 
 
 def default_input_site(layer: int) -> str:
@@ -53,48 +83,143 @@ def layer_of(site: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-class ConfigError(ValueError):
-    """A transcoder config (or a file's config) has a missing, unknown or bad field."""
+class ConfigError(TranscodersError, ValueError):
+    """A config (or a file's config) has a missing, unknown or bad field."""
+
+
+# --- what every config shares ---------------------------------------------------------
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of dataclass `cls` (as sparsify and
+    simple_parsing do), one paragraph of text per field name; {} without source."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    docs: dict[str, str] = {}
+    for node, following in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(inspect.cleandoc(following.value.value).split())
+    return docs
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether `value` fits the type annotation `hint` (the kinds configs use: int,
+    float, bool, str, Literal, list[X], unions with None)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin is Literal:
+        return value in args and not (isinstance(value, bool) and True not in args and False not in args)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if origin is list:
+        return isinstance(value, list) and all(_matches(v, args[0]) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe_hint(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe_hint(a) for a in args)
+    if origin is list:
+        return "a list of " + {int: "integers", str: "strings", float: "numbers"}.get(args[0], str(args[0]))
+    return {type(None): "None", bool: "True or False", int: "an integer", float: "a number", str: "a string"}.get(
+        hint, getattr(hint, "__name__", str(hint))
+    )
+
+
+def check_field_types(config: Any) -> None:
+    """Raise `ConfigError` naming the first field of dataclass `config` whose value does
+    not fit its annotation."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if not _matches(value, hints[f.name]):
+            raise ConfigError(f"{f.name} must be {_describe_hint(hints[f.name])}, got {value!r}")
+
+
+def config_from_dict(cls: type, data: Any, what: str = "config"):
+    """Build dataclass `cls` from a dict (`to_dict()` output, a file), refusing unknown
+    and missing fields; the result's `__post_init__` validates it."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a {what} must be a JSON object (a dict), got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config field(s) {unknown} in a {what}; known fields: {sorted(fields)}")
+    missing = [
+        name
+        for name, f in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and name not in data
+    ]
+    if missing:
+        raise ConfigError(f"config is missing required field(s) {missing} of a {what}")
+    # Fill the fields directly rather than through the generated __init__, so that a
+    # wrong type reaches validate() and its ConfigError, whatever runtime type checker
+    # may wrap __init__.
+    config = cls.__new__(cls)
+    for name, f in fields.items():
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        config.__dict__[name] = data.get(name, default)
+    config.__post_init__()
+    return config
+
+
+# --- the transcoder's config ------------------------------------------------------------
 
 
 @dataclass
 class TranscoderConfig:
-    """Shape, sparsity rule and placement of a transcoder.
-
-    Attributes:
-        d_in: width of the input site's activation (d_model for the MLP input).
-        d_out: width of the output site's activation (d_model for `hook_mlp_out`).
-        d_latent: number of latents (dictionary size).
-        layer: the transformer layer whose MLP this transcoder replaces.
-        activation: one of `ACTIVATIONS`.
-        k: active latents per token for `topk` (exact) and `batchtopk` (on average
-            over a batch); ignored by `relu` and `jumprelu`.
-        skip: add the affine skip term `x @ W_skip.T` (a skip transcoder).
-        input_site: hook name read; default `blocks.{layer}.mlp.hook_in`.
-        output_site: hook name written; default `blocks.{layer}.hook_mlp_out`.
-        input_space: one of `INPUT_SPACES`, or None when unknown (splice then warns
-            because it cannot check the space).
-        model_name: the model the transcoder was trained on, or None when unknown.
-        dtype: parameter dtype name.
-    """
+    """Shape, sparsity rule and placement of a transcoder."""
 
     d_in: int
+    """Width of the input site's activation (d_model for the MLP input)."""
     d_out: int
+    """Width of the output site's activation (d_model for `hook_mlp_out`)."""
     d_latent: int
+    """Number of latents (the dictionary size)."""
     layer: int
-    activation: str = "topk"
+    """The transformer layer whose MLP this transcoder replaces."""
+    activation: Activation = "topk"
+    """The sparsifying activation (`ACTIVATIONS`)."""
     k: int | None = 32
+    """Active latents per token for `topk` (exactly) and `batchtopk` (on average over a
+    batch); ignored by `relu` and `jumprelu`."""
     skip: bool = False
+    """Add the affine skip term `x @ W_skip.T` (a skip transcoder)."""
     input_site: str | None = None
+    """Hook name read; default `blocks.{layer}.mlp.hook_in`."""
     output_site: str | None = None
-    input_space: str | None = None
+    """Hook name written; default `blocks.{layer}.hook_mlp_out`."""
+    input_space: InputSpace | None = None
+    """The input space it was trained in (`INPUT_SPACES`), or None when unknown (splice
+    then warns, because it cannot check the space)."""
     model_name: str | None = None
-    dtype: str = "float32"
+    """The model it was trained on, or None when unknown."""
+    dtype: Dtype = "float32"
+    """Parameter dtype."""
 
     def __post_init__(self) -> None:
-        if self.input_site is None:
+        if self.input_site is None and isinstance(self.layer, int):
             self.input_site = default_input_site(self.layer)
-        if self.output_site is None:
+        if self.output_site is None and isinstance(self.layer, int):
             self.output_site = default_output_site(self.layer)
         self.validate()
 
@@ -109,43 +234,25 @@ class TranscoderConfig:
         return self.activation in ("topk", "batchtopk")
 
     def validate(self) -> None:
-        """Raise `ConfigError` naming the first field that is out of range."""
-        for name in ("d_in", "d_out", "d_latent"):
+        """Raise `ConfigError` naming the first field of the wrong type or out of range."""
+        for name, least in (("d_in", 1), ("d_out", 1), ("d_latent", 1), ("layer", 0)):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.layer, int) or isinstance(self.layer, bool) or self.layer < 0:
-            raise ConfigError(f"layer must be a non-negative integer, got {self.layer!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ConfigError(
-                f"activation must be one of {ACTIVATIONS}, got {self.activation!r}"
-            )
+            if not _matches(value, int) or value < least:
+                kind = "a positive" if least else "a non-negative"
+                raise ConfigError(f"{name} must be {kind} integer, got {value!r}")
+        check_field_types(self)
         if self.uses_k:
-            if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k <= 0:
-                raise ConfigError(
-                    f"activation {self.activation!r} needs k, a positive integer; got {self.k!r}"
-                )
+            if self.k is None or self.k <= 0:
+                raise ConfigError(f"activation {self.activation!r} needs k, a positive integer; got {self.k!r}")
             if self.k > self.d_latent:
                 raise ConfigError(f"k={self.k} is larger than d_latent={self.d_latent}")
-        if not isinstance(self.skip, bool):
-            raise ConfigError(f"skip must be True or False, got {self.skip!r}")
         for name in ("input_site", "output_site"):
-            value = getattr(self, name)
-            if not isinstance(value, str) or not value:
-                raise ConfigError(f"{name} must be a non-empty hook name, got {value!r}")
+            if not getattr(self, name):
+                raise ConfigError(f"{name} must be a non-empty hook name, got {getattr(self, name)!r}")
         if self.skip and self.is_sae:
             raise ConfigError(
-                "an SAE (input_site == output_site) cannot have a skip term: "
-                "the skip would let it copy its input"
+                "an SAE (input_site == output_site) cannot have a skip term: the skip would let it copy its input"
             )
-        if self.input_space is not None and self.input_space not in INPUT_SPACES:
-            raise ConfigError(
-                f"input_space must be one of {INPUT_SPACES} or None, got {self.input_space!r}"
-            )
-        if self.model_name is not None and not isinstance(self.model_name, str):
-            raise ConfigError(f"model_name must be a string or None, got {self.model_name!r}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-ready dict."""
@@ -154,25 +261,4 @@ class TranscoderConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TranscoderConfig:
         """Build a config from `to_dict()` output, refusing unknown or missing fields."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"a transcoder config must be a JSON object, got {type(data).__name__}")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(fields))
-        if unknown:
-            raise ConfigError(f"unknown config field(s) {unknown}; known fields: {sorted(fields)}")
-        required = [
-            name
-            for name, f in fields.items()
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        ]
-        missing = [name for name in required if name not in data]
-        if missing:
-            raise ConfigError(f"config is missing required field(s) {missing}")
-        # Fill the fields directly rather than through the generated __init__, so that
-        # a wrong type in a file reaches validate() and its ConfigError, whatever
-        # runtime type checker may wrap __init__.
-        config = cls.__new__(cls)
-        for name, f in fields.items():
-            config.__dict__[name] = data.get(name, f.default)
-        config.__post_init__()
-        return config
+        return config_from_dict(cls, data, "transcoder config")

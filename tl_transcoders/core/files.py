@@ -1,11 +1,30 @@
-"""Writing files so that an interrupted write never leaves a half-written file."""
+"""Writing files and directories so that an interruption never leaves a half-written one.
+
+`atomic_write` replaces one file: readers see the old file or the whole new one.
+`atomic_directory` replaces a whole directory the same way: the new contents are
+written to a temporary directory beside it, which then takes its place (on Linux by an
+atomic exchange of the two; elsewhere by two renames with Ctrl-C held off between
+them). Whatever fails, and wherever an interruption lands, the old file or directory
+is still there and no temporary file is left behind.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import os
+import shutil
+import signal
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+__all__ = ["atomic_directory", "atomic_write", "check_writable_directory"]
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
@@ -22,6 +41,82 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary directory beside `path`; when the block ends normally it
+    becomes `path`, replacing any directory there as a whole. On an exception (Ctrl-C
+    included) the temporary directory is removed and `path` is left as it was."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
+        _move_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_writable_directory(path: str | os.PathLike) -> Path:
+    """Create `path` (and its parents) if needed and check that a file can be written in
+    it; raise `OSError` (with the path) if not. Returns the path."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path} exists and is not a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check.", delete=True):
+        pass
+    return path
+
+
+def _move_into_place(new: Path, path: Path) -> None:
+    """Make directory `new` be `path`; an existing `path` is replaced and removed."""
+    if not path.exists():
+        os.rename(new, path)
+        return
+    if _exchange(new, path):  # `new` now holds the old contents
+        shutil.rmtree(new, ignore_errors=True)
+        return
+    old = path.with_name(f".{path.name}.{os.getpid()}.old")
+    with _interrupts_deferred():
+        os.rename(path, old)
+        os.rename(new, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux `renameat2(RENAME_EXCHANGE)`); False where the
+    system or file system cannot."""
+    libc_name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(libc_name, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError, TypeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    return result == 0
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold off Ctrl-C (SIGINT) for the block; one that arrived is raised after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            raise KeyboardInterrupt
 
 
 def _umask() -> int:

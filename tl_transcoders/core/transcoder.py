@@ -3,38 +3,39 @@
     latents = activation(x @ W_enc.T + b_enc)                   [..., d_latent]
     output  = latents @ W_dec + b_dec (+ x @ W_skip.T if skip)  [..., d_out]
 
-An SAE is the same module with input site == output site and no skip term. Weights
-are saved as safetensors next to a JSON config carrying a format version; `load`
-checks every field and tensor before building the module.
+An SAE is the same module with input site == output site and no skip term.
+
+`Transcoder.run` is the one forward pass, for training and inference alike: it returns
+the output, the active latents and, where the loss needs them, the dense
+pre-activations (`TranscoderOutput`). TopK, and BatchTopK in training mode, go through
+the sparse kernels (`kernels.py`: no dense latents, a backward pass that touches only
+the selected latents); ReLU, JumpReLU and BatchTopK at inference are computed densely.
+`forward` is `run(x).output`.
+
+Weights are saved in the native format (`native.py`): a directory with safetensors and a
+JSON config carrying a format version and a checksum, replaced atomically as a whole;
+`load` checks every field and tensor before building the module.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from tl_transcoders.core import activations
+from tl_transcoders.core import activations, kernels
 from tl_transcoders.core.activations import SparseLatents
-from tl_transcoders.core.config import TranscoderConfig
-from tl_transcoders.core.files import atomic_write
-from tl_transcoders.core.native import (
-    CONFIG_FILE,
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    WEIGHTS_FILE,
-    read_config,
-    read_tensors,
-)
+from tl_transcoders.core.config import ConfigError, TranscoderConfig
+from tl_transcoders.core.native import CONFIG_FILE, WEIGHTS_FILE, read_config, read_tensors, write_directory
 
-__all__ = ["Transcoder", "parameter_shapes"]
+__all__ = ["Transcoder", "TranscoderOutput", "parameter_shapes"]
 
 
 def parameter_shapes(cfg: TranscoderConfig) -> dict[str, tuple[int, ...]]:
@@ -52,6 +53,19 @@ def parameter_shapes(cfg: TranscoderConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+class TranscoderOutput(NamedTuple):
+    """What `Transcoder.run` computed.
+
+    `output` is the reconstruction of the output site; `latents` the active latents in
+    sparse form (values keep their gradient; None when not asked for); `pre_activations`
+    the dense encoder pre-activations `x @ W_enc.T + b_enc`, where they were computed
+    (the dense activations) or asked for (AuxK), else None."""
+
+    output: Float[Tensor, "*batch d_out"]
+    latents: SparseLatents | None
+    pre_activations: Float[Tensor, "*batch d_latent"] | None
+
+
 class Transcoder(nn.Module):
     """Maps the activation at `cfg.input_site` to the activation at `cfg.output_site`.
 
@@ -59,56 +73,118 @@ class Transcoder(nn.Module):
     `b_dec` [d_out]; `W_skip` [d_out, d_in] when `cfg.skip`; `threshold` [d_latent] for
     JumpReLU (learned) and BatchTopK (the inference threshold). A new transcoder has
     random unit-norm decoder rows, an encoder of matching scale, zero biases, zero
-    skip and zero thresholds. Row i of `W_enc` and of `W_dec` belong to latent i (the
-    layout of sparsify and circuit-tracer), so sparse kernels gather contiguous rows.
+    skip and zero thresholds, on `device` (default: torch's default device). Row i of
+    `W_enc` and of `W_dec` belong to latent i (the layout of sparsify and
+    circuit-tracer), so sparse kernels gather contiguous rows.
 
+    `cfg` may also be a mapping of config fields (`TranscoderConfig.to_dict()`).
     BatchTopK selects across the batch in training mode and thresholds each token
     independently in eval mode (`transcoder.eval()`).
     """
 
-    def __init__(self, cfg: TranscoderConfig):
+    def __init__(self, cfg: TranscoderConfig | Mapping[str, Any], device: str | torch.device | None = None):
         super().__init__()
+        if isinstance(cfg, Mapping):
+            cfg = TranscoderConfig.from_dict(dict(cfg))
+        if not isinstance(cfg, TranscoderConfig):
+            raise ConfigError(f"Transcoder takes a TranscoderConfig (or a dict of its fields), got {type(cfg).__name__}")
         cfg.validate()
         self.cfg = cfg
-        dtype = getattr(torch, cfg.dtype)
-        W_dec = torch.randn(cfg.d_latent, cfg.d_out, dtype=dtype)
+        factory = {"dtype": getattr(torch, cfg.dtype), "device": device}
+        W_dec = torch.randn(cfg.d_latent, cfg.d_out, **factory)
         W_dec /= W_dec.norm(dim=-1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
-        W_enc = torch.randn(cfg.d_latent, cfg.d_in, dtype=dtype) / math.sqrt(cfg.d_in)
-        self.W_enc = nn.Parameter(W_enc)
-        self.b_enc = nn.Parameter(torch.zeros(cfg.d_latent, dtype=dtype))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_out, dtype=dtype))
+        self.W_enc = nn.Parameter(torch.randn(cfg.d_latent, cfg.d_in, **factory) / math.sqrt(cfg.d_in))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_latent, **factory))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_out, **factory))
         if cfg.skip:
-            self.W_skip = nn.Parameter(torch.zeros(cfg.d_out, cfg.d_in, dtype=dtype))
+            self.W_skip = nn.Parameter(torch.zeros(cfg.d_out, cfg.d_in, **factory))
         if "threshold" in parameter_shapes(cfg):
-            self.threshold = nn.Parameter(torch.zeros(cfg.d_latent, dtype=dtype))
+            self.threshold = nn.Parameter(torch.zeros(cfg.d_latent, **factory))
 
-    def pre_activations(
-        self, x: Float[Tensor, "*batch d_in"]
-    ) -> Float[Tensor, "*batch d_latent"]:
+    def validate(self) -> None:
+        """Raise `ConfigError` if the config is invalid or the parameters do not have the
+        shapes it implies (a config or a tensor changed after construction)."""
+        self.cfg.validate()
+        expected = parameter_shapes(self.cfg)
+        found = {name: tuple(p.shape) for name, p in self.named_parameters()}
+        if found != expected:
+            wrong = sorted(name for name in expected.keys() | found.keys() if expected.get(name) != found.get(name))
+            details = ", ".join(f"{name}: {found.get(name)} (config needs {expected.get(name)})" for name in wrong)
+            raise ConfigError(
+                f"the parameters do not match the config: {details}. Was cfg or a weight changed after "
+                "the transcoder was built? Build a new Transcoder from the config you want."
+            )
+
+    def pre_activations(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_latent"]:
         """Encoder pre-activations `x @ W_enc.T + b_enc`."""
-        return F.linear(x, self.W_enc, self.b_enc)
+        return torch.nn.functional.linear(x, self.W_enc, self.b_enc)
+
+    @property
+    def _uses_sparse_kernels(self) -> bool:
+        """TopK always, BatchTopK in training mode: encoded without dense latents."""
+        return self.cfg.activation == "topk" or (self.cfg.activation == "batchtopk" and self.training)
+
+    def _sparse_encode(self, x: Tensor) -> SparseLatents:
+        encode = kernels.topk_encode if self.cfg.activation == "topk" else kernels.batchtopk_encode
+        return encode(x, self.W_enc, self.b_enc, self.cfg.k)
+
+    def _dense_activation(self, pre: Tensor, jumprelu_bandwidth: float | None) -> Tensor:
+        """ReLU, JumpReLU (straight-through threshold gradient with a bandwidth) or the
+        BatchTopK inference threshold, on dense pre-activations."""
+        if self.cfg.activation == "relu":
+            return activations.relu(pre)
+        bandwidth = jumprelu_bandwidth if self.cfg.activation == "jumprelu" else None
+        return activations.jumprelu(pre, self.threshold, bandwidth)
+
+    def run(
+        self,
+        x: Float[Tensor, "*batch d_in"],
+        *,
+        return_latents: bool = True,
+        return_pre_activations: bool = False,
+        jumprelu_bandwidth: float | None = None,
+    ) -> TranscoderOutput:
+        """The forward pass (see the module docstring): the reconstruction of the output
+        site from `x`, with the active latents (`return_latents`) and the dense
+        pre-activations (`return_pre_activations`, or wherever they are computed anyway).
+        `jumprelu_bandwidth` turns on JumpReLU's straight-through threshold gradient
+        (training)."""
+        if self._uses_sparse_kernels:
+            latents = self._sparse_encode(x)
+            output = self.decode_sparse(latents)
+            pre = self.pre_activations(x) if return_pre_activations else None
+        else:
+            pre = self.pre_activations(x)
+            dense = self._dense_activation(pre, jumprelu_bandwidth)
+            output = self.decode(dense)
+            latents = activations.sparsify_dense(dense) if return_latents else None
+        if self.cfg.skip:
+            output = output + x @ self.W_skip.T
+        return TranscoderOutput(output, latents if return_latents else None, pre)
+
+    def forward(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_out"]:
+        """The transcoder's reconstruction of the output site from the input site."""
+        return self.run(x, return_latents=False).output
+
+    def forward_with_latents(self, x: Float[Tensor, "*batch d_in"]) -> tuple[Float[Tensor, "*batch d_out"], SparseLatents]:
+        """`forward(x)` together with the sparse latents it was decoded from, computed
+        once (for metrics such as L0 next to the output)."""
+        out = self.run(x)
+        return out.output, out.latents
 
     def encode(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_latent"]:
         """Dense latent activations (mostly zeros)."""
-        pre = self.pre_activations(x)
-        kind = self.cfg.activation
-        if kind == "topk":
-            return activations.topk(pre, self.cfg.k).to_dense(self.cfg.d_latent)
-        if kind == "batchtopk" and self.training:
-            return activations.batchtopk(pre, self.cfg.k)
-        if kind == "relu":
-            return activations.relu(pre)
-        return activations.jumprelu(pre, self.threshold)
+        if self._uses_sparse_kernels:
+            return self._sparse_encode(x).to_dense(self.cfg.d_latent)
+        return self._dense_activation(self.pre_activations(x), None)
 
     def encode_sparse(self, x: Float[Tensor, "*batch d_in"]) -> SparseLatents:
-        """Values and indices of each token's active latents.
-
-        For TopK this is computed directly (exactly k per token); for the other
-        activations it is derived from `encode` and padded with zeros to the largest
-        number of active latents of any token."""
-        if self.cfg.activation == "topk":
-            return activations.topk(self.pre_activations(x), self.cfg.k)
+        """Values and indices of each token's active latents: exactly k per token for
+        TopK; for the other activations padded with zeros to the largest number of
+        active latents of any token."""
+        if self._uses_sparse_kernels:
+            return self._sparse_encode(x)
         return activations.sparsify_dense(self.encode(x))
 
     def decode(self, latents: Float[Tensor, "*batch d_latent"]) -> Float[Tensor, "*batch d_out"]:
@@ -117,32 +193,7 @@ class Transcoder(nn.Module):
 
     def decode_sparse(self, latents: SparseLatents) -> Float[Tensor, "*batch d_out"]:
         """Decode from the sparse form: a gather-and-sum of the active decoder rows."""
-        values, indices = latents
-        k = indices.shape[-1]
-        out = F.embedding_bag(
-            indices.reshape(-1, k),
-            self.W_dec,
-            per_sample_weights=values.reshape(-1, k).to(self.W_dec.dtype),
-            mode="sum",
-        )
-        return out.view(*indices.shape[:-1], self.cfg.d_out) + self.b_dec
-
-    def forward(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_out"]:
-        """The transcoder's reconstruction of the output site from the input site."""
-        if self.cfg.activation == "topk":
-            return self.forward_with_latents(x)[0]
-        return self._add_skip(self.decode(self.encode(x)), x)
-
-    def forward_with_latents(
-        self, x: Float[Tensor, "*batch d_in"]
-    ) -> tuple[Float[Tensor, "*batch d_out"], SparseLatents]:
-        """`forward(x)` together with the sparse latents it was decoded from, computed
-        once (for metrics such as L0 next to the output)."""
-        latents = self.encode_sparse(x)
-        return self._add_skip(self.decode_sparse(latents), x), latents
-
-    def _add_skip(self, out: Tensor, x: Tensor) -> Tensor:
-        return out + x @ self.W_skip.T if self.cfg.skip else out
+        return kernels.sparse_decode(latents.values.to(self.W_dec.dtype), latents.indices, self.W_dec, self.b_dec)
 
     def extra_repr(self) -> str:
         c = self.cfg
@@ -153,20 +204,14 @@ class Transcoder(nn.Module):
         )
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write `config.json` and `transcoder.safetensors` into `directory`.
-
-        Each file is written to a temporary name and renamed into place, so an
-        interrupted save never leaves a half-written file under the final name."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        """Write `config.json` and `transcoder.safetensors` into `directory`, replacing a
+        transcoder saved there before as a whole (an interrupted save leaves the old one
+        loadable). Refuses NaN or inf weights and a directory holding other files."""
+        self.validate()
         tensors = {name: p.detach().cpu().contiguous() for name, p in self.state_dict().items()}
-        header = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": self.cfg.to_dict()}
-        atomic_write(directory / WEIGHTS_FILE, lambda path: save_file(tensors, path))
-        atomic_write(
-            directory / CONFIG_FILE,
-            lambda path: Path(path).write_text(json.dumps(header, indent=2) + "\n"),
-        )
-        return directory
+        config = self.cfg.to_dict()
+        config["dtype"] = str(self.W_enc.dtype).removeprefix("torch.")
+        return write_directory(directory, config, tensors)
 
     @classmethod
     def load(
@@ -175,17 +220,33 @@ class Transcoder(nn.Module):
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> Transcoder:
-        """Read a transcoder written by `save`, checking every field and tensor.
+        """Read a transcoder written by `save`, checking every field, the weights'
+        checksum and every tensor; the transcoder is returned in eval mode.
 
         Raises `TranscoderFileError` naming the file and the problem for a missing or
-        corrupt file, an unknown format or version, a bad config field, or a tensor
-        that is missing, unexpected, of the wrong shape or not finite."""
+        corrupt file, an unknown format or version, a bad config field, a checksum that
+        does not match, or a tensor that is missing, unexpected, of the wrong shape or not
+        finite."""
         directory = Path(directory)
-        cfg = read_config(directory / CONFIG_FILE)
-        if dtype is not None:
-            cfg.dtype = str(dtype).removeprefix("torch.")
-            cfg.validate()
-        tensors = read_tensors(directory / WEIGHTS_FILE, parameter_shapes(cfg))
-        transcoder = cls(cfg)
-        transcoder.load_state_dict(tensors)
-        return transcoder.to(device) if device is not None else transcoder
+        cfg, checksum = read_config(directory / CONFIG_FILE)
+        tensors = read_tensors(directory / WEIGHTS_FILE, parameter_shapes(cfg), checksum)
+        return cls.from_tensors(cfg, tensors, device, dtype)
+
+    @classmethod
+    def from_tensors(
+        cls,
+        cfg: TranscoderConfig,
+        tensors: dict[str, Tensor],
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Transcoder:
+        """A transcoder holding `tensors` (named and shaped as `parameter_shapes(cfg)`),
+        in `dtype` (default: that of `W_enc`) on `device` (default: the tensors'), in
+        eval mode; built without a wasted random initialisation."""
+        cfg = dataclasses.replace(cfg, dtype=str(dtype or tensors["W_enc"].dtype).removeprefix("torch."))
+        with torch.device("meta"):
+            transcoder = cls(cfg)
+        target = getattr(torch, cfg.dtype)
+        transcoder.load_state_dict({k: v.to(device=device, dtype=target).contiguous() for k, v in tensors.items()}, assign=True)
+        transcoder.validate()
+        return transcoder.eval()
