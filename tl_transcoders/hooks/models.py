@@ -34,6 +34,22 @@ from unittest import mock
 import torch
 from torch import nn
 
+from tl_transcoders.core.errors import TranscodersError
+
+__all__ = [
+    "ModelLoadError",
+    "SMOLLM2_GGUF",
+    "SMOLLM2_SHAPE",
+    "SNIFFED_NAMES",
+    "TINY_SHAPE",
+    "cache_dir",
+    "load_model",
+    "random_model",
+    "set_bos_token",
+    "smollm2_path",
+    "tiny_random_model",
+]
+
 TINY_SHAPE = dict(
     n_layers=4,
     d_model=64,
@@ -58,7 +74,7 @@ SNIFFED_NAMES = ("llama", "gemma")
 """Substrings TransformerLens 3.x reads as an architecture when they occur in a path."""
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(TranscodersError, ValueError):
     """A model path or file that cannot be loaded, with what to do about it."""
 
 
@@ -121,7 +137,16 @@ def load_model(
         raise ModelLoadError(f"{path} does not exist (give a Hugging Face name, a local directory or a .gguf file)")
     else:
         directory, name = None, str(name_or_path)
-    model = _load(str(name_or_path) if directory is None else directory, use_bridge, device, dtype, kwargs)
+    try:
+        model = _load(str(name_or_path) if directory is None else directory, use_bridge, device, dtype, kwargs)
+    except (OSError, ValueError, KeyError) as err:
+        if directory is not None:
+            raise
+        raise ModelLoadError(
+            f"{name!r} is neither a local path nor a model TransformerLens could load from the Hugging Face Hub "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}). Give a local Hugging "
+            "Face directory or .gguf file, or check the name and that the Hub can be reached"
+        ) from err
     if directory is not None:
         model.cfg.model_name = name
     if bos_token is not None:
@@ -146,20 +171,52 @@ def set_bos_token(model: nn.Module, token: str) -> None:
         )
 
 
+SMOLLM2_SHAPE = dict(
+    n_layers=30,
+    d_model=576,
+    d_head=64,
+    n_heads=9,
+    d_mlp=1536,
+    n_ctx=2048,
+    d_vocab=49152,
+    act_fn="silu",
+    normalization_type="RMS",
+    gated_mlp=True,
+    positional_embedding_type="rotary",
+    rotary_dim=64,
+    n_key_value_heads=3,
+    final_rms=True,
+)
+"""SmolLM2-135M's shape, for benchmarks that need its cost but not its weights."""
+
+
+def random_model(
+    shape: dict | None = None, seed: int = 0, bridge: bool | None = None, device: str | torch.device | None = None
+) -> nn.Module:
+    """A randomly initialised model of `shape` (config fields; default `TINY_SHAPE`):
+    a HookedTransformer where TransformerLens has it (< 4.0) unless `bridge`, else a
+    native TransformerBridge; needs no download."""
+    fields = dict(TINY_SHAPE if shape is None else shape, seed=seed)
+    if device is not None:
+        fields["device"] = str(device)
+    if not _use_bridge(bridge):
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+        return HookedTransformer(HookedTransformerConfig(**fields))
+    from transformer_lens.model_bridge import TransformerBridge
+
+    try:
+        from transformer_lens.config import TransformerBridgeConfig
+    except ImportError:
+        from transformer_lens.model_bridge import TransformerBridgeConfig
+    model = TransformerBridge.boot_native(TransformerBridgeConfig(**fields))
+    return model.to(device) if device is not None else model
+
+
 def tiny_random_model(seed: int = 0) -> nn.Module:
     """A randomly initialised `TINY_SHAPE` model (HookedTransformer where available,
     else a native TransformerBridge); needs no download."""
-    try:
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
-    except ImportError:
-        from transformer_lens.model_bridge import TransformerBridge
-
-        try:
-            from transformer_lens.config import TransformerBridgeConfig
-        except ImportError:
-            from transformer_lens.model_bridge import TransformerBridgeConfig
-        return TransformerBridge.boot_native(TransformerBridgeConfig(**TINY_SHAPE, seed=seed))
-    return HookedTransformer(HookedTransformerConfig(**TINY_SHAPE, seed=seed))
+    return random_model(TINY_SHAPE, seed)
 
 
 def _use_bridge(bridge: bool | None) -> bool:

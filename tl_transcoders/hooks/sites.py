@@ -31,6 +31,29 @@ from torch import Tensor, nn
 from tl_transcoders.core.errors import TranscodersError
 from tl_transcoders.core.config import TranscoderConfig, default_input_site, default_output_site, layer_of
 
+__all__ = [
+    "ModelError",
+    "Resume",
+    "SiteError",
+    "SiteFn",
+    "SiteInfo",
+    "attach",
+    "bridge_class",
+    "capture",
+    "check_model",
+    "check_resume",
+    "check_site_exists",
+    "input_space_of",
+    "is_bridge",
+    "model_device",
+    "model_name",
+    "probe_sites",
+    "resumable_pass",
+    "site_exists",
+    "store_hook",
+    "transcoder_config",
+]
+
 SiteFn = Callable[[Tensor], "Tensor | None"]
 """Called with the activation at a site; a returned tensor replaces it."""
 
@@ -158,6 +181,23 @@ def _post_hook_fn(fn: SiteFn):
     return hook
 
 
+def store_hook(
+    store: dict[Any, Any],
+    key: Any,
+    transform: Callable[[Tensor], Any] | None = None,
+    keep_first: bool = False,
+) -> SiteFn:
+    """A hook that keeps the activation it sees (or `transform(activation)`) as
+    `store[key]`. Each firing replaces what was stored, or with `keep_first` only the
+    first one is kept (for a site that fires more than once in a pass)."""
+
+    def hook(activation: Tensor) -> None:
+        if not (keep_first and key in store):
+            store[key] = activation if transform is None else transform(activation)
+
+    return hook
+
+
 def capture(
     model: nn.Module, tokens: Tensor, sites: Sequence[str]
 ) -> dict[str, Float[Tensor, "n_tokens width"]]:
@@ -165,14 +205,8 @@ def capture(
     one no-grad forward pass that stops after the last block any site is in."""
     sites = list(dict.fromkeys(sites))
     cache: dict[str, Tensor] = {}
-
-    def store(site: str) -> SiteFn:
-        def hook(activation: Tensor) -> None:
-            cache[site] = activation.reshape(-1, activation.shape[-1])
-
-        return hook
-
-    with torch.no_grad(), attach(model, [(site, store(site)) for site in sites]):
+    hooks = [(site, store_hook(cache, site, lambda a: a.reshape(-1, a.shape[-1]))) for site in sites]
+    with torch.no_grad(), attach(model, hooks):
         model(tokens, stop_at_layer=_stop_layer(model, sites))
     return cache
 
@@ -210,21 +244,15 @@ def probe_sites(model: nn.Module, sites: Sequence[str]) -> dict[str, SiteInfo]:
     names = _hook_names(model)
     for site in sites:
         check_site_exists(model, site, names)
-    seen: dict[str, SiteInfo] = {}
-
-    def recorder(site: str) -> SiteFn:
-        def record(activation: Tensor) -> None:
-            if site not in seen:
-                seen[site] = SiteInfo(order=len(seen), width=activation.shape[-1])
-
-        return record
-
+    widths: dict[str, int] = {}  # in the order the sites first fire
+    hooks = [(site, store_hook(widths, site, lambda a: a.shape[-1], keep_first=True)) for site in sites]
     tokens = torch.zeros(1, 2, dtype=torch.long, device=model_device(model))
     try:
-        with attach(model, [(site, recorder(site)) for site in sites]), torch.no_grad():
+        with attach(model, hooks), torch.no_grad():
             model(tokens, stop_at_layer=_stop_layer(model, sites))
     except ValueError as err:  # the Bridge refuses hooks its config has switched off
         raise SiteError(str(err)) from err
+    seen = {site: SiteInfo(order=order, width=w) for order, (site, w) in enumerate(widths.items())}
     silent = [site for site in sites if site not in seen]
     if silent:
         raise SiteError(
@@ -276,7 +304,7 @@ def transcoder_config(
     `expansion * d_in` when `d_latent` is None. Other fields (`activation`, `k`,
     `skip`, ...) are passed through."""
     if (d_latent is None) == (expansion is None):
-        raise ValueError("transcoder_config: give exactly one of d_latent= and expansion=")
+        raise SiteError("transcoder_config: give exactly one of d_latent= and expansion=")
     input_site = input_site or default_input_site(layer)
     output_site = output_site or default_output_site(layer)
     info = probe_sites(model, [input_site, output_site])
@@ -294,16 +322,28 @@ def transcoder_config(
     )
 
 
-Resume = Callable[[Tensor, int], Tensor]
-"""`resume(residual, layer)`: logits from the stream entering block `layer`
-(`[batch, pos, d_model]`) through the remaining blocks, the final norm and the
-unembedding; `layer == n_layers` runs only the final norm and unembedding."""
+@dataclass
+class Resume:
+    """Logits from the stream entering block `layer` (`[batch, pos, d_model]`) through the
+    remaining blocks, the final norm and the unembedding: `resume(residual, layer)`;
+    `layer == n_layers` runs only the final norm and unembedding. Made by
+    `resumable_pass` from the pass it recorded, and usable after it with that pass's
+    batch shape.
+
+    `needs_whole_pass` is True where the recording pass must run every block (it records
+    each block's own call), so that pass may not stop early."""
+
+    run: Callable[[Tensor, int], Tensor]
+    needs_whole_pass: bool
+
+    def __call__(self, residual: Tensor, layer: int) -> Tensor:
+        return self.run(residual, layer)
 
 
 @contextlib.contextmanager
 def resumable_pass(model: nn.Module) -> Iterator[Resume]:
     """Record what a forward pass inside the block needs to be resumed from any block,
-    and yield a `Resume` function usable after the pass (with the pass's batch shape).
+    and yield a `Resume` for it.
 
     HookedTransformer resumes natively (`start_at_layer`). The Bridge cannot: TL 3.x
     raises and TL 4.x runs every earlier block anyway. There the blocks' own call
@@ -311,7 +351,7 @@ def resumable_pass(model: nn.Module) -> Iterator[Resume]:
     with a new residual, then the final norm, unembedding and logit soft-cap run.
     `check_resume` tells whether the replay reproduces a pass on a given model."""
     if not is_bridge(model):
-        yield lambda residual, layer: model(residual, start_at_layer=layer, return_type="logits")
+        yield Resume(lambda residual, layer: model(residual, start_at_layer=layer, return_type="logits"), False)
         return
     calls: dict[int, tuple[tuple, dict]] = {}
 
@@ -332,7 +372,7 @@ def resumable_pass(model: nn.Module) -> Iterator[Resume]:
         for i, block in enumerate(model.blocks)
     ]
     try:
-        yield lambda residual, layer: _replay(model, calls, residual, layer)
+        yield Resume(lambda residual, layer: _replay(model, calls, residual, layer), True)
     finally:
         for handle in handles:
             handle.remove()

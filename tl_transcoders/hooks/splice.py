@@ -6,32 +6,115 @@ transcoder's output. With `error_term=True` the replaced activation is
 `transcoder(x) + (original - transcoder(x)).detach()`: the model's outputs are
 unchanged while gradients flow through the transcoders. Only hooks are used; on exit
 (also after an exception) every hook is removed and the model is as before.
+
+Splices may nest, but two may not write one site: the inner one would silently win.
+Functions that need the clean model (`evaluate_splice`, `attribute`, ...) refuse to run
+inside a splice (`check_not_spliced`). A BatchTopK transcoder in training mode selects
+latents across the batch; splicing runs it with its per-token inference threshold
+(`eval_mode`), with a warning.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from tl_transcoders.core.config import ConfigError, layer_of
+from tl_transcoders.core.errors import TranscodersError
+from tl_transcoders.core.transcoder import Transcoder
 from tl_transcoders.hooks.sites import (
     SiteError,
     SiteFn,
     attach,
+    check_model,
     input_space_of,
-    layer_of,
     model_device,
     model_name,
     probe_sites,
 )
-from tl_transcoders.core.transcoder import Transcoder
+
+__all__ = [
+    "SpliceError",
+    "check_compatible",
+    "check_not_spliced",
+    "describe",
+    "eval_mode",
+    "splice",
+    "spliced_sites",
+    "transcoder_hooks",
+    "transcoder_list",
+]
 
 
-class SpliceError(ValueError):
+class SpliceError(TranscodersError, ValueError):
     """A transcoder does not fit the model it is spliced into."""
+
+
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, dict[str, str]] = weakref.WeakKeyDictionary()
+"""For each model inside `splice`, the sites its active splices write (and by what)."""
+
+
+def transcoder_list(transcoders: Transcoder | Sequence[Transcoder]) -> list[Transcoder]:
+    """`transcoders` as a list (one transcoder is a list of one); `SpliceError` for
+    anything that is not a transcoder."""
+    if isinstance(transcoders, (str, bytes, os.PathLike)):
+        raise SpliceError(f"expected Transcoder objects, got the path {transcoders!r}: load it with Transcoder.load")
+    if isinstance(transcoders, nn.Module):
+        items = [transcoders]
+    else:
+        try:
+            items = list(transcoders)
+        except TypeError:
+            raise SpliceError(f"expected a Transcoder or a list of them, got {type(transcoders).__name__}") from None
+    bad = [type(t).__name__ for t in items if not isinstance(t, Transcoder)]
+    if bad:
+        raise SpliceError(f"expected Transcoder objects, got a {bad[0]} (load a saved one with Transcoder.load)")
+    return items
+
+
+def spliced_sites(model: nn.Module) -> dict[str, str]:
+    """The sites active `splice` blocks on `model` write, each with what writes it."""
+    return dict(_ACTIVE.get(model, {}))
+
+
+def check_not_spliced(model: nn.Module, what: str) -> None:
+    """Raise `SpliceError` if `model` is inside a `splice` block: `what` needs the clean
+    model (its own MLPs) to compare against."""
+    check_model(model)
+    active = spliced_sites(model)
+    if active:
+        raise SpliceError(
+            f"{what} needs the clean model, but it is called inside splice(), which replaces "
+            f"{sorted(active)}; call it outside the `with splice(...)` block (it splices by itself)"
+        )
+
+
+@contextlib.contextmanager
+def eval_mode(transcoders: Sequence[Transcoder]) -> Iterator[None]:
+    """Run the block with every BatchTopK transcoder that is in training mode switched
+    to eval mode (its per-token inference threshold), with a warning, and restore its
+    mode after. In training mode BatchTopK selects latents across the whole batch, so a
+    token's output would depend on the other tokens; the other activations do not depend
+    on the mode."""
+    switched = [t for t in transcoders if t.training and t.cfg.activation == "batchtopk"]
+    for transcoder in switched:
+        warnings.warn(
+            f"{describe(transcoder)} is a BatchTopK transcoder in training mode; using its per-token "
+            "inference threshold here (call transcoder.eval() to silence this warning)",
+            stacklevel=4,
+        )
+        transcoder.eval()
+    try:
+        yield
+    finally:
+        for transcoder in switched:
+            transcoder.train()
 
 
 def describe(transcoder: Transcoder) -> str:
@@ -40,16 +123,19 @@ def describe(transcoder: Transcoder) -> str:
     return f"transcoder for layer {c.layer} ({c.input_site} -> {c.output_site})"
 
 
-def check_compatible(model: nn.Module, transcoders: Sequence[Transcoder]) -> None:
+def check_compatible(model: nn.Module, transcoders: Transcoder | Sequence[Transcoder]) -> None:
     """Raise `SpliceError`, saying what is wrong and what to do, unless every transcoder
-    fits `model`: its layer is in range, its sites exist and fire (input no later than
-    output), its widths match theirs, its input space and model name match the
-    model's, its weights are finite, it is on the model's device, and no two
-    transcoders write one site."""
-    transcoders = list(transcoders)
+    fits `model`: its config is valid and matches its parameters (also after a change),
+    its layer is in range, its sites exist and fire (input no later than output), its
+    widths match theirs, its input space and model name match the model's, its weights
+    are finite, it is on the model's device, and no two transcoders write one site."""
+    check_model(model)
+    transcoders = transcoder_list(transcoders)
     for transcoder in transcoders:
-        if not isinstance(transcoder, Transcoder):
-            raise SpliceError(f"expected Transcoder objects, got {type(transcoder).__name__}")
+        try:
+            transcoder.validate()
+        except ConfigError as err:
+            raise SpliceError(f"{describe(transcoder)}: {err}") from err
     seen_outputs: dict[str, Transcoder] = {}
     n_layers = model.cfg.n_layers
     for transcoder in transcoders:
@@ -79,7 +165,7 @@ def check_compatible(model: nn.Module, transcoders: Sequence[Transcoder]) -> Non
                 f"{this_model!r}. If this is the same model under another name, set "
                 "transcoder.cfg.model_name = None to skip this check."
             )
-        bad = [name for name, p in transcoder.named_parameters() if not torch.isfinite(p).all()]
+        bad = [name for name, p in transcoder.named_parameters() if not p.is_meta and not torch.isfinite(p).all()]
         if bad:
             raise SpliceError(
                 f"{describe(transcoder)} has NaN or inf in {bad}; a training run diverged "
@@ -182,21 +268,36 @@ def _replace(transcoder: Transcoder, captured: dict[str, Tensor], error_term: bo
 
 @contextlib.contextmanager
 def splice(
-    model: nn.Module, transcoders: Sequence[Transcoder], error_term: bool = False
+    model: nn.Module, transcoders: Transcoder | Sequence[Transcoder], error_term: bool = False
 ) -> Iterator[nn.Module]:
     """Replace the output of each transcoder's MLP with the transcoder's output for the
     length of the `with` block (yields the model).
 
     Args:
         model: a `HookedTransformer` or `TransformerBridge`.
-        transcoders: any number of transcoders, at most one per output site; each knows
+        transcoders: one transcoder or several, at most one per output site; each knows
             its layer and sites.
         error_term: add back the detached error `original - transcoder(x)`, so outputs
             equal the clean model's while gradients flow through the transcoders.
 
     Raises `SpliceError` before running anything if a transcoder does not fit (the
-    check is one 2-token forward pass, which hooks already on the model also see)."""
-    transcoders = list(transcoders)
+    check is one 2-token forward pass, which hooks already on the model also see) or
+    writes a site that an enclosing splice already replaces."""
+    transcoders = transcoder_list(transcoders)
     check_compatible(model, transcoders)
-    with attach(model, transcoder_hooks(transcoders, error_term)):
-        yield model
+    active = _ACTIVE.setdefault(model, {})
+    for transcoder in transcoders:
+        site = transcoder.cfg.output_site
+        if site in active:
+            raise SpliceError(
+                f"{describe(transcoder)} writes {site}, which the enclosing splice() already replaces "
+                f"with its {active[site]}; splice both in one call, or leave the outer splice first"
+            )
+    written = {t.cfg.output_site: describe(t) for t in transcoders}
+    with eval_mode(transcoders), attach(model, transcoder_hooks(transcoders, error_term)):
+        active.update(written)
+        try:
+            yield model
+        finally:
+            for site in written:
+                active.pop(site, None)

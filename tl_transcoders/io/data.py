@@ -25,6 +25,22 @@ from jaxtyping import Int
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from tl_transcoders.core.errors import TranscodersError
+
+__all__ = [
+    "BUILDERS",
+    "COMPRESSIONS",
+    "DataError",
+    "DataNotFoundError",
+    "FROM_TOKENIZER",
+    "PRETOKENIZED_COLUMN",
+    "TOKENIZE_BATCH",
+    "builder_for",
+    "load_text_dataset",
+    "local_data_files",
+    "token_batches",
+]
+
 BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
 """The `datasets` builder for each local data file extension."""
 
@@ -36,6 +52,14 @@ TOKENIZE_BATCH = 256
 
 PRETOKENIZED_COLUMN = "input_ids"
 """A dataset with this column is taken as already tokenized."""
+
+
+class DataError(TranscodersError, ValueError):
+    """A corpus that cannot be read or packed into token batches, with what to do."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """A local path that names no data file, or a Hub dataset that cannot be reached."""
 
 
 class _FromTokenizer:
@@ -101,15 +125,25 @@ def load_text_dataset(
 
     With `streaming=True` the result is an `IterableDataset` read lazily. Other
     keyword arguments go to `datasets.load_dataset` (`name`, `cache_dir`,
-    `revision`, ...). Raises FileNotFoundError naming the path when a local path
-    matches no data file, ValueError when the format cannot be inferred.
+    `revision`, ...). Raises `DataNotFoundError` (a `FileNotFoundError`) naming the
+    path when a local path matches no data file or a Hub name cannot be loaded,
+    `DataError` (a `ValueError`) when the format cannot be inferred.
     """
     path = os.fspath(path_or_name)
     files = None if data_files is not None else local_data_files(path)
     if files is None:
-        return load_dataset(path, split=split, streaming=streaming, data_files=data_files, **kwargs)
+        try:
+            return load_dataset(path, split=split, streaming=streaming, data_files=data_files, **kwargs)
+        except (OSError, ValueError) as err:  # DatasetNotFoundError, ConnectionError, a bad split
+            if data_files is not None:
+                raise
+            raise DataNotFoundError(
+                f"{path!r} is neither local data (a file, directory or glob that exists) nor a dataset that could "
+                f"be loaded from the Hugging Face Hub ({type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}); "
+                "check the path, the name, the split and that the Hub can be reached"
+            ) from err
     if not files:
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"no data files match {path!r}: expected an existing file, a directory holding "
             f"data files or a glob matching some ({', '.join(BUILDERS)}, optionally "
             f"{'/'.join(COMPRESSIONS)}). A dataset written by save_to_disk loads with "
@@ -118,14 +152,14 @@ def load_text_dataset(
     builders = {f: builder_for(f) for f in files}
     unknown = [f for f, b in builders.items() if b is None]
     if unknown:
-        raise ValueError(
+        raise DataError(
             f"cannot tell the format of {unknown[0]!r} from its extension (supported: "
             f"{', '.join(BUILDERS)}); name the builder instead, e.g. "
             f"load_text_dataset('json', data_files=[...])"
         )
     if len(set(builders.values())) > 1:
         kinds = sorted(set(builders.values()))
-        raise ValueError(
+        raise DataError(
             f"{path!r} mixes data files of different formats ({', '.join(kinds)}); load one format at a time"
         )
     builder = builders[files[0]]
@@ -136,10 +170,10 @@ def _special_token(value: int | None | _FromTokenizer, tokenizer: Any, attribute
     """The id for a special token argument: `value`, or the tokenizer's `attribute`."""
     if isinstance(value, _FromTokenizer):
         if tokenizer is None:
-            raise ValueError(f"{name}: there is no tokenizer to take it from; pass {name}=<token id> or None")
+            raise DataError(f"{name}: there is no tokenizer to take it from; pass {name}=<token id> or None")
         return getattr(tokenizer, attribute, None)
     if value is not None and value < 0:
-        raise ValueError(f"{name} must be a token id >= 0 or None, got {value}")
+        raise DataError(f"{name} must be a token id >= 0 or None, got {value}")
     return value
 
 
@@ -149,7 +183,7 @@ def _pick_column(columns: Sequence[str], text_column: str) -> str:
         return PRETOKENIZED_COLUMN
     if text_column in columns:
         return text_column
-    raise ValueError(
+    raise DataError(
         f"the dataset has no text column {text_column!r} (and no pre-tokenized "
         f"{PRETOKENIZED_COLUMN!r} column); its columns are {list(columns)}. "
         "Pass text_column=<the column holding the text>."
@@ -171,10 +205,10 @@ def _documents(dataset: Dataset | IterableDataset, tokenizer: Any, text_column: 
             yield from values
             continue
         if tokenizer is None:
-            raise ValueError(f"column {column!r} holds text: pass a tokenizer to tokenize it")
+            raise DataError(f"column {column!r} holds text: pass a tokenizer to tokenize it")
         bad = next((v for v in values if not isinstance(v, str)), None)
         if bad is not None:
-            raise ValueError(f"column {column!r} should hold strings, found a {type(bad).__name__}: {bad!r:.80}")
+            raise DataError(f"column {column!r} should hold strings, found a {type(bad).__name__}: {bad!r:.80}")
         yield from tokenizer(values, add_special_tokens=False, verbose=False, return_attention_mask=False)["input_ids"]
 
 
@@ -214,7 +248,7 @@ def _pack(
                 return
         del stream[:start]
     if produced == 0:
-        raise ValueError(
+        raise DataError(
             f"the dataset produced no full batch of batch_size x context_size = {batch_size} x "
             f"{context_size} tokens: it has {n_documents} non-empty documents, {n_tokens} tokens. "
             "Use more data or a smaller batch_size or context_size."
@@ -251,25 +285,25 @@ def token_batches(
     the result equals the batches without it, less the first `skip_batches`, and
     `max_tokens` counts the skipped batches too.
 
-    Argument errors raise ValueError at once; a dataset without one full batch raises
-    ValueError when iterated.
+    Argument errors raise `DataError` at once; a dataset without one full batch raises
+    `DataError` when iterated.
     """
     if isinstance(dataset, dict):
-        raise ValueError(
+        raise DataError(
             f"expected one split of a dataset, got a {type(dataset).__name__} with splits "
             f"{list(dataset)}; pick one, e.g. dataset['train']"
         )
     if context_size < 2:
-        raise ValueError(f"context_size must be at least 2, got {context_size}")
+        raise DataError(f"context_size must be at least 2, got {context_size}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise DataError(f"batch_size must be at least 1, got {batch_size}")
     if skip_batches < 0:
-        raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
+        raise DataError(f"skip_batches must be >= 0, got {skip_batches}")
     max_batches = None
     if max_tokens is not None:
         max_batches = max_tokens // (batch_size * context_size)
         if max_batches < 1:
-            raise ValueError(
+            raise DataError(
                 f"max_tokens={max_tokens} is less than one batch of batch_size x context_size = "
                 f"{batch_size} x {context_size} tokens"
             )
@@ -278,6 +312,6 @@ def token_batches(
     if dataset.column_names is not None:
         column = _pick_column(dataset.column_names, text_column)  # fail now, not on first use
         if column != PRETOKENIZED_COLUMN and tokenizer is None:
-            raise ValueError(f"column {column!r} holds text: pass a tokenizer to tokenize it")
+            raise DataError(f"column {column!r} holds text: pass a tokenizer to tokenize it")
     documents = _documents(dataset, tokenizer, text_column)
     return _pack(documents, batch_size, context_size, bos, separator, max_batches, skip_batches)

@@ -63,7 +63,7 @@ _HUB_FILES = (
 
 def _own_source(directory: Path, placement: Placement) -> Source:
     """Our own format (`Transcoder.save`): the saved config, with the caller's overrides."""
-    cfg = read_config(directory / CONFIG_FILE)
+    cfg, checksum = read_config(directory / CONFIG_FILE)
     if placement != Placement():  # recompute only what the caller overrides
         if placement.input_space == AUTO:
             placement = dataclasses.replace(placement, input_space=cfg.input_space)
@@ -74,7 +74,7 @@ def _own_source(directory: Path, placement: Placement) -> Source:
             output_site=cfg.output_site, ln_space=cfg.input_space, model_name=cfg.model_name,
         )
     shapes = parameter_shapes(cfg)
-    return Source(cfg, lambda: read_tensors(directory / WEIGHTS_FILE, shapes), directory)
+    return Source(cfg, lambda: read_tensors(directory / WEIGHTS_FILE, shapes, checksum), directory)
 
 
 _SOURCE_READERS = {"tl-transcoders": _own_source, "saelens": saelens.source, "sparsify": sparsify.source}
@@ -141,12 +141,12 @@ def load_directory(
     the file's) and `device`."""
     directory = Path(directory)
     if input_space != AUTO and input_space is not None and input_space not in INPUT_SPACES:
-        raise ValueError(f"input_space must be {AUTO!r}, one of {INPUT_SPACES} or None, got {input_space!r}")
+        raise TranscoderFileError(f"input_space must be {AUTO!r}, one of {INPUT_SPACES} or None, got {input_space!r}")
     placement = Placement(layer, input_site, output_site, input_space, model_name)
     fmt = detect_format(directory)
     single = fmt != "circuit-tracer" and _directory_format(directory) is not None
     if layer is not None and not single:
-        raise ValueError(f"{directory} holds several transcoders: layer= applies to one; use layers=[...] to select")
+        raise TranscoderFileError(f"{directory} holds several transcoders: layer= applies to one; use layers=[...] to select")
     if fmt == "circuit-tracer":
         sources = circuit_tracer.sources(directory, placement, layers)
     elif single:
@@ -184,7 +184,7 @@ def load_pretrained(
     path = Path(repo_or_dir)
     if path.is_dir():
         if revision is not None:
-            raise ValueError(f"revision= applies to Hub repositories, but {path} is a local directory")
+            raise TranscoderFileError(f"revision= applies to Hub repositories, but {path} is a local directory")
         return load_directory(path / subfolder if subfolder else path, **kwargs)
     text = str(repo_or_dir)
     if path.is_absolute() or text.startswith(".") or text.count("/") > 1:
@@ -193,7 +193,14 @@ def load_pretrained(
 
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     patterns = [prefix + p for name in _HUB_FILES for p in (name, f"*/{name}")]
-    root = Path(huggingface_hub.snapshot_download(text, revision=revision, allow_patterns=patterns))
+    try:
+        root = Path(huggingface_hub.snapshot_download(text, revision=revision, allow_patterns=patterns))
+    except (OSError, ValueError) as err:  # not found, offline, bad revision
+        raise TranscoderFileError(
+            f"{text!r} is neither a local directory nor a Hugging Face Hub repository that could be reached "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}); check the path, the "
+            "repo id and that the Hub can be reached"
+        ) from err
     directory = root / subfolder if subfolder else root
     if not directory.is_dir():
         raise TranscoderFileError(f"{text}: the repository has no transcoder files under {subfolder!r}")

@@ -17,6 +17,8 @@ from tl_transcoders.io.formats.common import LN_SITES, Placement, Source, field,
 from tl_transcoders.core.native import TranscoderFileError, read_tensors
 from tl_transcoders.core.transcoder import Transcoder
 
+__all__ = ["CONFIG_FILE", "export_circuit_tracer", "sources"]
+
 CONFIG_FILE = "config.yaml"
 
 
@@ -131,27 +133,27 @@ def export_circuit_tracer(
     transcoders = sorted(transcoders, key=lambda t: t.cfg.layer)
     layers = [t.cfg.layer for t in transcoders]
     if layers != list(range(len(transcoders))):
-        raise ValueError(
+        raise TranscoderFileError(
             f"circuit-tracer needs exactly one transcoder for each layer 0..n-1, got layers {layers}"
         )
     hooks = set()
     for t in transcoders:
         c = t.cfg
         if c.activation == "topk":
-            raise ValueError(
+            raise TranscoderFileError(
                 f"layer {c.layer}: circuit-tracer cannot run TopK transcoders (only ReLU and JumpReLU)"
             )
         if c.d_in != c.d_out or c.d_latent != transcoders[0].cfg.d_latent:
-            raise ValueError(
+            raise TranscoderFileError(
                 "circuit-tracer needs d_in == d_out (d_model) and the same d_latent in every "
                 f"layer; layer {c.layer} has d_in={c.d_in}, d_out={c.d_out}, d_latent={c.d_latent}"
             )
         prefix = f"blocks.{c.layer}."
         if not (c.input_site.startswith(prefix) and c.output_site.startswith(prefix)):
-            raise ValueError(f"layer {c.layer}: sites {c.input_site}, {c.output_site} are not in block {c.layer}")
+            raise TranscoderFileError(f"layer {c.layer}: sites {c.input_site}, {c.output_site} are not in block {c.layer}")
         hooks.add((c.input_site.removeprefix(prefix), c.output_site.removeprefix(prefix), c.input_space))
     if len(hooks) != 1:
-        raise ValueError(f"circuit-tracer needs the same hooks in every layer, got {sorted(hooks, key=str)}")
+        raise TranscoderFileError(f"circuit-tracer needs the same hooks in every layer, got {sorted(hooks, key=str)}")
     [(read_hook, write_hook, input_space)] = hooks
     if input_space == "folded_ln" and read_hook.endswith(LN_SITES):
         warnings.warn(

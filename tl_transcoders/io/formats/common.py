@@ -17,6 +17,20 @@ from tl_transcoders.core.config import ConfigError, TranscoderConfig
 from tl_transcoders.core.native import TranscoderFileError
 from tl_transcoders.core.transcoder import Transcoder
 
+__all__ = [
+    "AUTO",
+    "LN_SITES",
+    "Placement",
+    "Source",
+    "build",
+    "field",
+    "fold_input_shift",
+    "read_json",
+    "read_mapping",
+    "read_yaml",
+    "tensor_names",
+]
+
 AUTO = "auto"
 """`input_space` value meaning: derive it from the format and the input site."""
 
@@ -103,20 +117,12 @@ class Source(NamedTuple):
 
 
 def build(source: Source, device: str | torch.device | None, dtype: torch.dtype | None) -> Transcoder:
-    """Read the source's tensors into a `Transcoder` (built on the meta device, so no
-    random initialisation is wasted), in `dtype` (default: the file's) on `device`."""
-    tensors = source.read()
-    cfg = source.cfg
-    cfg.dtype = str(dtype or tensors["W_enc"].dtype).removeprefix("torch.")
+    """Read the source's tensors into a `Transcoder` in eval mode, in `dtype` (default:
+    the file's) on `device`."""
     try:
-        cfg.validate()
+        return Transcoder.from_tensors(source.cfg, source.read(), device, dtype)
     except ConfigError as err:
         raise TranscoderFileError(f"{source.path}: {err}") from err
-    with torch.device("meta"):
-        transcoder = Transcoder(cfg)
-    target = getattr(torch, cfg.dtype)
-    transcoder.load_state_dict({k: v.to(target).contiguous() for k, v in tensors.items()}, assign=True)
-    return transcoder.to(device) if device is not None else transcoder
 
 
 def read_json(path: Path) -> dict[str, Any]:

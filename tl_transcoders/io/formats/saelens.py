@@ -11,6 +11,8 @@ from tl_transcoders.io.formats.common import Placement, Source, field, fold_inpu
 from tl_transcoders.core.config import layer_of
 from tl_transcoders.core.native import TranscoderFileError, read_tensors
 
+__all__ = ["ARCHITECTURES", "FILES", "source"]
+
 FILES = ("cfg.json", "sae_weights.safetensors")
 """The config and weights files of one SAE or transcoder."""
 

@@ -11,6 +11,8 @@ from torch import Tensor
 from tl_transcoders.io.formats.common import Placement, Source, field, fold_input_shift, read_json
 from tl_transcoders.core.native import TranscoderFileError, read_tensors
 
+__all__ = ["FILES", "hookpoint_sites", "source"]
+
 FILES = ("cfg.json", "sae.safetensors")
 """The config and weights files of one sparse coder."""
 
