@@ -1,91 +1,142 @@
-"""`TrainConfig`: every option of a training run (also the CLI's option set)."""
+"""`TrainConfig`: every option of a training run (also the command line's option set:
+each field is a `--option` of `tl-transcoders train`, its help the docstring under it)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any, Literal
 
-from tl_transcoders.core.config import ACTIVATIONS, ConfigError, default_input_site, default_output_site
+from tl_transcoders.core.config import (
+    Activation,
+    ConfigError,
+    Dtype,
+    check_field_types,
+    config_from_dict,
+    default_input_site,
+    default_output_site,
+)
+
+__all__ = ["TrainConfig"]
 
 
 @dataclass
 class TrainConfig:
-    """Options of a training run.
-
-    Dictionary: `d_latent` latents per transcoder, or `expansion * d_in` when None.
-    Sites: `input_site` / `output_site` are templates with `{layer}` (defaults: the MLP's
-    exact input and `hook_mlp_out`); `sae=True` trains SAEs on the output site.
-    Optimiser: Adam (betas 0.9, 0.99) with `lr` (None: 3e-3 / sqrt(d_latent / 2**14),
-    scaled to the dictionary size as in sparsify), linear warm-up over `warmup_steps`
-    (at most 10% of the run) and linear decay to zero.
-    Losses: FVU, plus `auxk_alpha` x AuxK for TopK (revives latents dead for
-    `dead_tokens` tokens), `l1_coefficient` x L1 for ReLU, `l0_coefficient` x L0 (with a
-    straight-through threshold gradient of `jumprelu_bandwidth`) for JumpReLU.
-    `normalize` (default on): train on inputs and outputs scaled to unit mean squared
-    norm per dimension; the scales are folded back into the weights when saving.
-    `shuffle_buffer`: mix activations of this many batches before training on them.
-    Metrics (FVU, L0, dead fraction, tokens/s) every `log_every` steps; spliced CE on
-    held-out tokens every `eval_every` steps (0: never) when `fit` gets `eval_tokens`;
-    to Weights & Biases when `wandb_project` is set (`pip install tl-transcoders[wandb]`).
-    Checkpoints go to `output_dir/checkpoint.pt` every `checkpoint_every` steps; with
-    `resume`, a run continues from it and ends with the same weights as an
-    uninterrupted run.
-    Under `torchrun` (several processes), `distribute="data"` splits each batch's rows
-    across processes and sums gradients (the result matches one process with the same
-    global batch, for every activation but BatchTopK, whose selection is per process);
-    `distribute="layers"` gives each process its share of `layers` and the full batch.
-    """
+    """Options of a training run; see docs/training.md for what a step does."""
 
     layers: list[int]
-    activation: str = "topk"
+    """Layers to train a transcoder for, e.g. [6] or list(range(30))."""
+    activation: Activation = "topk"
+    """Sparsifying activation: topk, batchtopk, relu or jumprelu."""
     k: int = 32
+    """Active latents per token (topk exactly, batchtopk on average); at most the number of latents."""
     expansion: int = 16
+    """Latents per transcoder as a multiple of the input width (used when d_latent is not set)."""
     d_latent: int | None = None
+    """Latents per transcoder (overrides expansion)."""
     skip: bool = True
+    """Train skip transcoders (an affine term x @ W_skip.T beside the latents)."""
     sae: bool = False
+    """Train SAEs on the output site instead of transcoders (needs skip off)."""
     input_site: str | None = None
+    """Input site template with {layer} (default: the MLP's exact input, blocks.{layer}.mlp.hook_in)."""
     output_site: str | None = None
+    """Output site template with {layer} (default: blocks.{layer}.hook_mlp_out)."""
     batch_size: int = 32
+    """Rows (token sequences) per training step."""
     context_size: int = 128
+    """Tokens per row; at most the model's context."""
     max_tokens: int = 1_000_000
+    """Training tokens; the run takes max_tokens // (batch_size * context_size) steps."""
     lr: float | None = None
+    """Adam learning rate (default: 3e-3 / sqrt(d_latent / 2**14), scaled to the dictionary size as in sparsify)."""
     warmup_steps: int = 1000
+    """Linear learning-rate warm-up steps (at most 10% of the run), then linear decay to zero."""
     auxk_alpha: float = 1 / 32
+    """Weight of the AuxK loss that revives dead TopK latents (0: off)."""
     dead_tokens: int = 1_000_000
+    """A latent that has not fired for this many tokens counts as dead (AuxK's targets)."""
     l1_coefficient: float = 1e-3
+    """Weight of the L1 penalty (activations times decoder norms) for relu."""
     l0_coefficient: float = 1e-3
+    """Weight of the L0 penalty for jumprelu."""
     jumprelu_bandwidth: float = 1e-3
+    """Width of the straight-through kernel that gives JumpReLU thresholds a gradient."""
     normalize: bool = True
+    """Train on inputs and outputs scaled to unit mean squared norm per dimension; the scales are folded back into the saved weights."""
     shuffle_buffer: int = 0
+    """Mix the activations of this many batches before training on them (0: off)."""
     log_every: int = 20
+    """Steps between metric records (FVU, L0, dead fraction, tokens/s)."""
     eval_every: int = 0
+    """Steps between spliced-CE evaluations on the held-out tokens given to fit (0: never)."""
     wandb_project: str | None = None
+    """Log metrics to this Weights & Biases project (pip install tl-transcoders[wandb])."""
     checkpoint_every: int = 100
+    """Steps between checkpoints (output_dir/checkpoint.pt; the previous one is kept until the new one is whole)."""
     output_dir: str = "transcoders"
+    """Directory for the checkpoints, the run record (training.json) and one transcoder per layer (layer_{L})."""
     resume: bool = False
-    distribute: str = "data"
-    dtype: str = "float32"
+    """Continue the run whose checkpoint is in output_dir; it ends with the same weights as an uninterrupted run."""
+    overwrite: bool = False
+    """Start afresh in an output_dir that holds an earlier run's checkpoint, replacing it."""
+    distribute: Literal["data", "layers"] = "data"
+    """Under torchrun: data splits each batch's rows across processes; layers gives each process a share of the layers."""
+    dtype: Dtype = "float32"
+    """Parameter dtype of the transcoders (the optimiser state has the same dtype)."""
     seed: int = 0
+    """Seed of the initialisation and of the shuffle buffer."""
 
     def __post_init__(self) -> None:
-        if not self.layers or any(not isinstance(layer, int) or layer < 0 for layer in self.layers):
-            raise ConfigError(f"layers must be a non-empty list of layer numbers, got {self.layers!r}")
+        if isinstance(self.layers, (tuple, range)):
+            self.layers = list(self.layers)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ConfigError` naming the first field of the wrong type or out of range."""
+        check_field_types(self)
+        if not self.layers or any(layer < 0 for layer in self.layers):
+            raise ConfigError(f"layers must be a non-empty list of layer numbers >= 0, got {self.layers!r}")
         if len(set(self.layers)) != len(self.layers):
             raise ConfigError(f"layers has duplicates: {self.layers}")
-        if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        for name in ("k", "expansion", "batch_size", "max_tokens", "log_every", "checkpoint_every"):
+        positive = ("k", "expansion", "batch_size", "max_tokens", "log_every", "checkpoint_every", "dead_tokens")
+        for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
-        if self.distribute not in ("data", "layers"):
-            raise ConfigError(f"distribute must be 'data' or 'layers', got {self.distribute!r}")
-        if self.eval_every < 0:
-            raise ConfigError(f"eval_every must be 0 (never) or positive, got {self.eval_every}")
+        non_negative = ("warmup_steps", "auxk_alpha", "l1_coefficient", "l0_coefficient", "shuffle_buffer", "eval_every")
+        for name in non_negative:
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.d_latent is not None and self.d_latent <= 0:
+            raise ConfigError(f"d_latent must be positive (or None for expansion x d_in), got {self.d_latent}")
+        if self.d_latent is not None and self.activation in ("topk", "batchtopk") and self.k > self.d_latent:
+            raise ConfigError(f"k={self.k} is larger than d_latent={self.d_latent}: lower k or raise d_latent")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a positive finite number (or None for the default), got {self.lr!r}")
+        if not (self.jumprelu_bandwidth > 0 and math.isfinite(self.jumprelu_bandwidth)):
+            raise ConfigError(f"jumprelu_bandwidth must be positive, got {self.jumprelu_bandwidth!r}")
         if self.context_size < 2:
             raise ConfigError(f"context_size must be at least 2, got {self.context_size}")
+        if self.max_tokens < self.tokens_per_step:
+            raise ConfigError(
+                f"max_tokens={self.max_tokens} is less than one step of batch_size x context_size = "
+                f"{self.batch_size} x {self.context_size} tokens"
+            )
         if self.sae and self.skip:
             raise ConfigError("an SAE cannot have a skip term: pass skip=False with sae=True")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume and overwrite exclude each other: resume continues the run, overwrite discards it")
+        if not self.output_dir:
+            raise ConfigError("output_dir must be a directory path")
+        for name in ("input_site", "output_site"):
+            template = getattr(self, name)
+            if template is not None and "{layer}" not in template and len(self.layers) > 1:
+                raise ConfigError(
+                    f"{name}={template!r} names one site but {len(self.layers)} layers are trained: "
+                    "use a template with {layer}, e.g. 'blocks.{layer}.hook_resid_mid'"
+                )
 
     @property
     def tokens_per_step(self) -> int:
@@ -105,5 +156,10 @@ class TrainConfig:
     def learning_rate(self, d_latent: int) -> float:
         return self.lr if self.lr is not None else 3e-3 / math.sqrt(d_latent / 2**14)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build a config from `to_dict()` output, refusing unknown or missing fields."""
+        return config_from_dict(cls, data, "training config")

@@ -13,7 +13,6 @@ gradients summed over processes equal the single-process gradient.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +20,10 @@ from torch import Tensor
 
 from tl_transcoders.core import activations
 from tl_transcoders.core.activations import SparseLatents
-from tl_transcoders.core import kernels as sparse
 from tl_transcoders.core.transcoder import Transcoder
+from tl_transcoders.evaluation.statistics import SumRanks, fvu, no_ranks
+
+__all__ = ["StepOutput", "training_step"]
 
 
 @dataclass
@@ -30,61 +31,6 @@ class StepOutput:
     loss: Tensor
     fvu: Tensor
     latents: SparseLatents
-
-
-SumRanks = Callable[[Tensor], Tensor]
-
-
-def no_ranks(total: Tensor) -> Tensor:
-    """`SumRanks` of a single process."""
-    return total
-
-
-def variance(y: Tensor, sum_ranks: SumRanks = no_ranks) -> Tensor:
-    """Total squared deviation of `y` [n, d] from its mean over the (global) batch."""
-    n = sum_ranks(torch.tensor(float(y.shape[0]), dtype=y.dtype))
-    mean = sum_ranks(y.detach().sum(0)) / n
-    return sum_ranks((y.detach() - mean).pow(2).sum()).clamp_min(1e-12)
-
-
-def fvu(y: Tensor, y_hat: Tensor, sum_ranks: SumRanks = no_ranks) -> Tensor:
-    """Fraction of variance unexplained over a batch `[n, d]`: this process's squared
-    error over the global batch's variance (the full FVU when there is one process)."""
-    return (y - y_hat).pow(2).sum() / variance(y, sum_ranks)
-
-
-class _JumpReLU(torch.autograd.Function):
-    """pre * H(pre - threshold) with a rectangle-kernel pseudo-gradient for threshold."""
-
-    @staticmethod
-    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-        return pre * (pre > threshold)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        pre, threshold = ctx.saved_tensors
-        near = ((pre - threshold).abs() < ctx.bandwidth / 2).to(grad.dtype)
-        grad_threshold = -(threshold / ctx.bandwidth) * near * grad
-        return grad * (pre > threshold), grad_threshold.reshape(-1, pre.shape[-1]).sum(0), None
-
-
-class _Step(torch.autograd.Function):
-    """H(pre - threshold) (the L0 count) with the same pseudo-gradient for threshold."""
-
-    @staticmethod
-    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-        return (pre > threshold).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        pre, threshold = ctx.saved_tensors
-        near = ((pre - threshold).abs() < ctx.bandwidth / 2).to(grad.dtype)
-        grad_threshold = -(1.0 / ctx.bandwidth) * near * grad
-        return None, grad_threshold.reshape(-1, pre.shape[-1]).sum(0), None
 
 
 def training_step(
@@ -102,31 +48,23 @@ def training_step(
     latents that have not fired recently (the targets of AuxK). `fvu` in the result is
     the global batch's."""
     cfg = transcoder.cfg
-    n_tokens = sum_ranks(torch.tensor(float(x.shape[0]), dtype=x.dtype))
-    skip = x @ transcoder.W_skip.T if cfg.skip else 0.0
-    sparsity = torch.zeros((), dtype=x.dtype)
-    if cfg.uses_k:
-        # The sparse fast path: the encoder's backward touches only the selected
-        # latents and the decoder is a gather-sum of their rows.
-        encode = sparse.topk_encode if cfg.activation == "topk" else sparse.batchtopk_encode
-        latents = encode(x, transcoder.W_enc, transcoder.b_enc, cfg.k)
-        y_hat = sparse.sparse_decode(latents.values, latents.indices, transcoder.W_dec, transcoder.b_dec) + skip
-        if cfg.activation == "topk" and auxk_alpha > 0 and dead.any():
-            residual = (y - y_hat).detach()
-            pre = transcoder.pre_activations(x)
-            sparsity = auxk_alpha * _auxk(transcoder, pre, dead, residual, x.shape[-1] // 2, sum_ranks)
-    else:
-        pre = transcoder.pre_activations(x)
-        if cfg.activation == "relu":
-            dense = torch.relu(pre)
-            sparsity = l1_coefficient * (dense * transcoder.W_dec.norm(dim=-1)).sum() / n_tokens
-        else:
-            dense = _JumpReLU.apply(pre, transcoder.threshold, bandwidth)
-            sparsity = l0_coefficient * _Step.apply(pre, transcoder.threshold, bandwidth).sum() / n_tokens
-        latents = activations.sparsify_dense(dense.detach())
-        y_hat = transcoder.decode(dense) + skip
-    error = fvu(y, y_hat, sum_ranks)
-    return StepOutput(loss=error + sparsity, fvu=sum_ranks(error.detach()), latents=latents)
+    n_tokens = sum_ranks(x.new_tensor(float(x.shape[0])))
+    auxk = cfg.activation == "topk" and auxk_alpha > 0 and bool(dead.any())
+    out = transcoder.run(x, return_pre_activations=auxk, jumprelu_bandwidth=bandwidth)
+    latents = out.latents
+    sparsity = x.new_zeros(())
+    if auxk:
+        residual = (y - out.output).detach()
+        sparsity = auxk_alpha * _auxk(transcoder, out.pre_activations, dead, residual, x.shape[-1] // 2, sum_ranks)
+    elif cfg.activation == "relu":
+        norms = transcoder.W_dec.norm(dim=-1)[latents.indices]
+        sparsity = l1_coefficient * (latents.values * norms).sum() / n_tokens
+    elif cfg.activation == "jumprelu":
+        active = activations.step(out.pre_activations, transcoder.threshold, bandwidth)
+        sparsity = l0_coefficient * active.sum() / n_tokens
+    error = fvu(y, out.output, sum_ranks)
+    detached = SparseLatents(latents.values.detach(), latents.indices)
+    return StepOutput(loss=error + sparsity, fvu=sum_ranks(error.detach()), latents=detached)
 
 
 def _auxk(

@@ -4,10 +4,19 @@
     transcoder's input and output site) -> [shuffle buffer] -> one Adam step for every
     transcoder -> metrics, checkpoints -> transcoders saved in the model's own space.
 
-Checkpoints are written atomically and hold everything the run depends on (weights,
+A `Trainer` owns its run: `begin` (resume, logging, evaluation), `train_on` (one batch
+of captured activations), `finish` (save, record). `TrainerGroup` drives several
+trainers of one model from a single forward pass per batch (`Trainer.fit` is a group of
+one) and uses nothing else.
+
+Everything that can be checked is checked before the first step: the options, the
+output directory (creatable, writable, and not holding another run's checkpoint unless
+`resume` or `overwrite`), the sites (as `splice` checks them) and each batch's token
+ids. Checkpoints (`checkpoints.py`) hold everything the run depends on (weights,
 optimiser and schedule, step, batches consumed, dead-latent counters, normalisation
 scales, buffer and its random state), so a resumed run ends with the same weights as an
-uninterrupted one.
+uninterrupted one. A run whose data ends before `max_tokens` says so (a warning, and
+`complete: false` in `training.json`). Every tensor lives on the model's device.
 
 Several processes (`torchrun`): with `distribute="data"` each process takes its rows of
 every batch and gradients are summed across processes before each step; with
@@ -18,6 +27,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -26,13 +36,31 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from tl_transcoders.evaluation import compute_ablation_baselines, evaluate_splice
-from tl_transcoders.hooks.sites import capture, probe_sites, transcoder_config
-from tl_transcoders.training.config import TrainConfig
-from tl_transcoders.training.losses import no_ranks, training_step
+from tl_transcoders.core.errors import TranscodersError
+from tl_transcoders.core.files import check_writable_directory
 from tl_transcoders.core.transcoder import Transcoder
+from tl_transcoders.evaluation import compute_ablation_baselines, evaluate_splice
+from tl_transcoders.evaluation.statistics import no_ranks
+from tl_transcoders.hooks.sites import capture, model_device, probe_sites, transcoder_config
+from tl_transcoders.hooks.splice import SpliceError, check_compatible
+from tl_transcoders.hooks.tokens import check_tokens
+from tl_transcoders.training.checkpoints import (
+    CHECKPOINT_FILE,
+    RECORD_FILE,
+    TrainingError,
+    checkpoint_files,
+    read_checkpoint,
+    write_checkpoint,
+    write_record,
+)
+from tl_transcoders.training.config import TrainConfig
+from tl_transcoders.training.losses import training_step
 
-CHECKPOINT_FILE = "checkpoint.pt"
+__all__ = ["NonFiniteError", "Trainer", "TrainerGroup", "TrainingError", "fit_together"]
+
+
+class NonFiniteError(TranscodersError, FloatingPointError):
+    """NaN or inf in the model's activations or in a training loss."""
 
 
 class Trainer:
@@ -43,41 +71,33 @@ class Trainer:
     iterable must be given again to resume (consumed batches are skipped)."""
 
     def __init__(self, model: nn.Module, cfg: TrainConfig):
+        if not isinstance(cfg, TrainConfig):
+            raise TrainingError(f"Trainer takes a TrainConfig, got {type(cfg).__name__}")
+        cfg.validate()
         n_layers, n_ctx = model.cfg.n_layers, model.cfg.n_ctx
         bad = [layer for layer in cfg.layers if layer >= n_layers]
         if bad:
-            raise ValueError(f"layers {bad} are out of range: the model has {n_layers} layers")
+            raise TrainingError(f"layers {bad} are out of range: the model has {n_layers} layers (0..{n_layers - 1})")
         if cfg.context_size > n_ctx:
-            raise ValueError(
+            raise TrainingError(
                 f"context_size {cfg.context_size} is longer than the model's context ({n_ctx}); "
                 "use a shorter context_size"
             )
         self.model, self.cfg = model, cfg
+        self.device = model_device(model)
         self.rank, self.world = _process_group()
         layers = list(cfg.layers)
         if self.world > 1 and cfg.distribute == "layers":
             if len(layers) < self.world:
-                raise ValueError(f"{len(layers)} layers cannot be shared by {self.world} processes")
+                raise TrainingError(f"{len(layers)} layers cannot be shared by {self.world} processes")
             layers = layers[self.rank :: self.world]
         if self.data_parallel and cfg.batch_size % self.world:
-            raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {self.world} processes")
-        self.transcoders: dict[int, Transcoder] = {}
-        for layer in layers:
-            input_site, output_site = cfg.sites(layer)
-            d_latent = cfg.d_latent or cfg.expansion * probe_sites(model, [input_site])[input_site].width
-            tc_cfg = transcoder_config(
-                model, layer, d_latent, input_site, output_site,
-                activation=cfg.activation, k=min(cfg.k, d_latent), skip=cfg.skip, dtype=cfg.dtype,
-            )
-            # Seeded by (seed, layer): the same start whichever process holds the layer.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed * 100_003 + layer)
-                self.transcoders[layer] = Transcoder(tc_cfg).train()
+            raise TrainingError(f"batch_size {cfg.batch_size} must be divisible by the {self.world} processes")
+        self.output_dir = Path(cfg.output_dir)
+        self._check_output_dir()
+        self.transcoders = self._build(layers)
         self.optimizer = torch.optim.Adam(
-            [
-                {"params": list(t.parameters()), "lr": cfg.learning_rate(t.cfg.d_latent)}
-                for t in self.transcoders.values()
-            ],
+            [{"params": list(t.parameters()), "lr": cfg.learning_rate(t.cfg.d_latent)} for t in self.transcoders.values()],
             betas=(0.9, 0.99),
             fused=True,  # one kernel per step: 5x faster than foreach on CPU
         )
@@ -89,14 +109,61 @@ class Trainer:
         )
         self.step = 0
         self.batches_seen = 0
-        self.since_fired = {layer: torch.zeros(t.cfg.d_latent, dtype=torch.long) for layer, t in self.transcoders.items()}
+        self.since_fired = {
+            layer: torch.zeros(t.cfg.d_latent, dtype=torch.long, device=self.device)
+            for layer, t in self.transcoders.items()
+        }
         self.scales: dict[int, tuple[float, float]] = {}
         self.buffer: dict[str, Tensor] = {}
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.generator = torch.Generator().manual_seed(cfg.seed)  # the shuffle buffer's draws, on the CPU
         self.history: list[dict] = []
-        self.output_dir = Path(cfg.output_dir)
         self._logger = self._evaluate = None
         self._clock = (time.perf_counter(), 0)
+        self._mid_step = False
+
+    def _build(self, layers: list[int]) -> dict[int, Transcoder]:
+        """One transcoder per layer on the model's device, each checked against the
+        model as `splice` would check it; the sites are probed once for all layers."""
+        cfg = self.cfg
+        sites = {layer: cfg.sites(layer) for layer in layers}
+        widths = {site: info.width for site, info in probe_sites(self.model, [s for pair in sites.values() for s in pair]).items()}
+        transcoders = {}
+        for layer, (input_site, output_site) in sites.items():
+            d_latent = cfg.d_latent or cfg.expansion * widths[input_site]
+            if cfg.activation in ("topk", "batchtopk") and cfg.k > d_latent:
+                raise TrainingError(
+                    f"k={cfg.k} is larger than the {d_latent} latents of layer {layer}'s transcoder: "
+                    "lower k or raise expansion / d_latent"
+                )
+            tc_cfg = transcoder_config(
+                self.model, layer, d_latent, input_site, output_site,
+                activation=cfg.activation, k=cfg.k, skip=cfg.skip, dtype=cfg.dtype,
+            )
+            # Seeded by (seed, layer): the same start whichever process holds the layer.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed * 100_003 + layer)
+                transcoders[layer] = Transcoder(tc_cfg, device="cpu").to(self.device).train()
+        try:
+            check_compatible(self.model, list(transcoders.values()))
+        except SpliceError as err:
+            raise TrainingError(f"the transcoders would not fit the model: {err}") from err
+        return transcoders
+
+    def _check_output_dir(self) -> None:
+        """The output directory can be written, and holds no other run's checkpoint
+        unless the run resumes it or overwrites it."""
+        if not self._writes_files:
+            return
+        try:
+            check_writable_directory(self.output_dir)
+        except OSError as err:
+            raise TrainingError(f"output_dir {self.output_dir} cannot be used: {err}") from err
+        existing = checkpoint_files(self.checkpoint_path)
+        if existing and not (self.cfg.resume or self.cfg.overwrite):
+            raise TrainingError(
+                f"{self.output_dir} holds the checkpoint of an earlier run ({existing[0].name}); pass "
+                "resume=True to continue it, overwrite=True to start afresh, or another output_dir"
+            )
 
     @property
     def data_parallel(self) -> bool:
@@ -110,43 +177,65 @@ class Trainer:
         dist.all_reduce(total)
         return total
 
-    # --- the loop ----------------------------------------------------------------------
-
-    def fit(self, batches: Iterable[Tensor], eval_tokens: Tensor | None = None) -> list[Transcoder]:
-        """Train until `cfg.max_tokens`; return the transcoders, also saved to
-        `output_dir/layer_{L}` in the model's own activation space. With `eval_tokens`
-        (`[batch, pos]`) and `cfg.eval_every`, spliced CE is measured during training."""
-        return fit_together([self], batches, eval_tokens)[0]
-
     @property
     def sites(self) -> list[str]:
         """Every hook site this trainer's transcoders read or write."""
         return [s for t in self.transcoders.values() for s in (t.cfg.input_site, t.cfg.output_site)]
 
-    def _start(self, eval_tokens: Tensor | None) -> None:
-        """Resume from the checkpoint (with `cfg.resume`) and set up logging and evaluation."""
+    @property
+    def done(self) -> bool:
+        """True once the run has taken all its steps."""
+        return self.step >= self.cfg.total_steps
+
+    # --- the run ------------------------------------------------------------------------
+
+    def fit(self, batches: Iterable[Tensor], eval_tokens: Tensor | None = None) -> list[Transcoder]:
+        """Train until `cfg.max_tokens`; return the transcoders, also saved to
+        `output_dir/layer_{L}` in the model's own activation space. With `eval_tokens`
+        (`[batch, pos]`) and `cfg.eval_every`, spliced CE is measured during training."""
+        return TrainerGroup([self]).fit(batches, eval_tokens)[0]
+
+    def begin(self, eval_tokens: Tensor | None = None) -> None:
+        """Start the run: resume from the checkpoint (with `cfg.resume`) or clear an
+        earlier run's (with `cfg.overwrite`), and set up logging and evaluation."""
         cfg = self.cfg
-        if cfg.resume and self.checkpoint_path.exists():
+        if cfg.resume and checkpoint_files(self.checkpoint_path):
             self.load_checkpoint()
+        elif cfg.resume:
+            warnings.warn(f"resume=True but {self.checkpoint_path} does not exist: starting a fresh run", stacklevel=3)
+        elif cfg.overwrite and self._writes_files:
+            for path in checkpoint_files(self.checkpoint_path):
+                path.unlink()
         self._logger = _wandb_logger(cfg) if self.rank == 0 else None
         self._evaluate = self._evaluator(eval_tokens) if eval_tokens is not None and cfg.eval_every else None
         self._clock = (time.perf_counter(), self.step)
 
-    @property
-    def done(self) -> bool:
-        return self.step >= self.cfg.total_steps
+    def check_batch(self, tokens: Tensor, index: int) -> Tensor:
+        """Token batch `index` checked (ids, shape) and on the model's device: this
+        process's rows of it under data parallelism."""
+        tokens = check_tokens(self.model, tokens, where=f"training batch {index}", min_positions=2)
+        expected = (self.cfg.batch_size, self.cfg.context_size)
+        if tuple(tokens.shape) != expected:
+            raise TrainingError(
+                f"training batch {index} has shape {tuple(tokens.shape)}, but batch_size x context_size is "
+                f"{expected}; make the batches with token_batches(..., context_size, batch_size)"
+            )
+        return tokens.chunk(self.world)[self.rank] if self.data_parallel else tokens
 
-    def _consume(self, activations: dict[str, Tensor]) -> dict | None:
-        """One batch of captured activations: through the shuffle buffer, then a training
-        step, metrics and checkpoint. Returns the step's metrics (None while the buffer
-        fills)."""
+    def train_on(self, activations: dict[str, Tensor]) -> dict | None:
+        """One batch of captured activations (site -> `[tokens, width]`): through the
+        shuffle buffer, then a training step, metrics and checkpoint. Returns the step's
+        metrics (None while the buffer fills)."""
         cfg = self.cfg
+        self._mid_step = True
         self.batches_seen += 1
         batch = self._mix({site: activations[site] for site in self.sites})
         if batch is None:
+            self._mid_step = False
             return None
         metrics = self._train_step(batch)
         self.step += 1
+        self._mid_step = False
         evaluate_now = self._evaluate is not None and self.step % cfg.eval_every == 0
         if evaluate_now or self.step % cfg.log_every == 0 or self.step == cfg.total_steps:
             start, start_step = self._clock
@@ -161,15 +250,46 @@ class Trainer:
             self.save_checkpoint()
         return metrics
 
-    def _finish(self) -> list[Transcoder]:
+    def interrupted(self) -> None:
+        """The run was stopped (Ctrl-C) between batches: keep its progress in a checkpoint."""
+        if self._writes_files and not self._mid_step and self.step > 0:
+            self.save_checkpoint()
+
+    def finish(self) -> list[Transcoder]:
+        """End the run: save the transcoders and the run record; warn if the data ended
+        before `max_tokens`."""
         if self._logger is not None:
             self._logger.finish()
         if self.step == 0:
-            raise ValueError(
+            raise TrainingError(
                 "no training step ran: the data gave no full batch of "
                 f"{self.cfg.batch_size} x {self.cfg.context_size} tokens"
+                + (" (or too few to fill the shuffle buffer)" if self.cfg.shuffle_buffer else "")
             )
-        return self.save()
+        if not self.done:
+            warnings.warn(
+                f"the data ran out after {self.step} of {self.cfg.total_steps} steps "
+                f"({self.step * self.cfg.tokens_per_step:,} of {self.cfg.max_tokens:,} tokens); the transcoders "
+                f"are saved, and {self.output_dir / RECORD_FILE} records the run as incomplete",
+                stacklevel=3,
+            )
+        transcoders = self.save()
+        if self._writes_files:
+            write_record(self.output_dir / RECORD_FILE, self.record())
+        return transcoders
+
+    def record(self) -> dict:
+        """What this run did, as saved in `training.json`."""
+        return {
+            "complete": self.done,
+            "steps": self.step,
+            "total_steps": self.cfg.total_steps,
+            "tokens": self.step * self.cfg.tokens_per_step,
+            "max_tokens": self.cfg.max_tokens,
+            "layers": sorted(self.transcoders),
+            "config": self.cfg.to_dict(),
+            "last_metrics": self.history[-1] if self.history else None,
+        }
 
     def _evaluator(self, eval_tokens: Tensor):
         """A function returning spliced-CE metrics of the current transcoders on
@@ -188,29 +308,27 @@ class Trainer:
 
         return evaluate
 
-    def _check_tokens(self, tokens: Tensor) -> None:
-        expected = (self.cfg.batch_size, self.cfg.context_size)
-        if tokens.ndim != 2 or tuple(tokens.shape) != expected:
-            raise ValueError(f"token batches must have shape {expected}, got {tuple(tokens.shape)}")
-
     def _mix(self, activations: dict[str, Tensor]) -> dict[str, Tensor] | None:
         """Pass activations through the shuffle buffer: keep `shuffle_buffer` batches,
         return one batch of tokens drawn at random from them (None while filling)."""
         if self.cfg.shuffle_buffer == 0:
             return activations
-        n = self.cfg.tokens_per_step
+        n = self.cfg.tokens_per_step // (self.world if self.data_parallel else 1)
         for site, value in activations.items():
             self.buffer[site] = torch.cat([self.buffer[site], value]) if site in self.buffer else value
         size = next(iter(self.buffer.values())).shape[0]
         if size < n * self.cfg.shuffle_buffer:
             return None
-        order = torch.randperm(size, generator=self.generator)
+        order = torch.randperm(size, generator=self.generator, device="cpu").to(self.device)
         taken, kept = order[:n], order[n:]
         batch = {site: value[taken] for site, value in self.buffer.items()}
         self.buffer = {site: value[kept] for site, value in self.buffer.items()}
         return batch
 
     def _train_step(self, activations: dict[str, Tensor]) -> dict:
+        """One optimiser step for every transcoder. Each layer's update is taken right after
+        its backward pass and its gradients are freed, so one layer's gradients are alive at
+        a time (Adam's update of a parameter does not depend on the others')."""
         cfg = self.cfg
         if not self.scales:
             self._initialise(activations)
@@ -223,32 +341,43 @@ class Trainer:
                 transcoder, x, y, dead, cfg.auxk_alpha, cfg.l1_coefficient,
                 cfg.l0_coefficient, cfg.jumprelu_bandwidth, self.sum_ranks,
             )
+            if not torch.isfinite(out.loss):
+                raise NonFiniteError(
+                    f"the loss of layer {layer}'s transcoder is {out.loss.item()} at step {self.step + 1}: the run "
+                    f"diverged. {self.kept_checkpoint_note()} Lower lr (now {self.optimizer.param_groups[0]['lr']:.3g})."
+                )
             out.loss.backward()
             if transcoder.cfg.activation == "batchtopk":
                 self._calibrate_threshold(transcoder, out.latents.values)
-            fired = torch.zeros(dead.shape, dtype=torch.long)
+            self._update(transcoder)
+            fired = torch.zeros(dead.shape, dtype=torch.long, device=self.device)
             fired[out.latents.indices[out.latents.values > 0]] = 1
             fired = self.sum_ranks(fired) > 0
-            self.since_fired[layer] += self.sum_ranks(torch.tensor(x.shape[0])).item()
+            n_tokens = self.sum_ranks(x.new_tensor(x.shape[0], dtype=torch.double))
+            self.since_fired[layer] += int(n_tokens.item())
             self.since_fired[layer][fired] = 0
             active = self.sum_ranks((out.latents.values > 0).sum().double())
-            l0 = (active / self.sum_ranks(torch.tensor(x.shape[0], dtype=torch.double))).item()
             metrics[f"layer{layer}/fvu"] = out.fvu.item()
-            metrics[f"layer{layer}/l0"] = l0
+            metrics[f"layer{layer}/l0"] = (active / n_tokens).item()
             metrics[f"layer{layer}/dead_fraction"] = dead.float().mean().item()
             metrics["fvu"] += out.fvu.item() / len(self.transcoders)
-        if self.data_parallel:
-            for group in self.optimizer.param_groups:
-                for param in group["params"]:
-                    if param.grad is not None:
-                        dist.all_reduce(param.grad)
-        self.optimizer.step()
         self.schedule.step()
-        for transcoder in self.transcoders.values():
-            if transcoder.cfg.activation == "jumprelu":
-                with torch.no_grad():
-                    transcoder.threshold.clamp_(min=0)
         return metrics
+
+    def _update(self, transcoder: Transcoder) -> None:
+        """Adam's step for one transcoder (gradients summed over data-parallel processes
+        first), then its gradients freed and JumpReLU thresholds kept non-negative."""
+        params = list(transcoder.parameters())
+        if self.data_parallel:
+            for param in params:
+                if param.grad is not None:
+                    dist.all_reduce(param.grad)
+        self.optimizer.step()  # only this transcoder's parameters hold gradients now
+        for param in params:
+            param.grad = None
+        if transcoder.cfg.activation == "jumprelu":
+            with torch.no_grad():
+                transcoder.threshold.clamp_(min=0)
 
     def _calibrate_threshold(self, transcoder: Transcoder, values: Tensor) -> None:
         """BatchTopK's inference threshold: a running mean of the smallest activation
@@ -281,7 +410,7 @@ class Trainer:
             c = transcoder.cfg
             x = activations[c.input_site].double()
             y = activations[c.output_site].double()
-            n = self.sum_ranks(torch.tensor(float(x.shape[0]), dtype=torch.double))
+            n = self.sum_ranks(x.new_tensor(float(x.shape[0])))
             if self.cfg.normalize:
                 s_in = (self.sum_ranks(x.pow(2).sum()) / (n * c.d_in)).sqrt().item()
                 s_out = (self.sum_ranks(y.pow(2).sum()) / (n * c.d_out)).sqrt().item()
@@ -312,7 +441,8 @@ class Trainer:
         gram = self.sum_ranks(xc.T @ xc)
         cross = self.sum_ranks(xc.T @ (y - y_mean))
         ridge = 1e-3 * gram.diagonal().mean().clamp(min=1e-12)
-        weight = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype), cross).T
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        weight = torch.linalg.solve(gram + ridge * eye, cross).T
         return weight, y_mean - weight @ x_mean
 
     # --- saving --------------------------------------------------------------------------
@@ -322,14 +452,15 @@ class Trainer:
         mode: it reads and writes the model's own activations."""
         transcoder = self.transcoders[layer]
         s_in, s_out = self.scales.get(layer, (1.0, 1.0))
-        result = Transcoder(transcoder.cfg)
+        with torch.device("meta"):
+            result = Transcoder(transcoder.cfg)
         state = {name: t.detach().clone() for name, t in transcoder.state_dict().items()}
         state["W_enc"] /= s_in
         state["W_dec"] *= s_out
         state["b_dec"] *= s_out
         if "W_skip" in state:
             state["W_skip"] *= s_out / s_in
-        result.load_state_dict(state)
+        result.load_state_dict(state, assign=True)
         return result.eval()
 
     @property
@@ -354,7 +485,8 @@ class Trainer:
         return self.output_dir / CHECKPOINT_FILE
 
     def save_checkpoint(self) -> Path:
-        """Write the full training state to `output_dir/checkpoint.pt`, atomically."""
+        """Write the full training state to `output_dir/checkpoint.pt`, keeping the
+        previous checkpoint until the new one is complete."""
         state = {
             "config": self.cfg.to_dict(),
             "transcoders": {layer: t.state_dict() for layer, t in self.transcoders.items()},
@@ -369,92 +501,117 @@ class Trainer:
             "history": self.history,
         }
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        path = self.checkpoint_path
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-        return path
+        return write_checkpoint(self.checkpoint_path, state)
 
     def load_checkpoint(self) -> None:
-        """Restore the state written by `save_checkpoint`."""
+        """Restore the state written by `save_checkpoint` (or the previous checkpoint if
+        the latest cannot be read)."""
         path = self.checkpoint_path
-        state = torch.load(path, weights_only=False)
-        saved = {k: v for k, v in state["config"].items() if k != "resume"}
-        current = {k: v for k, v in self.cfg.to_dict().items() if k != "resume"}
+        state = read_checkpoint(path)
+        ignored = ("resume", "overwrite")
+        saved = {k: v for k, v in state["config"].items() if k not in ignored}
+        current = {k: v for k, v in self.cfg.to_dict().items() if k not in ignored}
         if saved != current:
             changed = sorted(k for k in current if saved.get(k) != current[k])
-            raise ValueError(f"{path} was written by a run with other options ({changed}); resume with the same TrainConfig")
+            raise TrainingError(
+                f"{path} was written by a run with other options ({changed}); resume with the same "
+                "TrainConfig, or start afresh with overwrite=True"
+            )
         for layer, transcoder in self.transcoders.items():
             transcoder.load_state_dict(state["transcoders"][layer])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
         self.step, self.batches_seen = state["step"], state["batches_seen"]
-        self.since_fired, self.scales = state["since_fired"], state["scales"]
-        self.buffer, self.history = state["buffer"], state["history"]
+        self.since_fired = {layer: count.to(self.device) for layer, count in state["since_fired"].items()}
+        self.scales = state["scales"]
+        self.buffer = {site: value.to(self.device) for site, value in state["buffer"].items()}
+        self.history = state["history"]
         self.generator.set_state(state["generator"])
 
-    def _kept_checkpoint_note(self) -> str:
-        path = self.checkpoint_path
-        if path.exists():
-            return f"The last checkpoint is kept at {path}; fix the input and resume with resume=True."
+    def kept_checkpoint_note(self) -> str:
+        """What an error that stops the run says about the checkpoint it leaves."""
+        existing = checkpoint_files(self.checkpoint_path)
+        if existing:
+            return f"The last checkpoint is kept at {existing[0]}; fix the input and resume with resume=True."
         return "No checkpoint had been written yet."
+
+
+class TrainerGroup:
+    """Several `Trainer`s of the same model fed from one forward pass per batch: e.g. an
+    SAE, a transcoder and a skip transcoder of the same layers on the same tokens.
+
+    The trainers must share the model, batch and context size (they see the same token
+    batches) and have distinct `output_dir`s; each keeps its own optimiser, schedule,
+    metrics (`trainer.history`) and checkpoints, and resumes from its own (their
+    consumed-batch counts must then agree)."""
+
+    def __init__(self, trainers: Sequence[Trainer]):
+        trainers = list(trainers)
+        if not trainers:
+            raise TrainingError("a TrainerGroup needs at least one trainer")
+        first = trainers[0]
+        for other in trainers[1:]:
+            if other.model is not first.model:
+                raise TrainingError("every trainer of a group must train on the same model object")
+            if (other.cfg.batch_size, other.cfg.context_size) != (first.cfg.batch_size, first.cfg.context_size):
+                raise TrainingError("every trainer of a group must use the same batch_size and context_size")
+        directories = [t.output_dir.resolve() for t in trainers]
+        if len(set(directories)) != len(directories):
+            raise TrainingError("give every trainer of a group its own output_dir")
+        self.trainers = trainers
+
+    def fit(self, batches: Iterable[Tensor], eval_tokens: Tensor | None = None) -> list[list[Transcoder]]:
+        """Train every trainer until its `max_tokens` (or the end of `batches`); return
+        each trainer's transcoders, in order. Ctrl-C between batches saves a checkpoint
+        of every trainer before it stops the run."""
+        trainers = self.trainers
+        for trainer in trainers:
+            trainer.begin(eval_tokens)
+        resumed = {t.batches_seen for t in trainers}
+        if len(resumed) > 1:
+            raise TrainingError(
+                f"the trainers' checkpoints consumed different numbers of batches ({sorted(resumed)}); "
+                "resume them separately or start again"
+            )
+        skip = resumed.pop()
+        first = trainers[0]
+        progress = tqdm(total=max(t.cfg.total_steps for t in trainers), initial=first.step, desc="training", unit="step")
+        try:
+            for seen, tokens in enumerate(batches, start=1):
+                if seen <= skip:
+                    continue
+                active = [t for t in trainers if not t.done]
+                if not active:
+                    break
+                tokens = first.check_batch(tokens, seen - 1)
+                sites = list(dict.fromkeys(s for t in active for s in t.sites))
+                activations = capture(first.model, tokens, sites)
+                for site, value in activations.items():
+                    if not torch.isfinite(value).all():
+                        raise NonFiniteError(
+                            f"the model produced NaN or inf activations at {site} on token batch {seen - 1}. "
+                            + " ".join(t.kept_checkpoint_note() for t in active)
+                        )
+                logged = [m for m in (t.train_on(activations) for t in active) if m is not None and "tokens_per_s" in m]
+                progress.n = max(t.step for t in trainers)
+                progress.refresh()
+                if logged:
+                    fvu = sum(m["fvu"] for m in logged) / len(logged)
+                    progress.set_postfix(fvu=f"{fvu:.3f}", tok_s=f"{logged[0]['tokens_per_s']:.0f}")
+        except KeyboardInterrupt:
+            for trainer in trainers:
+                trainer.interrupted()
+            raise
+        finally:
+            progress.close()
+        return [trainer.finish() for trainer in trainers]
 
 
 def fit_together(
     trainers: Sequence[Trainer], batches: Iterable[Tensor], eval_tokens: Tensor | None = None
 ) -> list[list[Transcoder]]:
-    """Train several `Trainer`s of the same model from one forward pass per batch: e.g.
-    an SAE, a transcoder and a skip transcoder of the same layers on the same tokens.
-
-    The trainers must share the model, batch and context size (they see the same token
-    batches) and have distinct `output_dir`s; each keeps its own optimiser, schedule,
-    metrics (`trainer.history`) and checkpoints, and resumes from its own (their
-    consumed-batch counts must then agree). Returns each trainer's transcoders, in order."""
-    trainers = list(trainers)
-    if not trainers:
-        raise ValueError("fit_together needs at least one trainer")
-    first = trainers[0]
-    for other in trainers[1:]:
-        if other.model is not first.model:
-            raise ValueError("fit_together: every trainer must train on the same model object")
-        if (other.cfg.batch_size, other.cfg.context_size) != (first.cfg.batch_size, first.cfg.context_size):
-            raise ValueError("fit_together: every trainer must use the same batch_size and context_size")
-    directories = [t.output_dir.resolve() for t in trainers]
-    if len(set(directories)) != len(directories):
-        raise ValueError("fit_together: give every trainer its own output_dir")
-    for trainer in trainers:
-        trainer._start(eval_tokens)
-    resumed = {t.batches_seen for t in trainers}
-    if len(resumed) > 1:
-        raise ValueError(f"the trainers' checkpoints consumed different numbers of batches ({sorted(resumed)}); "
-                         "resume them separately or start again")
-    skip = resumed.pop()
-    progress = tqdm(total=max(t.cfg.total_steps for t in trainers), initial=first.step, desc="training", unit="step")
-    for seen, tokens in enumerate(batches, start=1):
-        if seen <= skip:
-            continue
-        active = [t for t in trainers if not t.done]
-        if not active:
-            break
-        first._check_tokens(tokens)
-        if first.data_parallel:
-            tokens = tokens.chunk(first.world)[first.rank]
-        sites = list(dict.fromkeys(s for t in active for s in t.sites))
-        activations = capture(first.model, tokens, sites)
-        for site, value in activations.items():
-            if not torch.isfinite(value).all():
-                raise FloatingPointError(
-                    f"the model produced NaN or inf activations at {site} on token batch {seen - 1}. "
-                    + " ".join(t._kept_checkpoint_note() for t in active)
-                )
-        logged = [m for m in (t._consume(activations) for t in active) if m is not None and "tokens_per_s" in m]
-        progress.n = max(t.step for t in trainers)
-        progress.refresh()
-        if logged:
-            fvu = sum(m["fvu"] for m in logged) / len(logged)
-            progress.set_postfix(fvu=f"{fvu:.3f}", tok_s=f"{logged[0]['tokens_per_s']:.0f}")
-    progress.close()
-    return [trainer._finish() for trainer in trainers]
+    """`TrainerGroup(trainers).fit(batches, eval_tokens)`."""
+    return TrainerGroup(trainers).fit(batches, eval_tokens)
 
 
 def _process_group() -> tuple[int, int]:
