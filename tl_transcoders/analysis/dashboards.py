@@ -41,16 +41,34 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from tl_transcoders.analysis.errors import AnalysisError
 from tl_transcoders.attribution.virtual_weights import (
     AttributionError,
     embedding_weights,
     logit_weights,
 )
-from tl_transcoders.evaluation import check_token_batches
+from tl_transcoders.hooks.tokens import TokenInput, token_batches_of
 from tl_transcoders.core.files import atomic_write
 from tl_transcoders.hooks.sites import capture
 from tl_transcoders.hooks.splice import check_compatible, describe
 from tl_transcoders.core.transcoder import Transcoder
+
+__all__ = [
+    "Context",
+    "ENCODE_CHUNK",
+    "LatentDashboard",
+    "LatentRecords",
+    "TokenEffect",
+    "check_latents",
+    "collect_activations",
+    "dashboard_page",
+    "latent_dashboard",
+    "latent_dashboards",
+    "save_dashboards",
+    "token_strings",
+    "top_latents",
+    "visible",
+]
 
 ENCODE_CHUNK = 4096
 """Tokens encoded at once: bounds the dense `[tokens, d_latent]` intermediate."""
@@ -90,7 +108,7 @@ class LatentRecords:
             raise _out_of_range(latent, self.d_latent)
         hits = (self.latents == latent).nonzero()
         if hits.numel() == 0:
-            raise ValueError(
+            raise AnalysisError(
                 f"latent {latent} was not recorded (these records hold {self.latents.numel()} chosen "
                 "latents); pass it in `latents=` to collect_activations"
             )
@@ -109,37 +127,38 @@ class LatentRecords:
 def collect_activations(
     model: nn.Module,
     transcoder: Transcoder,
-    batches: Tensor | Iterable[Tensor],
+    batches: TokenInput,
     n_top: int = 20,
     latents: Int[Tensor, " n"] | Sequence[int] | None = None,
     n_bins: int = 64,
     window_before: int = 24,
     window_after: int = 4,
     skip_bos: bool = True,
+    batch_size: int = 32,
 ) -> LatentRecords:
-    """Stream token `batches` (`[batch, pos]` tensors, one `pos` for all) through `model`
-    and record, for every latent of `transcoder` (or those in `latents`), its `n_top`
-    strongest activations with their windows, its firing count and its histogram (see
-    the module docstring for the definitions). The token batches are checked (integer
-    ids in the vocabulary, within the context length) and moved to the model's device
-    up front; activations are computed and folded in one batch at a time."""
+    """Stream token `batches` (a `[n_rows, pos]` tensor, or any iterable of `[batch,
+    pos]` batches, one `pos` for all; see `hooks.tokens`) through `model` and record,
+    for every latent of `transcoder` (or those in `latents`), its `n_top` strongest
+    activations with their windows, its firing count and its histogram (see the module
+    docstring for the definitions). The tokens are read once, `batch_size` rows at a
+    time, each batch checked as it comes; memory does not grow with the number of rows."""
     if not isinstance(transcoder, Transcoder):
-        raise TypeError(f"expected a Transcoder, got {type(transcoder).__name__}")
+        raise AnalysisError(f"expected a Transcoder, got {type(transcoder).__name__}")
     if transcoder.cfg.activation == "batchtopk" and transcoder.training:
-        raise ValueError(
+        raise AnalysisError(
             "a BatchTopK transcoder in training mode selects latents across the whole batch; "
             "call transcoder.eval() to encode each token on its own (with its threshold)"
         )
-    for name, value, least in (("n_top", n_top, 1), ("n_bins", n_bins, 1),
+    for name, value, least in (("n_top", n_top, 1), ("n_bins", n_bins, 1), ("batch_size", batch_size, 1),
                                ("window_before", window_before, 0), ("window_after", window_after, 0)):
         if value < least:
-            raise ValueError(f"{name} must be at least {least}, got {value}")
+            raise AnalysisError(f"{name} must be at least {least}, got {value}")
     check_compatible(model, [transcoder])
     collector = _Collector(transcoder, check_latents(transcoder, latents), n_top, n_bins,
                            window_before, window_after, int(skip_bos))
     site = transcoder.cfg.input_site
     with torch.no_grad():
-        for batch in check_token_batches(model, batches):
+        for batch in token_batches_of(model, batches, batch_size, min_positions=1):
             x = capture(model, batch, [site])[site].to(transcoder.W_enc.dtype)
             collector.add(batch, x)
     return collector.records()
@@ -154,12 +173,12 @@ def check_latents(transcoder: Transcoder, latents: Tensor | Sequence[int] | None
         return torch.arange(d_latent, device=device)
     chosen = torch.as_tensor(latents, device=device).reshape(-1)
     if chosen.numel() == 0 or chosen.is_floating_point():
-        raise ValueError("latents must be a non-empty sequence of integer latent indices")
+        raise AnalysisError("latents must be a non-empty sequence of integer latent indices")
     bad = chosen[(chosen < 0) | (chosen >= d_latent)]
     if bad.numel():
         raise _out_of_range(int(bad[0]), d_latent)
     if chosen.unique().numel() != chosen.numel():
-        raise ValueError("latents must not repeat")
+        raise AnalysisError("latents must not repeat")
     return chosen.long()
 
 
@@ -326,7 +345,7 @@ def top_latents(records: LatentRecords, by: str = "frequency", n: int = 10) -> l
     elif by == "max_activation":
         score = records.top_values[:, 0].double()
     else:
-        raise ValueError(f"by must be 'frequency' or 'max_activation', got {by!r}")
+        raise AnalysisError(f"by must be 'frequency' or 'max_activation', got {by!r}")
     alive = (records.fire_counts > 0).nonzero()[:, 0]
     order = alive[torch.sort(-score[alive], stable=True).indices]
     return records.latents[order[:n]].tolist()
@@ -470,9 +489,9 @@ def latent_dashboards(
     input-dependent scale treated as 1. De-embedding weights are `embedding_weights`:
     each token embedding dotted with the direction the latent's encoder reads."""
     if (model is None) != (transcoder is None):
-        raise ValueError("pass both model and transcoder for the logit and de-embedding views, or neither")
+        raise AnalysisError("pass both model and transcoder for the logit and de-embedding views, or neither")
     if k_tokens < 1:
-        raise ValueError(f"k_tokens must be at least 1, got {k_tokens}")
+        raise AnalysisError(f"k_tokens must be at least 1, got {k_tokens}")
     latents = [int(latent) for latent in latents]
     slots = [records.slot(latent) for latent in latents]
     if tokenizer is None and model is not None:
@@ -481,7 +500,7 @@ def latent_dashboards(
     notes = []
     if model is not None:
         if transcoder.cfg.d_latent != records.d_latent or describe(transcoder) != records.transcoder:
-            raise ValueError(
+            raise AnalysisError(
                 f"these records were collected with the {records.transcoder} "
                 f"({records.d_latent} latents), not with the {describe(transcoder)}"
             )

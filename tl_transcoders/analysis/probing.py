@@ -23,21 +23,41 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Literal, Any
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int, Shaped
 from torch import Tensor, nn
 
+from tl_transcoders.hooks.tokens import TokenInput
+from tl_transcoders.analysis.errors import AnalysisError
 from tl_transcoders.analysis.dashboards import token_strings
-from tl_transcoders.evaluation import check_token_batches
+from tl_transcoders.hooks.tokens import token_batches_of
 from tl_transcoders.hooks.sites import capture, check_site_exists
 from tl_transcoders.hooks.splice import check_compatible
 from tl_transcoders.core.transcoder import Transcoder
 
-Selection = str
-"""How `select_features` ranks features: "mean_diff" or "t_stat"."""
+__all__ = [
+    "FeatureSource",
+    "PROSE_SOURCES",
+    "ProbeError",
+    "ProbeResult",
+    "Selection",
+    "TOKEN_CLASSES",
+    "collect_features",
+    "probe_dictionaries",
+    "select_features",
+    "sequence_labels",
+    "sparse_probe",
+    "split_mask",
+    "token_class_labels",
+    "token_classes",
+    "token_sequences",
+]
+
+Selection = Literal["mean_diff", "t_stat"]
+"""How `select_features` ranks features."""
 
 PROSE_SOURCES = ("bible_web", "henry_mhcc", "spurgeon_tdavid", "fortunes")
 """Sources of the offline corpus that are prose; the others (linux_doc, python_doc,
@@ -45,7 +65,7 @@ perl_doc, postgres_doc, django_doc, git_doc, debian_handbook) are technical
 documentation with code and markup."""
 
 
-class ProbeError(ValueError):
+class ProbeError(AnalysisError):
     """Probe inputs that cannot be used (shapes, classes, k)."""
 
 
@@ -266,7 +286,7 @@ activation there, e.g. `blocks.3.mlp.hook_post` for the MLP neurons)."""
 
 def collect_features(
     model: nn.Module,
-    tokens: Int[Tensor, "n pos"],
+    tokens: TokenInput,
     feature_sets: Mapping[str, FeatureSource],
     positions: Int[Tensor, "m 2"] | None = None,
     batch_size: int = 16,
@@ -274,8 +294,10 @@ def collect_features(
 ) -> dict[str, tuple[Float[Tensor, "n _d"], Float[Tensor, "m _d"]]]:
     """For each feature set: the features mean-pooled over each sequence (leaving out
     position 0 with `skip_bos`) and the features at `positions` (rows of `(sequence,
-    position)`; none if not given), on the CPU in float32. Every site needed is
-    captured in one forward pass per batch of `batch_size` sequences."""
+    position)`, sequences numbered over the whole token set; none if not given), on the
+    CPU in float32. `tokens` is a `[n, pos]` tensor or any iterable of batches (see
+    `hooks.tokens`), read once; every site needed is captured in one forward pass per
+    batch of at most `batch_size` sequences."""
     for source in feature_sets.values():
         if isinstance(source, Transcoder):  # one at a time: an SAE and a transcoder may share an output site
             check_compatible(model, [source])
@@ -283,22 +305,21 @@ def collect_features(
         if isinstance(source, str):
             check_site_exists(model, source)
         elif not isinstance(source, Transcoder):
-            raise TypeError(f"feature set {name!r}: expected a Transcoder or a hook site name, "
-                            f"got {type(source).__name__}")
-    if tokens.shape[1] <= int(skip_bos):
-        raise ProbeError("sequences need at least one position besides the first to pool over")
-    positions = torch.zeros(0, 2, dtype=torch.long) if positions is None else positions.cpu().long()
-    if len(positions) and not ((positions >= 0).all() and (positions[:, 0] < tokens.shape[0]).all()
-                               and (positions[:, 1] < tokens.shape[1]).all()):
-        raise ProbeError(f"positions must be (sequence, position) pairs inside tokens {tuple(tokens.shape)}")
+            raise AnalysisError(f"feature set {name!r}: expected a Transcoder or a hook site name, "
+                                f"got {type(source).__name__}")
+    positions = torch.zeros(0, 2, dtype=torch.long, device="cpu") if positions is None else positions.cpu().long()
+    if len(positions) and (positions < 0).any():
+        raise ProbeError("positions must be (sequence, position) pairs inside tokens (non-negative indices)")
     sites = list(dict.fromkeys(f if isinstance(f, str) else f.cfg.input_site for f in feature_sets.values()))
     pooled: dict[str, list[Tensor]] = {name: [] for name in feature_sets}
     picked: dict[str, list[Tensor]] = {name: [] for name in feature_sets}
     order: list[Tensor] = []
     first = 0
     with torch.no_grad():
-        for batch in check_token_batches(model, list(tokens.split(batch_size))):
+        for batch in token_batches_of(model, tokens, batch_size, min_positions=1 + int(skip_bos)):
             n, pos = batch.shape
+            if len(positions) and (positions[:, 1] >= pos).any():
+                raise ProbeError(f"positions must be (sequence, position) pairs inside tokens of {pos} positions")
             acts = capture(model, batch, sites)
             here = ((positions[:, 0] >= first) & (positions[:, 0] < first + n)).nonzero()[:, 0]
             flat = (positions[here, 0] - first) * pos + positions[here, 1]
@@ -310,6 +331,8 @@ def collect_features(
                 pooled[name].append(x.reshape(n, pos, -1)[:, int(skip_bos):].mean(1).cpu())
                 picked[name].append(x[flat.to(x.device)].cpu())
             first += n
+    if len(positions) and (positions[:, 0] >= first).any():
+        raise ProbeError(f"positions must be (sequence, position) pairs inside tokens of {first} sequences")
     inverse = torch.argsort(torch.cat(order))
     return {name: (torch.cat(pooled[name]), torch.cat(picked[name])[inverse]) for name in feature_sets}
 
@@ -333,7 +356,7 @@ def _token_task_positions(
 
 def probe_dictionaries(
     model: nn.Module,
-    tokens: Int[Tensor, "n pos"],
+    tokens: TokenInput,
     feature_sets: Mapping[str, FeatureSource],
     sequence_tasks: Mapping[str, Bool[Tensor, " n_seq"]] | None = None,
     token_tasks: Mapping[str, Bool[Tensor, "n_tok pos_tok"]] | None = None,

@@ -11,13 +11,13 @@ against the model.
 
 from tl_transcoders.attribution.attribute import attribute
 from tl_transcoders.attribution.export import export_graph, graph_json
-from tl_transcoders.attribution.graph import Graph, GraphFileError
+from tl_transcoders.attribution.errors import AttributionError, GraphFileError
+from tl_transcoders.attribution.graph import Graph
 from tl_transcoders.attribution.interventions import FeatureEdit, InterventionResult, intervene, zero
 from tl_transcoders.attribution.paths import Node, Path, find_paths, path_contribution, run_prompt
 from tl_transcoders.attribution.plot import plot_graph
 from tl_transcoders.attribution.prune import graph_scores, prune
 from tl_transcoders.attribution.virtual_weights import (
-    AttributionError,
     Head,
     embedding_weights,
     feature_weights,

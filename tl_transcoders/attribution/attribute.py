@@ -26,14 +26,26 @@ from torch import Tensor, nn
 
 from tl_transcoders.attribution.graph import Graph
 from tl_transcoders.attribution.replacement import ReplacementState, frozen_replacement
+from tl_transcoders.attribution.errors import AttributionError
 from tl_transcoders.hooks.sites import model_device, model_name
+from tl_transcoders.hooks.splice import check_not_spliced
+from tl_transcoders.hooks.tokens import prompt_tokens
 from tl_transcoders.core.transcoder import Transcoder
+
+__all__ = [
+    "ActiveFeatures",
+    "active_features",
+    "attribute",
+    "most_probable_tokens",
+    "partial_influences",
+    "starts_with_bos",
+]
 
 
 def attribute(
     model: nn.Module,
     transcoders: Sequence[Transcoder],
-    prompt_or_tokens: str | Int[Tensor, " n_pos"] | Int[Tensor, "1 n_pos"],
+    prompt_or_tokens: str | Tensor,
     *,
     max_n_logits: int = 10,
     desired_logit_prob: float = 0.95,
@@ -62,17 +74,18 @@ def attribute(
     counts = {"max_n_logits": max_n_logits, "batch_size": batch_size, "update_interval": update_interval}
     for name, value in counts.items():
         if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
+            raise AttributionError(f"{name} must be at least 1, got {value}")
     if not 0 < desired_logit_prob <= 1:
-        raise ValueError(f"desired_logit_prob must be in (0, 1], got {desired_logit_prob}")
+        raise AttributionError(f"desired_logit_prob must be in (0, 1], got {desired_logit_prob}")
     if max_feature_nodes is not None and max_feature_nodes < 0:
-        raise ValueError(f"max_feature_nodes must be None or non-negative, got {max_feature_nodes}")
+        raise AttributionError(f"max_feature_nodes must be None or non-negative, got {max_feature_nodes}")
+    check_not_spliced(model, "attribute")
     tokens = prompt_tokens(model, prompt_or_tokens)
     with torch.enable_grad(), frozen_replacement(model, transcoders) as state:
         logits = model(tokens[None])
     by_layer = state.transcoders
     probabilities = torch.softmax(logits[0, -1].detach().float(), dim=-1)
-    logit_tokens, logit_probabilities = top_logits(probabilities, max_n_logits, desired_logit_prob)
+    logit_tokens, logit_probabilities = most_probable_tokens(probabilities, max_n_logits, desired_logit_prob)
     storage = torch.device(device) if device is not None else model_device(model)
     attributor = _Attributor(model, by_layer, state, starts_with_bos(model, tokens), storage)
     rows, row_features, n_logit_rows = attributor.rows(
@@ -105,35 +118,6 @@ def attribute(
     )
 
 
-def prompt_tokens(model: nn.Module, prompt_or_tokens: str | Tensor) -> Int[Tensor, " n_pos"]:
-    """The prompt as a 1-D tensor of token ids on the model's device, checked against
-    the model's vocabulary and context length."""
-    if isinstance(prompt_or_tokens, str):
-        if getattr(model, "tokenizer", None) is None:
-            raise ValueError("this model has no tokenizer: pass token ids instead of a string")
-        tokens = model.to_tokens(prompt_or_tokens)[0]
-    else:
-        tokens = prompt_or_tokens
-        if tokens.ndim == 2 and tokens.shape[0] == 1:
-            tokens = tokens[0]
-        if tokens.ndim != 1 or tokens.is_floating_point():
-            raise ValueError(
-                f"token ids must be an integer tensor [n_pos] or [1, n_pos], got {tokens.dtype} {tuple(tokens.shape)}"
-            )
-    n_ctx, d_vocab = model.cfg.n_ctx, model.cfg.d_vocab
-    if tokens.numel() == 0:
-        raise ValueError("the prompt is empty")
-    if tokens.numel() > n_ctx:
-        raise ValueError(
-            f"the prompt has {tokens.numel()} tokens but the model's context is {n_ctx}: shorten it"
-        )
-    if tokens.min() < 0 or tokens.max() >= d_vocab:
-        raise ValueError(
-            f"token ids must lie in [0, {d_vocab}), got {tokens.min().item()}..{tokens.max().item()}"
-        )
-    return tokens.to(model_device(model))
-
-
 def starts_with_bos(model: nn.Module, tokens: Int[Tensor, " n_pos"]) -> bool:
     """True if position 0 holds the tokenizer's BOS token."""
     tokenizer = getattr(model, "tokenizer", None)
@@ -141,7 +125,7 @@ def starts_with_bos(model: nn.Module, tokens: Int[Tensor, " n_pos"]) -> bool:
     return bos is not None and int(tokens[0]) == bos
 
 
-def top_logits(
+def most_probable_tokens(
     probabilities: Float[Tensor, " d_vocab"], max_n_logits: int, desired_logit_prob: float
 ) -> tuple[Int[Tensor, " n_logits"], Float[Tensor, " n_logits"]]:
     """The most probable tokens, as few as reach `desired_logit_prob` in total, at most
@@ -248,13 +232,13 @@ class _Attributor:
         n_logits = int(logit_tokens.shape[0])
         dtype = torch.promote_types(self.embed.dtype, torch.float32)
         rows = torch.zeros(n_logits + budget, self.n_columns, device=self.storage, dtype=dtype)
-        row_features = torch.full((n_logits + budget,), -1, dtype=torch.long)
+        row_features = torch.full((n_logits + budget,), -1, dtype=torch.long, device="cpu")  # bookkeeping
         W_U = self.model.W_U.detach()
         logit_vectors = (W_U[:, logit_tokens] - W_U.mean(dim=1, keepdim=True)).T
         for start in range(0, n_logits, batch_size):
             stop = min(start + batch_size, n_logits)
             rows[start:stop] = self._logit_rows(logit_vectors[start:stop]).to(self.storage)
-        visited = torch.zeros(n_features, dtype=torch.bool)
+        visited = torch.zeros(n_features, dtype=torch.bool, device="cpu")
         filled = n_logits
         while filled < n_logits + budget:
             if budget == n_features:
@@ -331,7 +315,8 @@ class _Attributor:
         """The graph's adjacency from the computed rows: the features with rows, all
         errors and tokens, then the logits."""
         selected, order = row_features[n_logit_rows:].sort()
-        columns = torch.cat([selected, torch.arange(self.features.n, self.n_columns)]).to(self.storage)
+        others = torch.arange(self.features.n, self.n_columns, device=self.storage)
+        columns = torch.cat([selected.to(self.storage), others])
         n_sources, n_selected = columns.numel(), selected.numel()
         n_nodes = n_sources + n_logit_rows
         adjacency = torch.zeros(n_nodes, n_nodes, device=self.storage, dtype=rows.dtype)

@@ -20,9 +20,18 @@ import re
 from pathlib import Path
 from typing import Any
 
+from tl_transcoders.attribution.errors import AttributionError
 from tl_transcoders.attribution.graph import Graph, token_labels
 from tl_transcoders.attribution.prune import prune
 from tl_transcoders.core.files import atomic_write
+
+__all__ = [
+    "FEATURE_TYPES",
+    "INDEX_FILE",
+    "NODE_FIELDS",
+    "export_graph",
+    "graph_json",
+]
 
 INDEX_FILE = "graph-metadata.json"
 NODE_FIELDS = (
@@ -108,7 +117,7 @@ def export_graph(
     `output_dir/graph-metadata.json` (replacing an entry of the same slug); returns the
     graph file's path. Serve the directory with circuit-tracer's viewer to browse it."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", slug):
-        raise ValueError(f"slug {slug!r} must be a file name of letters, digits, '_', '.' and '-'")
+        raise AttributionError(f"slug {slug!r} must be a file name of letters, digits, '_', '.' and '-'")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     data = graph_json(
@@ -137,7 +146,7 @@ def _read_index(path: Path) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError):
         index = None
     if not isinstance(index, dict) or not isinstance(index.get("graphs"), list):
-        raise ValueError(
+        raise AttributionError(
             f'{path}: not a graph index ({{"graphs": [...]}}); move it away or pick another directory'
         )
     return index

@@ -32,15 +32,20 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from tl_transcoders.attribution.errors import AttributionError, GraphFileError
 from tl_transcoders.core.files import atomic_write
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "Graph",
+    "TENSOR_FIELDS",
+    "token_labels",
+]
 
 FORMAT_NAME = "tl-transcoders-graph"
 FORMAT_VERSION = 1
 TENSOR_FIELDS = ("tokens", "features", "activations", "logit_tokens", "logit_probabilities", "adjacency")
-
-
-class GraphFileError(ValueError):
-    """A saved graph cannot be read: the message names the file and the problem."""
 
 
 @dataclass
@@ -96,16 +101,16 @@ class Graph:
         return int(match[0, 0])
 
     def validate(self) -> None:
-        """Raise ValueError if the fields disagree with each other (sizes, ranges, dtypes)."""
+        """Raise `AttributionError` if the fields disagree with each other (sizes, ranges, dtypes)."""
         if self.n_layers < 1:
-            raise ValueError(f"n_layers must be at least 1, got {self.n_layers}")
+            raise AttributionError(f"n_layers must be at least 1, got {self.n_layers}")
         for name in TENSOR_FIELDS:
             tensor, floating = getattr(self, name), name in ("activations", "logit_probabilities", "adjacency")
             if tensor.is_floating_point() != floating:
                 kind = "a float tensor" if floating else "an integer tensor of ids"
-                raise ValueError(f"{name} must be {kind}, got dtype {tensor.dtype}")
+                raise AttributionError(f"{name} must be {kind}, got dtype {tensor.dtype}")
         if self.features.ndim != 2 or self.features.shape[1] != 3:
-            raise ValueError(
+            raise AttributionError(
                 f"features must be [n_features, 3] rows of (layer, position, latent), "
                 f"got shape {tuple(self.features.shape)}"
             )
@@ -118,7 +123,7 @@ class Graph:
         }
         for name, shape in expected.items():
             if tuple(getattr(self, name).shape) != shape:
-                raise ValueError(
+                raise AttributionError(
                     f"{name} has shape {tuple(getattr(self, name).shape)}, expected {shape}: "
                     f"{self.n_features} features + {self.n_layers} x {self.n_pos} errors + {self.n_pos} tokens "
                     f"+ {self.n_logits} logits"
@@ -126,9 +131,9 @@ class Graph:
         for column, name, bound in ((0, "layers", self.n_layers), (1, "positions", self.n_pos)):
             values = self.features[:, column]
             if self.n_features and (values.min() < 0 or values.max() >= bound):
-                raise ValueError(f"feature {name} must lie in [0, {bound}), got {values.min()}..{values.max()}")
+                raise AttributionError(f"feature {name} must lie in [0, {bound}), got {values.min()}..{values.max()}")
         if not torch.isfinite(self.adjacency).all():
-            raise ValueError("adjacency holds NaN or inf")
+            raise AttributionError("adjacency holds NaN or inf")
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the graph to one safetensors file at `path` (tensors on the CPU, the other
@@ -145,7 +150,7 @@ class Graph:
                 }
             )
         except (TypeError, ValueError) as err:
-            raise ValueError(f"Graph.save: metadata must be JSON-serialisable ({err})") from err
+            raise AttributionError(f"Graph.save: metadata must be JSON-serialisable ({err})") from err
         tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in TENSOR_FIELDS}
         header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "fields": fields}
         path.parent.mkdir(parents=True, exist_ok=True)

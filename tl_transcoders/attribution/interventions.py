@@ -12,6 +12,7 @@ features, where the change of a demeaned logit is exactly the graph's edge.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -19,17 +20,25 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from tl_transcoders.attribution.attribute import prompt_tokens
+from tl_transcoders.attribution.errors import AttributionError
 from tl_transcoders.attribution.replacement import (
     freeze_hooks,
     output_site,
     quiet_norm_edits,
-    store_hook,
     record_frozen_values,
     transcoders_by_layer,
 )
-from tl_transcoders.hooks.sites import SiteFn, attach
+from tl_transcoders.hooks.sites import SiteFn, attach, store_hook
+from tl_transcoders.hooks.splice import check_not_spliced
+from tl_transcoders.hooks.tokens import prompt_tokens
 from tl_transcoders.core.transcoder import Transcoder
+
+__all__ = [
+    "FeatureEdit",
+    "InterventionResult",
+    "intervene",
+    "zero",
+]
 
 
 @dataclass(frozen=True)
@@ -45,7 +54,13 @@ class FeatureEdit:
 
     def __post_init__(self) -> None:
         if (self.value is None) == (self.scale is None):
-            raise ValueError(f"{self}: give exactly one of value= (set) or scale= (multiply)")
+            raise AttributionError(f"{self}: give exactly one of value= (set) or scale= (multiply)")
+        number = self.value if self.value is not None else self.scale
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+            raise AttributionError(f"{self}: the value or scale must be a finite number, got {number!r}")
+        for name in ("layer", "position", "latent"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise AttributionError(f"{self}: {name} must be an integer, got {getattr(self, name)!r}")
 
 
 def zero(layer: int, position: int, latent: int) -> FeatureEdit:
@@ -70,7 +85,7 @@ class InterventionResult:
 def intervene(
     model: nn.Module,
     transcoders: Sequence[Transcoder],
-    prompt_or_tokens: str | Int[Tensor, " n_pos"] | Int[Tensor, "1 n_pos"],
+    prompt_or_tokens: str | Tensor,
     edits: Sequence[FeatureEdit],
     *,
     freeze_attention: bool = True,
@@ -80,14 +95,15 @@ def intervene(
     """Run the prompt with `edits` applied to the spliced transcoders (see the module
     docstring) and compare the logits with the clean model's.
 
-    Raises `ValueError` for an edit at a layer without a transcoder, a position or
+    Raises `AttributionError` for an edit at a layer without a transcoder, a position or
     latent out of range, or a zero/scale edit of a feature that is not active there."""
+    check_not_spliced(model, "intervene")
     tokens = prompt_tokens(model, prompt_or_tokens)
     by_layer = transcoders_by_layer(model, transcoders)
     constrained = set(constrained_layers or ())
     bad = sorted(layer for layer in constrained if not 0 <= layer < model.cfg.n_layers)
     if bad:
-        raise ValueError(
+        raise AttributionError(
             f"constrained_layers {bad} are out of range: the model has {model.cfg.n_layers} layers"
         )
     clean = _clean_pass(model, by_layer, tokens)
@@ -148,23 +164,23 @@ def _check_edits(
 ) -> None:
     for edit in edits:
         if not isinstance(edit, FeatureEdit):
-            raise ValueError(f"edits must be FeatureEdit objects (see zero()), got {type(edit).__name__}")
+            raise AttributionError(f"edits must be FeatureEdit objects (see zero()), got {type(edit).__name__}")
         if edit.layer not in by_layer:
-            raise ValueError(
+            raise AttributionError(
                 f"{edit}: no transcoder replaces layer {edit.layer}; transcoders are at layers {sorted(by_layer)}"
             )
         if not 0 <= edit.position < n_pos:
-            raise ValueError(
+            raise AttributionError(
                 f"{edit}: position {edit.position} is out of range, the prompt has {n_pos} tokens"
             )
         d_latent = by_layer[edit.layer].cfg.d_latent
         if not 0 <= edit.latent < d_latent:
-            raise ValueError(
+            raise AttributionError(
                 f"{edit}: latent {edit.latent} is out of range, the transcoder has {d_latent} latents"
             )
         inactive = latents[edit.layer][0, edit.position, edit.latent] == 0
         if (edit.scale is not None or edit.value == 0) and inactive:
-            raise ValueError(
+            raise AttributionError(
                 f"{edit}: the feature is not active at position {edit.position} of this prompt, so "
                 "zeroing or scaling it changes nothing; set it with value= to switch it on"
             )

@@ -27,7 +27,19 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from tl_transcoders.attribution.errors import AttributionError
 from tl_transcoders.hooks.sites import capture, model_device
+
+__all__ = [
+    "LayerNorms",
+    "NormAffine",
+    "check_layer",
+    "embedding_matrix",
+    "layer_norms",
+    "norm_affine",
+    "unembedding",
+    "value_output_weights",
+]
 
 
 @dataclass(frozen=True)
@@ -74,11 +86,11 @@ def norm_affine(model: nn.Module, name: str) -> NormAffine | None:
         return None
     hook = getattr(module, "hook_normalized", None)
     if hook is None:
-        raise ValueError(f"{name} of this {type(model).__name__} has no hook_normalized; not a norm module")
+        raise AttributionError(f"{name} of this {type(model).__name__} has no hook_normalized; not a norm module")
     d_model = model.cfg.d_model
     param = next(model.parameters())
     generator = torch.Generator().manual_seed(0)
-    x = 1.0 + torch.randn(1, 2 * d_model + 2, d_model, generator=generator, dtype=torch.float64)
+    x = 1.0 + torch.randn(1, 2 * d_model + 2, d_model, generator=generator, dtype=torch.float64, device="cpu")
     seen: dict[str, Tensor] = {}
     handle = hook.register_forward_hook(lambda m, args, out: seen.update(n=out))
     try:
@@ -105,7 +117,7 @@ def embedding_matrix(model: nn.Module) -> Float[Tensor, "d_vocab d_model"]:
     rows = W_E[:2].detach()
     scale = (embedded * rows).sum() / rows.pow(2).sum()
     if not torch.allclose(embedded, scale * rows, rtol=1e-4, atol=1e-6):
-        raise ValueError(
+        raise AttributionError(
             "hook_embed is not a scalar multiple of W_E on this model; the embedding "
             "cannot be read as a matrix"
         )
@@ -132,16 +144,16 @@ def value_output_weights(
     n_heads = model.cfg.n_heads
     if W_V.shape[0] != n_heads:
         if n_heads % W_V.shape[0]:
-            raise ValueError(f"layer {layer}: {W_V.shape[0]} value heads do not divide {n_heads} heads")
+            raise AttributionError(f"layer {layer}: {W_V.shape[0]} value heads do not divide {n_heads} heads")
         W_V = W_V.repeat_interleave(n_heads // W_V.shape[0], dim=0)
     return W_V, W_O
 
 
 def check_layer(model: nn.Module, layer: int) -> None:
-    """Raise ValueError unless `layer` is a block index of `model`."""
+    """Raise `AttributionError` unless `layer` is a block index of `model`."""
     n_layers = model.cfg.n_layers
     if not isinstance(layer, int) or not 0 <= layer < n_layers:
-        raise ValueError(f"layer {layer!r} is out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+        raise AttributionError(f"layer {layer!r} is out of range: the model has {n_layers} layers (0..{n_layers - 1})")
 
 
 @dataclass(frozen=True)

@@ -46,9 +46,21 @@ from tl_transcoders.attribution.virtual_weights import (
     read_directions,
     write_directions,
 )
-from tl_transcoders.hooks.sites import attach, model_device
+from tl_transcoders.hooks.sites import attach, model_device, store_hook
+from tl_transcoders.hooks.tokens import prompt_tokens
 from tl_transcoders.hooks.splice import describe, splice
 from tl_transcoders.core.transcoder import Transcoder
+
+__all__ = [
+    "Node",
+    "NodeKind",
+    "Path",
+    "PromptRun",
+    "find_paths",
+    "path_contribution",
+    "run_prompt",
+    "target_direction",
+]
 
 NodeKind = Literal["feature", "error", "embedding", "head", "skip", "logit"]
 
@@ -115,11 +127,12 @@ _NORMS = ("ln1", "ln2", "ln1_post", "ln2_post")
 
 
 def run_prompt(
-    model: nn.Module, transcoders: Sequence[Transcoder], tokens: Int[Tensor, "*batch n_pos"]
+    model: nn.Module, transcoders: Sequence[Transcoder], tokens: str | Tensor
 ) -> PromptRun:
-    """Run `model` once on one prompt with `transcoders` (at most one per layer, in
-    increasing layer order) spliced in, and record what attribution needs. A layer
-    without a transcoder keeps its MLP, whose whole output is that layer's error node."""
+    """Run `model` once on one prompt (a string, or token ids `[n_pos]` / `[1, n_pos]`)
+    with `transcoders` (at most one per layer, in increasing layer order) spliced in,
+    and record what attribution needs. A layer without a transcoder keeps its MLP, whose
+    whole output is that layer's error node."""
     transcoders = list(transcoders)
     layers = [t.cfg.layer for t in transcoders]
     if layers != sorted(set(layers)):
@@ -127,9 +140,7 @@ def run_prompt(
             f"transcoders must be given one per layer in increasing layer order, got layers {layers}"
         )
     check_transcoders(model, transcoders)
-    tokens = tokens.reshape(-1) if tokens.dim() == 2 and tokens.shape[0] == 1 else tokens
-    if tokens.dim() != 1:
-        raise AttributionError(f"pass one prompt (a 1-D tensor of token ids), got shape {tuple(tokens.shape)}")
+    tokens = prompt_tokens(model, tokens)
     n_layers = model.cfg.n_layers
     cache: dict[str, Tensor] = {}
     sites = ["ln_final.hook_scale"]
@@ -141,13 +152,8 @@ def run_prompt(
         sites += [transcoder.cfg.input_site, transcoder.cfg.output_site]
     sites = [s for s in dict.fromkeys(sites) if s in model.hook_dict or s.endswith(("mlp.hook_in", "mlp.hook_out"))]
 
-    def store(site: str):
-        def hook(activation: Tensor) -> None:
-            cache.setdefault(site, activation.detach()[0])
-
-        return hook
-
-    with torch.no_grad(), splice(model, transcoders, error_term=True), attach(model, [(s, store(s)) for s in sites]):
+    hooks = [(site, store_hook(cache, site, lambda a: a.detach()[0], keep_first=True)) for site in sites]
+    with torch.no_grad(), splice(model, transcoders, error_term=True), attach(model, hooks):
         model(tokens[None].to(model_device(model)))
 
     by_layer = {t.cfg.layer: t for t in transcoders}

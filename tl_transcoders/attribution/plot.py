@@ -12,8 +12,11 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
+from tl_transcoders.attribution.errors import AttributionError
 from tl_transcoders.attribution.graph import Graph, token_labels
 from tl_transcoders.attribution.prune import node_influence
+
+__all__ = ["EDGE_COLORS", "NODE_STYLES", "plot_graph"]
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -45,11 +48,11 @@ def plot_graph(
     except ImportError as err:
         raise ImportError("plot_graph needs plotly: pip install 'tl-transcoders[plot]'") from err
     if token_strings is not None and len(token_strings) != graph.n_pos:
-        raise ValueError(
+        raise AttributionError(
             f"token_strings has {len(token_strings)} entries, the graph has {graph.n_pos} positions"
         )
     if edge_widths < 1:
-        raise ValueError(f"edge_widths must be at least 1, got {edge_widths}")
+        raise AttributionError(f"edge_widths must be at least 1, got {edge_widths}")
     labels = token_strings if token_strings is not None else token_labels(graph.tokens, tokenizer)
     logit_labels = token_labels(graph.logit_tokens, tokenizer)
     adjacency = graph.adjacency.detach().cpu()

@@ -23,7 +23,21 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from tl_transcoders.attribution.errors import AttributionError
 from tl_transcoders.attribution.graph import Graph
+
+__all__ = [
+    "GraphScores",
+    "PruneResult",
+    "cumulative_share",
+    "graph_scores",
+    "keep_top",
+    "logit_node_weights",
+    "node_influence",
+    "normalized_adjacency",
+    "path_influence",
+    "prune",
+]
 
 
 class PruneResult(NamedTuple):
@@ -48,7 +62,7 @@ def normalized_adjacency(adjacency: Float[Tensor, "n n"]) -> Float[Tensor, "n n"
 
 def path_influence(normalized: Float[Tensor, "n n"], weights: Float[Tensor, " n"]) -> Float[Tensor, " n"]:
     """`weights @ (N + N^2 + ...)`: each node's influence on the weighted targets over paths
-    of every length. Raises ValueError when N is not nilpotent (the graph has a cycle)."""
+    of every length. Raises `AttributionError` when N is not nilpotent (the graph has a cycle)."""
     step = weights @ normalized
     total = step.clone()
     for _ in range(normalized.shape[0]):
@@ -56,10 +70,10 @@ def path_influence(normalized: Float[Tensor, "n n"], weights: Float[Tensor, " n"
             return total
         step = step @ normalized
         total += step
-    raise ValueError("the adjacency has a cycle: an attribution graph must be a DAG")
+    raise AttributionError("the adjacency has a cycle: an attribution graph must be a DAG")
 
 
-def logit_weights(graph: Graph) -> Float[Tensor, " n_nodes"]:
+def logit_node_weights(graph: Graph) -> Float[Tensor, " n_nodes"]:
     """The logit probabilities on the logit nodes, zero on every other node."""
     weights = torch.zeros(graph.n_nodes, dtype=_dtype(graph), device=graph.adjacency.device)
     weights[graph.logit_node(0) :] = graph.logit_probabilities.to(weights.dtype)
@@ -68,7 +82,7 @@ def logit_weights(graph: Graph) -> Float[Tensor, " n_nodes"]:
 
 def node_influence(graph: Graph) -> Float[Tensor, " n_nodes"]:
     """Every node's influence on the logits (zero for the logit nodes themselves)."""
-    return path_influence(normalized_adjacency(graph.adjacency.to(_dtype(graph))), logit_weights(graph))
+    return path_influence(normalized_adjacency(graph.adjacency.to(_dtype(graph))), logit_node_weights(graph))
 
 
 def cumulative_share(scores: Float[Tensor, " n"]) -> Float[Tensor, " n"]:
@@ -95,10 +109,10 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
     its metadata records the thresholds."""
     for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
         if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} must lie in [0, 1], got {value}")
+            raise AttributionError(f"{name} must lie in [0, 1], got {value}")
     n_features, first_token = graph.n_features, graph.token_node(0)
     adjacency = graph.adjacency.to(_dtype(graph))
-    weights = logit_weights(graph)
+    weights = logit_node_weights(graph)
 
     influence = path_influence(normalized_adjacency(adjacency), weights)
     node_mask = keep_top(influence, node_threshold)
@@ -145,7 +159,7 @@ def graph_scores(graph: Graph) -> GraphScores:
     = sum over nodes of (1 - share of the node's normalised inputs from error nodes) x
     (its influence + its logit weight), divided by the sum of those weights."""
     normalized = normalized_adjacency(graph.adjacency.to(_dtype(graph)))
-    weights = logit_weights(graph)
+    weights = logit_node_weights(graph)
     influence = path_influence(normalized, weights)
     errors = slice(graph.error_node(0, 0), graph.token_node(0))
     tokens = slice(graph.token_node(0), graph.logit_node(0))

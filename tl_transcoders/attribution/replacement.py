@@ -33,14 +33,28 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from tl_transcoders.core.activations import SparseLatents
-from tl_transcoders.hooks.sites import SiteFn, attach
+from tl_transcoders.attribution.errors import AttributionError
+from tl_transcoders.hooks.sites import SiteFn, attach, store_hook
 from tl_transcoders.hooks.splice import SpliceError, check_compatible, describe
 from tl_transcoders.core.transcoder import Transcoder
+
+__all__ = [
+    "NORMS",
+    "ReplacementError",
+    "ReplacementState",
+    "freeze_hooks",
+    "frozen_replacement",
+    "frozen_sites",
+    "output_site",
+    "quiet_norm_edits",
+    "record_frozen_values",
+    "transcoders_by_layer",
+]
 
 NORMS = ("ln1", "ln1_post", "ln2", "ln2_post")
 
 
-class ReplacementError(ValueError):
+class ReplacementError(AttributionError):
     """The transcoders or the input cannot form a replacement model."""
 
 
@@ -123,14 +137,8 @@ def record_frozen_values(model: nn.Module) -> tuple[list[tuple[str, SiteFn]], di
     """Hooks that record, during a pass, the first value of every frozen site (of the
     first sequence), and the dict they fill."""
     values: dict[str, Tensor] = {}
-
-    def record(site: str) -> SiteFn:
-        def hook(activation: Tensor) -> None:
-            values.setdefault(site, activation[:1].detach())
-
-        return hook
-
-    return [(site, record(site)) for site in frozen_sites(model)], values
+    hooks = [(site, store_hook(values, site, lambda a: a[:1].detach(), keep_first=True)) for site in frozen_sites(model)]
+    return hooks, values
 
 
 @dataclass
@@ -195,15 +203,6 @@ def _embedding_leaf(state: ReplacementState) -> SiteFn:
     def hook(activation: Tensor) -> Tensor:
         state.embed = activation.detach().requires_grad_(True)
         return state.embed
-
-    return hook
-
-
-def store_hook(store: dict[int, Tensor], layer: int) -> SiteFn:
-    """A hook that keeps the activation it sees as `store[layer]`."""
-
-    def hook(activation: Tensor) -> None:
-        store[layer] = activation
 
     return hook
 

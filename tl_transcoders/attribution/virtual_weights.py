@@ -47,6 +47,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from tl_transcoders.attribution.errors import AttributionError
 from tl_transcoders.attribution.model_weights import (
     NormAffine,
     check_layer,
@@ -58,6 +59,35 @@ from tl_transcoders.attribution.model_weights import (
 from tl_transcoders.hooks.splice import SpliceError, check_compatible, describe
 from tl_transcoders.core.transcoder import Transcoder
 
+__all__ = [
+    "Head",
+    "Mode",
+    "TopK",
+    "TopPairs",
+    "blockwise_topk",
+    "check_transcoders",
+    "embedding_weights",
+    "feature_weights",
+    "input_norm",
+    "logit_directions",
+    "logit_weights",
+    "output_norm",
+    "pull_back",
+    "pull_back_head",
+    "pull_back_heads",
+    "pull_back_skip",
+    "read_directions",
+    "read_point",
+    "target_point",
+    "top_connections",
+    "top_downstream",
+    "top_logits",
+    "top_tokens",
+    "top_upstream",
+    "write_directions",
+    "write_point",
+]
+
 Mode = Literal["absolute", "positive", "negative"]
 
 
@@ -67,10 +97,6 @@ class Head:
 
     layer: int
     head: int
-
-
-class AttributionError(ValueError):
-    """A query that does not fit the model: wrong layer order, unknown latent, ..."""
 
 
 # Points along the residual stream: 2m is before attention m, 2m + 1 before MLP m,
@@ -357,7 +383,7 @@ def _score(values: Tensor, mode: Mode) -> Tensor:
         return values
     if mode == "negative":
         return -values
-    raise ValueError(f"mode must be 'absolute', 'positive' or 'negative', got {mode!r}")
+    raise AttributionError(f"mode must be 'absolute', 'positive' or 'negative', got {mode!r}")
 
 
 def blockwise_topk(
@@ -370,7 +396,7 @@ def blockwise_topk(
     """The top `k` entries of `rows @ columns.T`, computed block by block with a
     running top-k, never holding more than `block_size` x `block_size` products."""
     if k < 1:
-        raise ValueError(f"k must be positive, got {k}")
+        raise AttributionError(f"k must be positive, got {k}")
     n_rows, n_columns = rows.shape[0], columns.shape[0]
     best_scores = rows.new_empty(0)
     best = (rows.new_empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))
