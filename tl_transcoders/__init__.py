@@ -24,6 +24,7 @@ from tl_transcoders.evaluation import (
     SpliceReport,
     compute_ablation_baselines,
     evaluate_splice,
+    format_table,
 )
 from tl_transcoders.hooks.models import load_model
 from tl_transcoders.hooks.sites import SiteError, transcoder_config
@@ -45,6 +46,7 @@ __all__ = [
     "compute_ablation_baselines",
     "evaluate_splice",
     "export_circuit_tracer",
+    "format_table",
     "load_model",
     "load_pretrained",
     "splice",

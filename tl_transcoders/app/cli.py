@@ -1,4 +1,10 @@
-"""The `tl-transcoders` command: `demo`, `train` and `eval`."""
+"""The `tl-transcoders` command: `demo`, `train` and `eval`.
+
+What the library refuses (a `TranscodersError`: a bad option, file, model name or token
+set) is printed as one line, `tl-transcoders: error: ...`, with exit status 2; `--debug`
+shows the traceback instead. Ctrl-C stops with status 130 (a training run keeps a
+checkpoint of its progress).
+"""
 
 from __future__ import annotations
 
@@ -12,34 +18,43 @@ from pathlib import Path
 import torch
 
 from tl_transcoders.app.demo import run_demo
+from tl_transcoders.core.config import field_docs
+from tl_transcoders.core.errors import TranscodersError
 from tl_transcoders.evaluation import evaluate_splice
 from tl_transcoders.hooks.models import load_model
+from tl_transcoders.hooks.tokens import TokenError, text_rows
+from tl_transcoders.io.loading import load_pretrained
 from tl_transcoders.training import TrainConfig, Trainer
-from tl_transcoders.core.transcoder import Transcoder
+
+__all__ = ["build_parser", "main", "parse_layers"]
 
 
-def read_tokens(args: argparse.Namespace, model: torch.nn.Module) -> list[torch.Tensor]:
-    """Token batches from `--tokens` (a saved `[batch, pos]` tensor) or `--text` (a text
-    file cut into rows of `--seq-len` tokens, each starting with the BOS token)."""
-    if args.tokens:
+def read_tokens(args: argparse.Namespace, model: torch.nn.Module) -> torch.Tensor:
+    """The token rows from `--tokens` (a saved `[batch, pos]` tensor of token ids) or
+    `--text` (a text file cut into rows of `--seq-len` tokens, each starting with BOS)."""
+    if args.text:
+        path = Path(args.text)
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise TokenError(f"--text {path}: cannot read it as text ({err})") from err
+        return text_rows(model, text, args.seq_len, where=f"--text {path}")
+    try:
         tokens = torch.load(args.tokens, weights_only=True)
-        if not isinstance(tokens, torch.Tensor):
-            raise SystemExit(f"{args.tokens}: expected a saved tensor of token ids")
-        return list(tokens.split(args.batch_size))
-    ids = model.tokenizer(Path(args.text).read_text())["input_ids"]
-    bos = model.tokenizer.bos_token_id
-    width = args.seq_len - (bos is not None)
-    rows = [ids[i : i + width] for i in range(0, len(ids) - width + 1, width)]
-    if not rows:
-        raise SystemExit(f"{args.text}: fewer than {width} tokens of text")
-    tokens = torch.tensor([([bos] if bos is not None else []) + row for row in rows])
-    return list(tokens.split(args.batch_size))
+    except Exception as err:  # torch.load raises many kinds for a file that is not a tensor
+        raise TokenError(f"--tokens {args.tokens}: not a file written by torch.save ({type(err).__name__}: {err})") from err
+    if not isinstance(tokens, torch.Tensor):
+        raise TokenError(f"--tokens {args.tokens}: holds a {type(tokens).__name__}, not a tensor of token ids")
+    return tokens
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     model = load_model(args.model, device=args.device)
-    transcoders = [Transcoder.load(path, device=args.device) for path in args.transcoders]
-    report = evaluate_splice(model, [t.eval() for t in transcoders], read_tokens(args, model))
+    transcoders = []
+    for path in args.transcoders:
+        loaded = load_pretrained(path, device=args.device)
+        transcoders += loaded if isinstance(loaded, list) else [loaded]
+    report = evaluate_splice(model, transcoders, read_tokens(args, model), batch_size=args.batch_size)
     json.dump(report.to_dict(), sys.stdout, indent=2)
     print()
 
@@ -57,38 +72,45 @@ def parse_layers(text: str) -> list[int]:
 
 
 def add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One `--option` per dataclass field, typed from its annotation."""
+    """One `--option` per dataclass field, typed from its annotation, its help the
+    field's docstring."""
     hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         default = None if f.default is dataclasses.MISSING else f.default
+        help_text = docs.get(f.name, "").replace("%", "%%")  # argparse formats help with %
         if f.name == "layers":
-            parser.add_argument(flag, type=parse_layers, required=True, help="e.g. 0-29 or 3,9,15")
-        elif kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        else:
-            base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
-            parser.add_argument(flag, type=base, default=default, help=f"default: {default}")
+            parser.add_argument(flag, type=parse_layers, required=True, help=f"{help_text} Written 0-29 or 3,9,15.")
+            continue
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            continue
+        choices = None
+        if typing.get_origin(kind) is not typing.Literal:  # X | None: the X
+            kind = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+        if typing.get_origin(kind) is typing.Literal:
+            choices, kind = typing.get_args(kind), str
+        parser.add_argument(flag, type=kind, default=default, choices=choices, help=f"{help_text} (default: {default})")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from tl_transcoders.io.data import load_text_dataset, token_batches
 
-    model = load_model(args.model, device=args.device)
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    model = load_model(args.model, device=args.device)
     dataset = load_text_dataset(args.dataset, split=args.split, streaming=args.streaming)
-    batches = token_batches(
-        dataset, model.tokenizer, cfg.context_size, cfg.batch_size, text_column=args.text_column
-    )
+    batches = token_batches(dataset, model.tokenizer, cfg.context_size, cfg.batch_size, text_column=args.text_column)
     transcoders = Trainer(model, cfg).fit(batches)
     for transcoder in transcoders:
         print(f"saved {Path(cfg.output_dir) / f'layer_{transcoder.cfg.layer}'}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tl-transcoders", description=__doc__)
+    parser = argparse.ArgumentParser(prog="tl-transcoders", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="end-to-end run on an embedded default")
@@ -114,12 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="splice transcoders in and print the CE report as JSON")
     evaluate.add_argument("--model", required=True, help="Hugging Face name, local Hugging Face directory or .gguf file")
-    evaluate.add_argument("--transcoders", nargs="+", required=True, help="directories written by Transcoder.save")
+    evaluate.add_argument("--transcoders", nargs="+", required=True,
+                          help="directories of saved transcoders (ours, sparsify, SAELens, circuit-tracer) or Hub repos")
     source = evaluate.add_mutually_exclusive_group(required=True)
     source.add_argument("--tokens", help="a torch.save'd [batch, pos] tensor of token ids")
     source.add_argument("--text", help="a text file to tokenize")
-    evaluate.add_argument("--seq-len", type=int, default=128)
-    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--seq-len", type=int, default=128, help="tokens per row of --text")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
     evaluate.add_argument("--device", default=None)
     evaluate.set_defaults(run=cmd_eval)
     return parser
@@ -127,7 +150,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    args.run(args)
+    try:
+        args.run(args)
+    except TranscodersError as err:
+        if args.debug:
+            raise
+        message = " ".join(str(err).split())
+        print(f"tl-transcoders: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("tl-transcoders: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

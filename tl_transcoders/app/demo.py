@@ -25,26 +25,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from tl_transcoders.evaluation import SpliceReport, evaluate_splice
+from tl_transcoders.core.errors import TranscodersError
+from tl_transcoders.evaluation import evaluate_splice, format_table
 from tl_transcoders.training import TrainConfig, Trainer
 
+__all__ = ["real_inputs", "run_demo", "tiny_inputs"]
+
 CONTEXT, BATCH = 128, 32
-
-
-def format_table(report: SpliceReport) -> str:
-    """The report as a fixed-width text table."""
-    lines = [
-        f"clean CE {report.ce_clean:.4f} | all spliced CE {report.ce_all_spliced:.4f}, "
-        f"KL {report.kl_all_spliced:.4f} | {report.n_tokens} predicted tokens",
-        f"{'layer':>5} {'CE spliced':>10} {'CE zero':>8} {'CE mean':>8} {'CE rec.':>8} "
-        f"{'KL':>7} {'FVU':>7} {'L0':>6} {'dead':>6}",
-    ]
-    for layer, r in sorted(report.layers.items()):
-        lines.append(
-            f"{layer:>5} {r.ce_spliced:>10.4f} {r.ce_zero_ablated:>8.4f} {r.ce_mean_ablated:>8.4f} "
-            f"{r.ce_recovered:>8.3f} {r.kl:>7.4f} {r.fvu:>7.3f} {r.l0:>6.1f} {r.dead_fraction:>6.2f}"
-        )
-    return "\n".join(lines)
 
 
 def real_inputs(heldout_rows: int) -> tuple[nn.Module, Iterator[Tensor], Tensor]:
@@ -96,7 +83,7 @@ def run_demo(
     from tl_transcoders.analysis.dashboards import collect_activations, latent_dashboards, save_dashboards, top_latents
 
     if model not in ("smollm2", "tiny"):
-        raise ValueError(f"model must be 'smollm2' or 'tiny', got {model!r}")
+        raise TranscodersError(f"model must be 'smollm2' or 'tiny', got {model!r}")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

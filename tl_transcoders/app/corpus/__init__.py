@@ -12,6 +12,10 @@ from pathlib import Path
 
 import datasets
 
+from tl_transcoders.io.data import DataError, DataNotFoundError
+
+__all__ = ["DIRECTORY", "SPLITS", "embedded_corpus"]
+
 DIRECTORY = Path(__file__).resolve().parent
 SPLITS = ("train", "heldout")
 
@@ -21,8 +25,8 @@ def embedded_corpus(split: str = "train") -> datasets.Dataset:
 
     `split` is "train" or "heldout" (disjoint chunks of the same three sources)."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise DataError(f"split must be one of {SPLITS}, got {split!r}")
     path = DIRECTORY / f"{split}.jsonl.gz"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall tl-transcoders (the package data was not installed)")
+        raise DataNotFoundError(f"{path} is missing: reinstall tl-transcoders (the package data was not installed)")
     return datasets.load_dataset("json", data_files=str(path), split="train")
