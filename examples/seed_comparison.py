@@ -40,8 +40,10 @@ from pathlib import Path
 
 import torch
 
+from seed_evidence import claim_evidence, evidence_markdown
+
 from tl_transcoders.analysis.comparison import (
-    VARIANTS, claim_evidence, compare_variants, density_histogram, density_table, evidence_markdown, markdown_table,
+    VARIANTS, compare_variants, density_histogram, density_table, markdown_table,
     plot_comparison, rows_without_frequencies, train_variants,
 )
 

@@ -23,16 +23,25 @@ from types import ModuleType
 
 MODULES = (
     "tl_transcoders",
-    "tl_transcoders.training",
-    "tl_transcoders.io.data",
-    "tl_transcoders.hooks.models",
-    "tl_transcoders.app.corpus",
+    "tl_transcoders.core.config",
+    "tl_transcoders.core.transcoder",
+    "tl_transcoders.core.activations",
+    "tl_transcoders.core.kernels",
+    "tl_transcoders.core.native",
     "tl_transcoders.io.loading",
+    "tl_transcoders.io.data",
+    "tl_transcoders.hooks.sites",
+    "tl_transcoders.hooks.splice",
+    "tl_transcoders.hooks.tokens",
+    "tl_transcoders.hooks.models",
+    "tl_transcoders.evaluation",
+    "tl_transcoders.training",
     "tl_transcoders.attribution",
     "tl_transcoders.analysis.dashboards",
     "tl_transcoders.analysis.probing",
     "tl_transcoders.analysis.autointerp",
     "tl_transcoders.analysis.comparison",
+    "tl_transcoders.app.corpus",
 )
 """The modules documented, in page order."""
 

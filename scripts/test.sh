@@ -1,22 +1,54 @@
 #!/usr/bin/env bash
-# Run the test suite under every supported TransformerLens line:
-#   TL 3.9 (HookedTransformer and TransformerBridge) and TL 4.3 (TransformerBridge).
-# Each gets its own virtualenv (.venv-tl<version>), created on first use and reused.
-# TORCH_SPEC picks the torch build installed first (default: the CPU wheel torch==2.13.0).
+# The test command: ruff (lint and format), the import-layer contract, then the test suite
+# under every supported TransformerLens line, each in its own virtualenv (.venv-tl<version>,
+# made on first use and reused):
+#   TL 3.9 (HookedTransformer and TransformerBridge) and TL 4.3 (TransformerBridge), with
+#   torch $TORCH_SPEC (default: the CPU wheel torch==2.13.0);
+#   TL 2.16 (HookedTransformer) with the oldest torch, datasets and transformers the
+#   package claims (the floors in pyproject.toml are the versions tested here).
+# The virtualenvs are made in the background while earlier lines test, and each suite runs
+# in two pytest workers (pytest-xdist), one torch thread each.
+# Arguments are passed to pytest (e.g. -k splice).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 torch_spec="${TORCH_SPEC:-torch==2.13.0}"
+lines=("3.9.0" "4.3.0" "2.16.0")
+declare -A extra=(
+  ["3.9.0"]="$torch_spec transformer-lens==3.9.0"
+  ["4.3.0"]="$torch_spec transformer-lens==4.3.0"
+  ["2.16.0"]="torch==2.6.0 transformer-lens==2.16.0 datasets==2.19.0 transformers<5 numpy<2 beartype==0.14.1"
+)
+check="import tl_transcoders, pytest, xdist, nbclient, ipykernel, gguf, plotly"
+
+make_venv() {  # make_venv VERSION LOG: install the package and its test extras for one TL line
+  local tl=$1 venv=".venv-tl$1"
+  if "$venv/bin/python" -c "$check" 2>/dev/null; then return 0; fi
+  rm -rf "$venv"
+  python3 -m venv "$venv" &&
+    "$venv/bin/pip" install -q --disable-pip-version-check ${extra[$tl]%% *} &&
+    "$venv/bin/pip" install -q --disable-pip-version-check -e ".[test]" ${extra[$tl]#* }
+}
+
+declare -A maker
+for tl in "${lines[@]}"; do
+  make_venv "$tl" > ".venv-tl$tl.log" 2>&1 &
+  maker[$tl]=$!
+  wait "${maker[${lines[0]}]}" 2>/dev/null || true  # the first line is needed first: make it alone
+done
+
 status=0
-for tl in 3.9.0 4.3.0; do
+first=1
+for tl in "${lines[@]}"; do
   venv=".venv-tl$tl"
-  if ! "$venv/bin/python" -c "import tl_transcoders, pytest, nbclient, ipykernel, gguf, plotly" 2>/dev/null; then
-    echo "== creating $venv (transformer-lens==$tl)"
-    python3 -m venv "$venv" &&
-      "$venv/bin/pip" install -q --disable-pip-version-check "$torch_spec" &&
-      "$venv/bin/pip" install -q --disable-pip-version-check -e ".[test]" "transformer-lens==$tl" ||
-      { echo "failed to set up $venv"; exit 1; }
+  if ! wait "${maker[$tl]}" 2>/dev/null && ! "$venv/bin/python" -c "$check" 2>/dev/null; then
+    echo "failed to set up $venv:"; tail -20 "$venv.log"; exit 1
+  fi
+  if [ $first = 1 ]; then
+    echo "== ruff and the import contract"
+    "$venv/bin/ruff" check . && "$venv/bin/ruff" format --check . && "$venv/bin/lint-imports" --no-cache || status=1
+    first=0
   fi
   echo "== tests with transformer-lens $tl"
-  "$venv/bin/python" -m pytest -q -p no:cacheprovider "$@" || status=1
+  OMP_NUM_THREADS=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider -n 2 "$@" || status=1
 done
 exit $status

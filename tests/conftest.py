@@ -167,3 +167,17 @@ def make_transcoder(
             elif name != "W_dec":
                 param.copy_(0.3 * noise)
     return transcoder.eval()
+
+
+@pytest.fixture
+def without_type_checker():
+    """Run a test as a user's import runs the library: without the runtime type checker
+    that the test suite adds (`--jaxtyping-packages`), so wrong argument types reach the
+    library's own checks and messages."""
+    import jaxtyping
+
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from conftest import MODEL_PARAMS, build_model, make_transcoder
 
@@ -76,3 +77,68 @@ def test_train_saves_one_directory_per_layer(monkeypatch, tmp_path, capsys):
 def test_layer_lists():
     assert cli.parse_layers("0-3,8") == [0, 1, 2, 3, 8]
     assert cli.parse_layers("5") == [5]
+
+
+def run_cli(argv, capsys):
+    """Run the command; its exit status (0 when it returns) and what it printed."""
+    try:
+        cli.main(argv)
+        status = 0
+    except SystemExit as exit:
+        status = exit.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_library_errors_are_one_line_with_status_2(monkeypatch, tmp_path, capsys):
+    model = build_model(MODEL_PARAMS[0])
+    monkeypatch.setattr(cli, "load_model", lambda name, device=None: model)
+    make_transcoder(model, 1).save(tmp_path / "layer_1")
+    (tmp_path / "garbage.pt").write_bytes(b"not a tensor file")
+    status, out, err = run_cli(["eval", "--model", "tiny", "--transcoders", str(tmp_path / "layer_1"),
+                                "--tokens", str(tmp_path / "garbage.pt")], capsys)
+    assert status == 2 and out == ""
+    assert err.startswith("tl-transcoders: error: --tokens ") and "not a file written by torch.save" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(monkeypatch, tmp_path):
+    from tl_transcoders.hooks.tokens import TokenError
+
+    model = build_model(MODEL_PARAMS[0])
+    monkeypatch.setattr(cli, "load_model", lambda name, device=None: model)
+    make_transcoder(model, 1).save(tmp_path / "layer_1")
+    torch.save(torch.full((2, 8), 10_000), tmp_path / "tokens.pt")
+    with pytest.raises(TokenError, match="must lie in"):
+        cli.main(["--debug", "eval", "--model", "tiny", "--transcoders", str(tmp_path / "layer_1"),
+                  "--tokens", str(tmp_path / "tokens.pt")])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["eval", "--model", "./no/such/dir", "--transcoders", "x", "--tokens", "t.pt"], "does not exist"),
+        (["eval", "--model", "someone/not-a-model", "--transcoders", "x", "--tokens", "t.pt"],
+         "is neither a local path nor a model TransformerLens could load from the Hugging Face Hub"),
+        (["train", "--model", "tiny", "--dataset", "d", "--layers", "0", "--lr", "-1"], "lr must be a positive"),
+    ],
+)
+def test_bad_names_and_options_say_what_is_wrong(argv, message, capsys):
+    status, _, err = run_cli(argv, capsys)
+    assert status == 2 and message in err and err.count("\n") == 1
+
+
+def test_transcoders_for_eval_may_be_a_directory_of_layers(monkeypatch, tmp_path, capsys):
+    model = build_model(MODEL_PARAMS[0])
+    monkeypatch.setattr(cli, "load_model", lambda name, device=None: model)
+    for layer in (0, 1):
+        make_transcoder(model, layer, seed=layer).save(tmp_path / "run" / f"layer_{layer}")
+    torch.save(torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0)), tmp_path / "tokens.pt")
+    status, out, _ = run_cli(["eval", "--model", "tiny", "--transcoders", str(tmp_path / "run"),
+                              "--tokens", str(tmp_path / "tokens.pt")], capsys)
+    assert status == 0 and set(json.loads(out)["layers"]) == {"0", "1"}
+
+
+def test_train_options_have_the_config_fields_documentation():
+    text = cli.build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert "Adam learning rate" in " ".join(text.split()) and "--overwrite" in text

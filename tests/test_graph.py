@@ -15,7 +15,7 @@ from tl_transcoders.attribution.plot import plot_graph
 from tl_transcoders.attribution.prune import (
     graph_scores,
     keep_top,
-    logit_weights,
+    logit_node_weights,
     node_influence,
     normalized_adjacency,
     path_influence,
@@ -142,7 +142,7 @@ def test_normalized_rows_sum_to_one_or_zero():
     has_input = (graph.adjacency != 0).any(dim=1)
     torch.testing.assert_close(sums[has_input], torch.ones_like(sums[has_input]))
     assert (sums[~has_input] == 0).all()
-    assert (logit_weights(graph)[graph.logit_node(0) :] == graph.logit_probabilities).all()
+    assert (logit_node_weights(graph)[graph.logit_node(0) :] == graph.logit_probabilities).all()
 
 
 def test_influence_on_a_cycle_raises():

@@ -65,12 +65,15 @@ def inject_parameters(notebook, parameters: dict) -> None:
 
 @pytest.fixture(scope="module")
 def kernel_spec_manager(tmp_path_factory) -> KernelSpecManager:
-    """A kernel spec manager that knows one kernel: ipykernel on `sys.executable`."""
+    """A kernel spec manager that knows one kernel: ipykernel on `sys.executable`, with
+    examples/ on its path as when a notebook runs from its own folder."""
     directory = tmp_path_factory.mktemp("kernels")
     spec = directory / KERNEL_NAME
     spec.mkdir()
     argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-    (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": KERNEL_NAME, "language": "python"}))
+    env = {"PYTHONPATH": str(EXAMPLES)}  # the notebooks import their helper modules from beside them
+    kernel = {"argv": argv, "display_name": KERNEL_NAME, "language": "python", "env": env}
+    (spec / "kernel.json").write_text(json.dumps(kernel))
     return KernelSpecManager(kernel_dirs=[str(directory)], ensure_native_kernel=False)
 
 

@@ -248,3 +248,73 @@ def test_nan_weights_are_refused(model):
     with pytest.raises(SpliceError, match=r"NaN or inf in \['W_dec'\]"):
         with splice(model, [transcoder]):
             pass
+
+
+# --- no silent wrong results ----------------------------------------------------------
+
+
+def test_one_transcoder_needs_no_list(model, tokens):
+    transcoder = make_transcoder(model, 1)
+    with splice(model, [transcoder]):
+        expected = model(tokens)
+    with splice(model, transcoder):
+        assert torch.allclose(model(tokens), expected)
+
+
+def test_a_nested_splice_of_the_same_site_is_refused(model, tokens):
+    outer, inner = make_transcoder(model, 1, seed=0), make_transcoder(model, 1, seed=1)
+    with splice(model, [outer]):
+        with pytest.raises(SpliceError, match="already replaces"):
+            with splice(model, [inner]):
+                pass
+        with splice(model, [make_transcoder(model, 2)]):  # another site may nest
+            model(tokens)
+    with splice(model, [inner]):  # the outer block has ended: the site is free again
+        model(tokens)
+
+
+def test_functions_needing_the_clean_model_refuse_to_run_inside_a_splice(model, tokens):
+    from tl_transcoders import evaluate_splice
+    from tl_transcoders.attribution import attribute
+
+    transcoder = make_transcoder(model, 1)
+    with splice(model, [transcoder]):
+        with pytest.raises(SpliceError, match="needs the clean model"):
+            evaluate_splice(model, [transcoder], tokens)
+        with pytest.raises(SpliceError, match="needs the clean model"):
+            attribute(model, [transcoder], tokens[0])
+
+
+def test_a_batchtopk_transcoder_in_training_mode_splices_with_its_threshold(model, tokens):
+    transcoder = make_transcoder(model, 1, activation="batchtopk")
+    with splice(model, [transcoder]):
+        expected = model(tokens)
+    transcoder.train()
+    with pytest.warns(UserWarning, match="BatchTopK transcoder in training mode"), splice(model, [transcoder]):
+        assert torch.allclose(model(tokens), expected)
+    assert transcoder.training, "its mode is restored after the splice"
+
+
+def test_a_config_changed_after_construction_is_refused(model):
+    transcoder = make_transcoder(model, 1)
+    transcoder.cfg.k = 10_000
+    with pytest.raises(SpliceError, match="k=10000 is larger than d_latent=48"):
+        with splice(model, [transcoder]):
+            pass
+    other = make_transcoder(model, 1)
+    other.W_skip = torch.nn.Parameter(torch.zeros(3, 3))
+    with pytest.raises(SpliceError, match=r"W_skip: \(3, 3\) \(config needs \(16, 16\)\)"):
+        with splice(model, [other]):
+            pass
+
+
+def test_a_transcoder_from_a_dict_config(model, without_type_checker):
+    original = make_transcoder(model, 1)
+    rebuilt = Transcoder(original.cfg.to_dict())
+    assert rebuilt.cfg == original.cfg
+    with pytest.raises(SpliceError, match="expected Transcoder objects, got a dict"):
+        with splice(model, [original.cfg.to_dict()]):
+            pass
+    with pytest.raises(SpliceError, match="got the path"):
+        with splice(model, "transcoders/layer_1"):
+            pass

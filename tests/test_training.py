@@ -3,6 +3,7 @@ normalisation folded on save, clear errors."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,8 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 from tl_transcoders import Transcoder, evaluate_splice
+from tl_transcoders.core.config import ConfigError
 from tl_transcoders.hooks.models import tiny_random_model
-from tl_transcoders.training import TrainConfig, Trainer, fit_together
+from tl_transcoders.hooks.tokens import TokenError
+from tl_transcoders.training import TrainConfig, Trainer, TrainingError, fit_together
 
 
 @pytest.fixture(scope="module")
@@ -265,3 +268,133 @@ def test_fit_together_rejects_mismatched_trainers(model, tmp_path):
         fit_together([a, Trainer(model, config(tmp_path / "b", batch_size=4))], random_batches(model))
     with pytest.raises(ValueError, match="own output_dir"):
         fit_together([a, Trainer(model, config(tmp_path / "a", skip=False))], random_batches(model))
+
+
+# --- checked before the first step, nothing lost ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(lr=0.0), "lr must be a positive finite number"),
+        (dict(lr=-1e-3), "lr must be a positive finite number"),
+        (dict(lr=float("nan")), "lr must be a positive finite number"),
+        (dict(k=0), "k must be positive"),
+        (dict(d_latent=8, k=9), "k=9 is larger than d_latent=8"),
+        (dict(batch_size=0), "batch_size must be positive"),
+        (dict(max_tokens=10), "less than one step"),
+        (dict(auxk_alpha=-1.0), "auxk_alpha must be a finite number >= 0"),
+        (dict(activation="gelu"), "activation must be one of"),
+        (dict(resume=True, overwrite=True), "resume and overwrite exclude each other"),
+        (dict(layers=[0, 1], input_site="blocks.0.hook_resid_mid"), "use a template with {layer}"),
+    ],
+)
+def test_bad_options_are_refused_when_built(tmp_path, options, message, without_type_checker):
+    with pytest.raises(ConfigError, match=message):
+        config(tmp_path, **options)
+
+
+def test_a_changed_config_is_refused_when_used(model, tmp_path):
+    cfg = config(tmp_path)
+    cfg.lr = -1.0
+    with pytest.raises(ConfigError, match="lr must be"):
+        Trainer(model, cfg)
+
+
+def test_k_larger_than_the_dictionary_is_refused_not_lowered(model, tmp_path):
+    with pytest.raises(TrainingError, match="k=300 is larger than the 256 latents of layer 1's transcoder"):
+        Trainer(model, config(tmp_path, k=300, expansion=4))
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_training(model, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(TrainingError, match="output_dir .*file cannot be used"):
+        Trainer(model, config(tmp_path / "file"))
+
+
+def test_a_fresh_run_refuses_a_directory_holding_a_checkpoint(model, tmp_path):
+    Trainer(model, config(tmp_path, max_tokens=8 * 32 * 4, checkpoint_every=2)).fit(random_batches(model))
+    with pytest.raises(TrainingError, match="holds the checkpoint of an earlier run.*resume=True.*overwrite=True"):
+        Trainer(model, config(tmp_path, max_tokens=8 * 32 * 4, checkpoint_every=2))
+    before = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"]
+    assert before == 4, "the refused run wrote nothing"
+    again = Trainer(model, config(tmp_path, max_tokens=8 * 32 * 2, checkpoint_every=2, overwrite=True))
+    again.fit(random_batches(model))
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 2
+
+
+def test_resume_falls_back_to_the_previous_checkpoint_when_the_latest_is_truncated(model, tmp_path):
+    whole = Trainer(model, config(tmp_path / "whole", max_tokens=8 * 32 * 6, checkpoint_every=2))
+    expected = whole.fit(random_batches(model))
+    run = config(tmp_path / "cut", max_tokens=8 * 32 * 6, checkpoint_every=2)
+    partial = Trainer(model, run)
+
+    def first_five():
+        source = random_batches(model)
+        for _ in range(5):
+            yield next(source)
+
+    partial.fit(first_five())  # checkpoints at steps 2 and 4: checkpoint.pt (4), checkpoint.prev.pt (2)
+    latest = tmp_path / "cut" / "checkpoint.pt"
+    assert (tmp_path / "cut" / "checkpoint.prev.pt").exists()
+    latest.write_bytes(latest.read_bytes()[:1000])  # a crash while copying, a full disk ...
+    resumed = Trainer(model, config(tmp_path / "cut", max_tokens=8 * 32 * 6, checkpoint_every=2, resume=True))
+    with pytest.warns(UserWarning, match="resuming from the previous one.*step 2"):
+        result = resumed.fit(random_batches(model))
+    for a, b in zip(result, expected):
+        for key, value in a.state_dict().items():
+            assert torch.equal(value, b.state_dict()[key]), key
+
+
+def test_a_run_whose_data_ends_early_says_so(model, tmp_path):
+    def three():
+        source = random_batches(model)
+        for _ in range(3):
+            yield next(source)
+
+    with pytest.warns(UserWarning, match="data ran out after 3 of 60 steps"):
+        Trainer(model, config(tmp_path)).fit(three())
+    record = json.loads((tmp_path / "training.json").read_text())
+    assert record["complete"] is False and record["steps"] == 3 and record["total_steps"] == 60
+    assert Transcoder.load(tmp_path / "layer_1").cfg.layer == 1, "what was trained is saved"
+
+
+def test_a_finished_run_records_it(model, tmp_path):
+    Trainer(model, config(tmp_path, max_tokens=8 * 32 * 3)).fit(random_batches(model))
+    record = json.loads((tmp_path / "training.json").read_text())
+    assert record["complete"] is True and record["tokens"] == 8 * 32 * 3
+
+
+@pytest.mark.parametrize(
+    "batch, error, message",
+    [
+        (lambda m: torch.full((8, 32), m.cfg.d_vocab), TokenError, "training batch 0: token ids must lie in"),
+        (lambda m: torch.zeros(8, 32), TokenError, "training batch 0: token ids must be integers"),
+        (lambda m: torch.zeros(4, 32, dtype=torch.long), TrainingError, r"training batch 0 has shape \(4, 32\)"),
+    ],
+)
+def test_bad_training_batches_are_refused(model, tmp_path, batch, error, message):
+    with pytest.raises(error, match=message):
+        Trainer(model, config(tmp_path)).fit(iter([batch(model)]))
+
+
+def test_ctrl_c_between_batches_keeps_the_progress(model, tmp_path):
+    def interrupted():
+        source = random_batches(model)
+        for _ in range(3):
+            yield next(source)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(model, config(tmp_path, checkpoint_every=100)).fit(interrupted())
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_diverging_run_stops_with_a_clear_error(model, tmp_path):
+    from tl_transcoders.training import NonFiniteError
+
+    trainer = Trainer(model, config(tmp_path, lr=1e30, activation="relu"))
+    with pytest.raises(NonFiniteError, match="diverged.*Lower lr"):
+        trainer.fit(random_batches(model))
+

@@ -50,7 +50,7 @@ def test_topk_keeps_exactly_k_largest():
     assert ((dense > 0).sum(-1) <= 5).all()
     kth = pre.topk(5, dim=-1).values[:, -1:]
     assert ((dense > 0) <= (pre >= kth)).all()
-    assert torch.equal(dense[dense > 0], pre[dense > 0])
+    torch.testing.assert_close(dense[dense > 0], pre[dense > 0])  # the kernel's sums, in another order
 
 
 def test_batchtopk_shares_k_per_token_in_training_and_thresholds_in_eval():
