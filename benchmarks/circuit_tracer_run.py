@@ -1,9 +1,9 @@
-"""circuit-tracer 0.5.0 side of benchmarks/attribution.py (runs in its own virtualenv).
+"""circuit-tracer 0.5.0 side of benchmarks/attribution.py (runs in its own virtualenv,
+which attribution.py starts it in).
 
-Setup (once):
-    python3 -m venv /work/venvs/circuit-tracer
-    /work/venvs/circuit-tracer/bin/pip install torch==2.13.0
-    /work/venvs/circuit-tracer/bin/pip install circuit-tracer==0.5.0   # TL 3.2.1, transformers 4.57.3
+`bash benchmarks/setup.sh` makes that virtualenv, .bench/venvs/circuit-tracer: torch==2.13.0
+first, then circuit-tracer==0.5.0 (which brings TL 3.2.1 and transformers 4.57.3);
+`$CT_PYTHON` names another interpreter instead.
 
 Builds circuit-tracer's `TransformerLensReplacementModel` from a local HF directory (its
 `from_pretrained_and_transcoders` only takes Hub names): TL config and state dict from
@@ -31,7 +31,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from measure import peak_rss_mib, rss_mib  # noqa: E402
+from measure import peak_rss_mib, reset_peak_rss, rss_mib, vm_hwm_mib  # noqa: E402
 
 
 def load_model(model_dir: str, transcoder_config: str, n_ctx: int):
@@ -48,8 +48,9 @@ def load_model(model_dir: str, transcoder_config: str, n_ctx: int):
     model.load_and_process_state_dict(state, fold_ln=False, center_writing_weights=False, center_unembed=False)
     del state
     config = yaml.safe_load(Path(transcoder_config).read_text())
-    transcoders = load_transcoders(config, device=torch.device("cpu"), dtype=torch.float32,
-                                   lazy_encoder=False, lazy_decoder=False)
+    transcoders = load_transcoders(
+        config, device=torch.device("cpu"), dtype=torch.float32, lazy_encoder=False, lazy_decoder=False
+    )
     model._configure_replacement_model(transcoders)
     return model.eval()
 
@@ -72,35 +73,48 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = load_model(args.model_dir, args.transcoders, args.n_ctx)
     tokens = torch.tensor(json.loads(Path(args.prompts).read_text())["tokens"][: args.n_pos])
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark (VmHWM)
+    reset_peak_rss()
     rss_before = rss_mib()
     start, cpu_start = time.perf_counter(), time.process_time()
     graph = attribute(tokens, model, max_feature_nodes=args.max_features)
     wall = time.perf_counter() - start
     cpu_s = time.process_time() - cpu_start
-    peak = next(int(line.split()[1]) / 1024 for line in Path("/proc/self/status").read_text().splitlines()
-                if line.startswith("VmHWM:"))
+    peak = vm_hwm_mib()
 
     active = graph.active_features
     selected = graph.selected_features
-    torch.save({
-        "tokens": graph.input_tokens.cpu(),
-        "features": active[selected].cpu(),
-        "activations": graph.activation_values[selected].float().cpu(),
-        "logit_tokens": torch.tensor([t.vocab_idx for t in graph.logit_targets]),
-        "logit_probabilities": graph.logit_probabilities.cpu(),
-        "adjacency": graph.adjacency_matrix.cpu(),
-        "n_layers": model.cfg.n_layers,
-    }, args.graph)
+    torch.save(
+        {
+            "tokens": graph.input_tokens.cpu(),
+            "features": active[selected].cpu(),
+            "activations": graph.activation_values[selected].float().cpu(),
+            "logit_tokens": torch.tensor([t.vocab_idx for t in graph.logit_targets]),
+            "logit_probabilities": graph.logit_probabilities.cpu(),
+            "adjacency": graph.adjacency_matrix.cpu(),
+            "n_layers": model.cfg.n_layers,
+        },
+        args.graph,
+    )
     n_active = int(active.shape[0])
-    Path(args.out).write_text(json.dumps({
-        "wall_s": wall, "cpu_s": cpu_s, "rss_before_mib": rss_before, "peak_rss_mib": peak,
-        "process_peak_rss_mib": peak_rss_mib(), "threads": torch.get_num_threads(),
-        "n_active_features": n_active, "n_feature_nodes": int(selected.shape[0]),
-        "n_logits": len(graph.logit_targets),
-        "firing_fraction": n_active / ((args.n_pos - 1) * model.cfg.n_layers * model.transcoders[0].W_enc.shape[0]),
-        "options": {"batch_size": 512, "update_interval": 4, "max_n_logits": 10, "desired_logit_prob": 0.95},
-    }, indent=2))
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "wall_s": wall,
+                "cpu_s": cpu_s,
+                "rss_before_mib": rss_before,
+                "peak_rss_mib": peak,
+                "process_peak_rss_mib": peak_rss_mib(),
+                "threads": torch.get_num_threads(),
+                "n_active_features": n_active,
+                "n_feature_nodes": int(selected.shape[0]),
+                "n_logits": len(graph.logit_targets),
+                "firing_fraction": n_active
+                / ((args.n_pos - 1) * model.cfg.n_layers * model.transcoders[0].W_enc.shape[0]),
+                "options": {"batch_size": 512, "update_interval": 4, "max_n_logits": 10, "desired_logit_prob": 0.95},
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

