@@ -1,6 +1,7 @@
 """autointerp: context sampling, prompts and parsing, detection/fuzzing scores with fake
-judges of known accuracy, the HTTP client against a local fake endpoint, and latent
-activations against a hand-captured encode."""
+judges of known accuracy, the HTTP client and the pipeline's robustness against a local
+fake endpoint that answers with each kind of fault, and latent activations against a
+hand-captured encode."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from conftest import make_transcoder
 
 from tl_transcoders.analysis.autointerp import (
+    Completion,
     FakeClient,
     LLMError,
     OpenAICompatibleClient,
@@ -302,12 +304,23 @@ class _Server(ThreadingHTTPServer):
         pass
 
 
+MAX_REQUESTS, SERVER_LIFETIME_S = 50, 30.0
+"""Bounds of every fake endpoint: requests answered, seconds before it stops itself."""
+
+
 class _Handler(BaseHTTPRequestHandler):
+    """Answers the n-th request with the n-th (status, body, delay) of `server.replies`
+    (the last one again after the end), up to `MAX_REQUESTS` requests; later ones get
+    HTTP 410, which the client does not retry."""
+
     def do_POST(self):
         server = self.server
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         server.requests.append((self.path, dict(self.headers), body))
-        status, text, delay = server.replies[min(len(server.requests), len(server.replies)) - 1]
+        if len(server.requests) > MAX_REQUESTS:
+            status, text, delay = 410, '{"error": "the test server\'s request limit is reached"}', 0
+        else:
+            status, text, delay = server.replies[min(len(server.requests), len(server.replies)) - 1]
         time.sleep(delay)
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -320,23 +333,31 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def endpoint():
-    servers = []
+    """`start(*replies)` serves a fake endpoint on 127.0.0.1 (see `_Handler`); it stops
+    by itself after `SERVER_LIFETIME_S` seconds, at the latest at the end of the test."""
+    servers, timers = [], []
 
     def start(*replies):
         server = _Server(("127.0.0.1", 0), _Handler)
         server.replies, server.requests = list(replies), []
         threading.Thread(target=server.serve_forever, daemon=True).start()
+        timer = threading.Timer(SERVER_LIFETIME_S, server.shutdown)
+        timer.daemon = True
+        timer.start()
         servers.append(server)
+        timers.append(timer)
         return server, f"http://127.0.0.1:{server.server_address[1]}/v1"
 
     yield start
-    for server in servers:
+    for server, timer in zip(servers, timers, strict=True):
+        timer.cancel()
         server.shutdown()
         server.server_close()
 
 
-def completion(text: str) -> str:
-    return json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]})
+def completion(content: str | list | None, finish_reason: str = "stop") -> str:
+    message = {"role": "assistant", "content": content}
+    return json.dumps({"choices": [{"index": 0, "message": message, "finish_reason": finish_reason}]})
 
 
 def test_http_client_posts_chat_completions(endpoint):
@@ -383,6 +404,189 @@ def test_http_client_drives_the_pipeline(endpoint, samples):
     score = explain_and_score(OpenAICompatibleClient(url, "m"), decode, samples, batch_size=5)
     assert score.explanation == "w7" and score.detection.balanced_accuracy == 0.5
     assert len(server.requests) == 1 + score.detection.n_batches + score.fuzzing.n_batches
+
+
+def test_http_client_reply_shapes_and_failure_kinds(endpoint):
+    parts = [{"type": "text", "text": "[1, "}, {"type": "text", "text": "0]"}]
+    _, url = endpoint((200, completion(parts, "length"), 0), (200, completion(None), 0))
+    client = OpenAICompatibleClient(url, "m")
+    answer = client.complete([])
+    assert answer == "[1, 0]" and isinstance(answer, Completion) and answer.finish_reason == "length"
+    assert client.complete([]) == ""  # null content: no text
+    refused = {"choices": [{"message": {"content": None, "refusal": "I cannot help"}, "finish_reason": "stop"}]}
+    _, url = endpoint((200, json.dumps(refused), 0))
+    assert OpenAICompatibleClient(url, "m").complete([]) == "I cannot help"
+
+    def kind(*replies, **options):
+        _, url = endpoint(*replies)
+        with pytest.raises(LLMError) as info:
+            OpenAICompatibleClient(url, "m", retry_wait=0.0, **options).complete([])
+        return info.value.kind, str(info.value)
+
+    failure, message = kind((200, '{"error": {"message": "model overloaded"}}', 0))
+    assert failure == "malformed"
+    assert message.endswith('/v1/chat/completions answered an error with HTTP 200, not a chat completion: '
+                            '{"error": {"message": "model overloaded"}}')
+    assert kind((200, '{"detail": "pinned model"}', 0))[0] == "malformed"
+    assert kind((200, "<html>busy</html>", 0))[0] == "malformed"
+    assert kind((200, '{"choices": []}', 0))[0] == "malformed"
+    assert kind((200, completion(42), 0))[0] == "malformed"
+    assert kind((503, "down", 0), retries=1)[0] == "http"
+    assert kind((200, completion("late"), 0.5), timeout=0.1, retries=0)[0] == "timeout"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(LLMError) as info:
+        OpenAICompatibleClient(f"http://127.0.0.1:{port}/v1", "m", retries=0).complete([])
+    assert info.value.kind == "connection"
+    assert LLMError("no kind given").kind == "other"
+
+
+@pytest.fixture
+def few_samples():
+    """One detection batch and one fuzzing batch of 4 samples each (batch_size=4)."""
+    tokens, acts = synthetic_latent(n_rows=40, n_active=20)
+    s = sample_contexts(tokens, acts, n_train=4, n_test_per_quantile=1, n_quantiles=2, n_random=2)
+    assert len(s.test) + len(s.non_activating) == len(s.test) + len(s.extra) == 4
+    return s
+
+
+EXPLAINED = (200, completion("Explanation: the token w7"), 0)
+ALL_YES = (200, completion("[1, 1, 1, 1]"), 0)
+ASK_LABELS = "Reply with only a JSON list of 4 integers (0 or 1)."
+DETECTION_FAULTS = {  # the detection batch's replies before ALL_YES: (replies, re-asked, still unparsed)
+    "malformed list": ([(200, completion("[1, 0, 1"), 0)], 1, 0),
+    "wrong length, then right": ([(200, completion("Sure: [1, 0]"), 0)], 1, 0),
+    "refusal, twice": ([(200, completion("I cannot help with that."), 0)] * 2, 1, 1),
+    "cut off": ([(200, completion("Let me look at each excerpt in turn. Excerpt 1", "length"), 0)], 1, 0),
+    "null content": ([(200, completion(None), 0)], 1, 0),
+    "body not JSON": ([(200, "<html>busy</html>", 0)], 1, 0),
+    "error object with 200": ([(200, '{"error": {"message": "overloaded"}}', 0)], 1, 0),
+    "500, then success": ([(500, "boom", 0)], 0, 0),  # the client's own retry, no re-ask
+}
+
+
+@pytest.mark.parametrize("fault", DETECTION_FAULTS)
+def test_faulty_label_answers_are_reasked_once(endpoint, few_samples, fault):
+    replies, retried, unparsed = DETECTION_FAULTS[fault]
+    server, url = endpoint(EXPLAINED, *replies, ALL_YES)
+    client = OpenAICompatibleClient(url, "m", timeout=5.0, retries=1, retry_wait=0.0)
+    score = explain_and_score(client, decode, few_samples, batch_size=4)
+    d, f = score.detection, score.fuzzing
+    assert score.error is None and score.explanation == "the token w7"
+    assert (d.n_batches, d.n_retried, d.n_failed_batches, d.n_unparsed) == (1, retried, unparsed, 4 * unparsed)
+    assert (f.n_batches, f.n_retried, f.n_unparsed) == (1, 0, 0) and f.balanced_accuracy == 0.5
+    assert len(server.requests) == 1 + len(replies) + (not unparsed) + 1
+    assert (d.balanced_accuracy == 0.5) == (not unparsed)
+    if retried:
+        followed = server.requests[2][2]["messages"]
+        roles = [m["role"] for m in followed]
+        assert roles in (["system", "user", "assistant", "user"], ["system", "user"])  # roles alternate
+        assert followed[-1]["content"].endswith(ASK_LABELS)
+        assert any("detection: 1 of 1 batches re-asked" in note for note in score.notes)
+    summary = aggregate_scores([score])
+    assert summary["detection"]["n_retried"] == retried and summary["detection"]["n_unparsed"] == 4 * unparsed
+
+
+def test_faulty_explanations_are_reasked_once(endpoint, few_samples):
+    cut_off = (200, completion("The marked tokens all seem to", "length"), 0)
+    server, url = endpoint(cut_off, EXPLAINED, ALL_YES)
+    score = explain_and_score(OpenAICompatibleClient(url, "m"), decode, few_samples, batch_size=4)
+    assert score.explanation == "the token w7" and score.explanation_retried and score.error is None
+    assert any("explanation re-asked" in note and "cut off" in note for note in score.notes)
+    assert server.requests[1][2]["messages"][-1]["content"].startswith("Reply with only one line")
+
+    refusal = (200, completion("I'm sorry, I can't help with that."), 0)
+    server, url = endpoint(refusal)
+    score = explain_and_score(OpenAICompatibleClient(url, "m"), decode, few_samples, batch_size=4)
+    assert score.explanation is None and score.failure == "malformed" and "a refusal" in score.error
+    assert len(server.requests) == 2 and score.explanation_retried
+    summary = aggregate_scores([score])
+    assert summary["failures"] == {"malformed": 1} and summary["n_explanations_retried"] == 1
+
+    _, url = endpoint(refusal)
+    score = explain_and_score(OpenAICompatibleClient(url, "m"), decode, few_samples, reask=False)
+    assert score.failure == "malformed" and not score.explanation_retried
+
+
+def test_the_run_goes_on_past_failing_latents(endpoint):
+    tokens, acts = synthetic_latent(n_rows=40, n_active=20)
+    slow = (200, completion("Explanation: too late"), 0.6)
+    server, url = endpoint(slow, EXPLAINED, ALL_YES, ALL_YES, (500, "down", 0))
+    client = OpenAICompatibleClient(url, "m", timeout=0.2, retries=0)
+    start = time.monotonic()
+    scores = score_latents(client, decode, tokens, torch.stack([acts] * 3), latents=[5, 6, 7], n_train=4,
+                           n_test_per_quantile=1, n_quantiles=2, n_random=2, batch_size=4)
+    assert time.monotonic() - start < 5
+    assert [s.failure for s in scores] == ["timeout", None, "http"]
+    assert "timed out" in scores[0].error and "HTTP 500" in scores[2].error
+    assert scores[1].explanation == "the token w7" and scores[1].detection.balanced_accuracy == 0.5
+    assert len(server.requests) == 5
+    summary = aggregate_scores(scores)
+    assert summary["n_failed"] == 2 and summary["failures"] == {"timeout": 1, "http": 1}
+    assert summary["detection"]["n"] == 1
+
+
+def test_latent_timeout_and_unexpected_client_errors(few_samples):
+    tokens, acts = synthetic_latent(n_rows=40, n_active=20)
+    stack = torch.stack([acts, acts])
+    options = dict(latents=[1, 2], n_train=4, n_test_per_quantile=1, n_quantiles=2, n_random=2, batch_size=4)
+
+    class SlowOnce(FakeClient):
+        n_asked = 0
+
+        def complete(self, messages, **kw):
+            self.n_asked += 1
+            if self.n_asked == 2:  # the first latent's detection batch hangs
+                time.sleep(3.0)
+            return super().complete(messages, **kw)
+
+    start = time.monotonic()
+    scores = score_latents(SlowOnce("w7", perfect_judge), decode, tokens, stack, latent_timeout=0.3, **options)
+    assert time.monotonic() - start < 2.0  # the hanging request was left behind
+    assert scores[0].failure == "budget" and "latent_timeout=0.3" in scores[0].error
+    assert scores[1].error is None and scores[1].detection.balanced_accuracy == 1.0
+    with pytest.raises(ValueError, match="latent_timeout"):
+        explain_and_score(FakeClient("w7", perfect_judge), decode, few_samples, latent_timeout=0.0)
+
+    class Buggy(FakeClient):
+        def complete(self, messages, **kw):
+            if not self.calls:
+                self.calls.append(messages)
+                raise KeyError("choices")
+            return super().complete(messages, **kw)
+
+    scores = score_latents(Buggy("w7", perfect_judge), decode, tokens, stack, **options)
+    assert scores[0].failure == "client" and scores[0].error == "the client raised KeyError: 'choices'"
+    assert scores[1].explanation == "w7" and aggregate_scores(scores)["failures"] == {"client": 1}
+    with pytest.raises(LLMError) as info:
+        score_latents(Buggy("w7", perfect_judge), decode, tokens, stack, raise_errors=True, **options)
+    assert isinstance(info.value.__cause__, KeyError)
+
+    class NotText(FakeClient):
+        def complete(self, messages, **kw):
+            answer = super().complete(messages, **kw)
+            return answer if answer.startswith("Explanation") else None
+
+    score = explain_and_score(NotText("w7", perfect_judge), decode, few_samples, batch_size=4)
+    assert (score.detection.n_retried, score.detection.n_failed_batches) == (1, 1)
+
+
+def test_reask_with_fake_clients(samples):
+    class GarblesOnce(FakeClient):
+        def complete(self, messages, **kw):
+            answer = super().complete(messages, **kw)
+            return "[1, 0" if len(self.calls) == 2 else answer  # the first detection batch
+
+    client = GarblesOnce("w7", perfect_judge)
+    score = explain_and_score(client, decode, samples, batch_size=5)
+    assert score.detection.n_retried == 1 and score.detection.balanced_accuracy == 1.0
+    assert [m["role"] for m in client.calls[2]] == ["system", "user", "assistant", "user"]
+
+    client = Unparseable("w7", perfect_judge)
+    score = explain_and_score(client, decode, samples, batch_size=5, reask=False)
+    assert len(client.calls) == 1 + score.detection.n_batches + score.fuzzing.n_batches
+    assert score.detection.n_retried == 0 and score.detection.n_failed_batches == score.detection.n_batches
 
 
 # --- latent activations on a model ------------------------------------------------

@@ -17,16 +17,21 @@ For one latent:
    latent is active vs extra contexts with as many tokens marked at random where it is
    not).
 4. Each method's score is the balanced accuracy, (TPR + TNR) / 2, from its confusion
-   counts; an answer that cannot be parsed counts as wrong and is counted.
+   counts. An unusable answer (malformed, a refusal, cut off, no JSON list of the
+   right length) is asked for once more with a short corrective turn; one that still
+   cannot be parsed counts as wrong, and both are counted.
 
 `score_latents` runs all of this for many latents and `aggregate_scores` summarises
-them (mean, standard error, failures) for comparing dictionaries. Everything works on
-plain tensors (`tokens` and one latent's `activations`, both `[n_ctx, ctx_len]`), so any
-dictionary fits; `latent_activations` computes them for a `Transcoder`.
+them (mean, standard error, failures by kind) for comparing dictionaries. A failing
+latent (timeout, HTTP or connection error, its time budget spent) is recorded and the
+run goes on. Everything works on plain tensors (`tokens` and one latent's
+`activations`, both `[n_ctx, ctx_len]`), so any dictionary fits; `latent_activations`
+computes them for a `Transcoder`.
 
 The LLM is anything with `complete(messages, *, max_tokens, temperature) -> str`:
 `OpenAICompatibleClient` talks to an OpenAI-style `/chat/completions` endpoint (OpenAI,
-vLLM, llama.cpp server, ...); `FakeClient` is a deterministic judge for tests.
+vLLM, llama.cpp server, `transformers serve`, ...); `FakeClient` is a deterministic
+judge for tests. Failures raise `LLMError`, whose `kind` says what went wrong.
 """
 
 from __future__ import annotations
@@ -36,23 +41,62 @@ import json
 import math
 import random
 import re
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from tl_transcoders.hooks.tokens import TokenInput
+from tl_transcoders.core.errors import TranscodersError
+from tl_transcoders.analysis.errors import AnalysisError
 from tl_transcoders.analysis.dashboards import check_latents, token_strings, visible
-from tl_transcoders.evaluation import check_token_batches
+from tl_transcoders.hooks.tokens import token_batches_of
 from tl_transcoders.hooks.sites import capture
 from tl_transcoders.hooks.splice import check_compatible
 from tl_transcoders.evaluation.statistics import mean_and_sem
 from tl_transcoders.core.transcoder import Transcoder
+
+__all__ = [
+    "ClassifierScore",
+    "Completion",
+    "DETECTION_SYSTEM",
+    "EXPLANATION_REASK",
+    "EXPLANATION_SYSTEM",
+    "Example",
+    "FUZZING_SYSTEM",
+    "FakeClient",
+    "LABELS_REASK",
+    "LLMClient",
+    "LLMError",
+    "LatentSamples",
+    "LatentScore",
+    "Messages",
+    "OpenAICompatibleClient",
+    "TokenDecoder",
+    "aggregate_scores",
+    "classification_prompt",
+    "example_texts",
+    "explain_and_score",
+    "explanation_prompt",
+    "latent_activations",
+    "marked_spans",
+    "parse_explanation",
+    "parse_labels",
+    "render",
+    "sample_contexts",
+    "score_latents",
+]
 
 Messages = list[dict[str, str]]
 TokenDecoder = Any
@@ -66,7 +110,7 @@ function from a list of token ids to the list of their strings."""
 def latent_activations(
     model: nn.Module,
     transcoder: Transcoder,
-    tokens: Int[Tensor, "n_ctx ctx_len"],
+    tokens: TokenInput,
     latents: Sequence[int] | Tensor,
     batch_size: int = 32,
 ) -> Float[Tensor, "n_latents n_ctx ctx_len"]:
@@ -75,18 +119,18 @@ def latent_activations(
     path for HookedTransformer and TransformerBridge) and encoded, `batch_size` rows
     at a time."""
     if not isinstance(transcoder, Transcoder):
-        raise TypeError(f"expected a Transcoder, got {type(transcoder).__name__}")
+        raise AnalysisError(f"expected a Transcoder, got {type(transcoder).__name__}")
     if transcoder.cfg.activation == "batchtopk" and transcoder.training:
-        raise ValueError("call transcoder.eval() first: a BatchTopK transcoder in training mode "
+        raise AnalysisError("call transcoder.eval() first: a BatchTopK transcoder in training mode "
                          "selects latents across the whole batch")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise AnalysisError(f"batch_size must be at least 1, got {batch_size}")
     check_compatible(model, [transcoder])
     chosen = check_latents(transcoder, latents)
     site = transcoder.cfg.input_site
     out = []
     with torch.no_grad():
-        for batch in check_token_batches(model, list(tokens.split(batch_size))):
+        for batch in token_batches_of(model, tokens, batch_size, min_positions=1):
             x = capture(model, batch, [site])[site].to(transcoder.W_enc.dtype)
             acts = transcoder.encode(x)[:, chosen].float().cpu()
             out.append(acts.T.reshape(len(chosen), *batch.shape))
@@ -168,19 +212,19 @@ def sample_contexts(
     few contexts gets short lists; one that fires everywhere gets no `non_activating`.
     `notes` says so in each case."""
     if tokens.shape != activations.shape:
-        raise ValueError(f"tokens {tuple(tokens.shape)} and activations {tuple(activations.shape)} "
+        raise AnalysisError(f"tokens {tuple(tokens.shape)} and activations {tuple(activations.shape)} "
                          "must have the same [n_ctx, ctx_len] shape")
     for name, value, least in (("n_train", n_train, 0), ("n_test_per_quantile", n_test_per_quantile, 0),
                                ("n_quantiles", n_quantiles, 1), ("n_random", n_random, 0)):
         if value < least:
-            raise ValueError(f"{name} must be at least {least}, got {value}")
+            raise AnalysisError(f"{name} must be at least {least}, got {value}")
     acts = activations.detach().float().cpu().clone()
     toks = tokens.detach().cpu().long()
     if skip_bos and acts.shape[1]:
         acts[:, 0] = 0.0
     width = acts.shape[1] if window is None else window
     if not 1 <= width <= acts.shape[1]:
-        raise ValueError(f"window must be between 1 and the row length {acts.shape[1]}, got {window}")
+        raise AnalysisError(f"window must be between 1 and the row length {acts.shape[1]}, got {window}")
     n_per_row = acts.shape[1] // width
     acts = acts[:, : n_per_row * width].reshape(-1, width)
     toks = toks[:, : n_per_row * width].reshape(-1, width)
@@ -225,23 +269,44 @@ def sample_contexts(
 # --- LLM clients ------------------------------------------------------------------
 
 
-class LLMError(RuntimeError):
-    """A request to the LLM failed (HTTP error, timeout, unreadable response)."""
+class LLMError(TranscodersError, RuntimeError):
+    """A request to the LLM failed. `kind` says how, for counting failures: "timeout",
+    "connection" (refused, reset), "http" (an error status), "malformed" (a reply that
+    is not a usable chat completion), "budget" (the latent's time budget ran out),
+    "client" (the client raised another exception) or "other"."""
+
+    def __init__(self, message: str, kind: str = "other"):
+        super().__init__(message)
+        self.kind = kind
+
+
+class Completion(str):
+    """A completion's text, with the server's `finish_reason` ("stop", "length", ...;
+    None when it gave none)."""
+
+    finish_reason: str | None
+
+    def __new__(cls, text: str, finish_reason: str | None = None):
+        self = super().__new__(cls, text)
+        self.finish_reason = finish_reason
+        return self
 
 
 @runtime_checkable
 class LLMClient(Protocol):
-    """What the pipeline needs from an LLM: one chat completion as text."""
+    """What the pipeline needs from an LLM: one chat completion as text (a `Completion`
+    tells it a cut-off answer apart)."""
 
     def complete(self, messages: Messages, *, max_tokens: int, temperature: float) -> str: ...
 
 
 class OpenAICompatibleClient:
     """Chat completions from an OpenAI-compatible server: POST `{base_url}/chat/completions`
-    (e.g. `https://api.openai.com/v1`, or `http://localhost:8000/v1` for vLLM and the
-    llama.cpp server). HTTP 429 and 5xx answers, refused connections and timeouts are
-    retried `retries` times, waiting `retry_wait * 2**attempt` seconds; other failures
-    raise `LLMError` at once. `extra_body` is merged into every request body."""
+    (e.g. `https://api.openai.com/v1`, or `http://localhost:8000/v1` for vLLM, the
+    llama.cpp server and `transformers serve`). HTTP 429 and 5xx answers, refused
+    connections and timeouts are retried `retries` times, waiting
+    `retry_wait * 2**attempt` seconds; other failures raise `LLMError` at once (its
+    `kind` says which). `extra_body` is merged into every request body."""
 
     def __init__(
         self,
@@ -254,13 +319,13 @@ class OpenAICompatibleClient:
         extra_body: dict[str, Any] | None = None,
     ):
         if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
+            raise AnalysisError(f"base_url must start with http:// or https://, got {base_url!r}")
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.api_key, self.timeout = model, api_key, timeout
         self.retries, self.retry_wait = retries, retry_wait
         self.extra_body = dict(extra_body or {})
 
-    def complete(self, messages: Messages, *, max_tokens: int = 256, temperature: float = 0.0) -> str:
+    def complete(self, messages: Messages, *, max_tokens: int = 256, temperature: float = 0.0) -> Completion:
         body = {"model": self.model, "messages": messages, "max_tokens": max_tokens,
                 "temperature": temperature, **self.extra_body}
         headers = {"Content-Type": "application/json"}
@@ -277,19 +342,47 @@ class OpenAICompatibleClient:
             except urllib.error.HTTPError as err:
                 detail = err.read()[:500].decode(errors="replace")
                 if last or not (err.code == 429 or err.code >= 500):
-                    raise LLMError(f"HTTP {err.code} from {self.url}: {detail}") from err
+                    raise LLMError(f"HTTP {err.code} from {self.url}: {detail}", "http") from err
             except (OSError, http.client.HTTPException) as err:  # URLError, timeouts, resets
                 if last:
                     reason = err.reason if isinstance(err, urllib.error.URLError) else err
-                    what = (f"timed out after {self.timeout} s" if isinstance(reason, TimeoutError)
-                            else f"failed: {reason!r}")
-                    raise LLMError(f"request to {self.url} {what}") from err
+                    if isinstance(reason, TimeoutError):
+                        raise LLMError(f"request to {self.url} timed out after {self.timeout} s", "timeout") from err
+                    raise LLMError(f"request to {self.url} failed: {reason!r}", "connection") from err
             time.sleep(self.retry_wait * 2**attempt)
+        return self._completion(raw)
+
+    def _completion(self, raw: bytes) -> Completion:
+        """The first choice of a chat completion body. Its `content` may be a string, null
+        (then the message's `refusal`, if any) or a list of text parts. A body that is
+        not JSON, an error object sent with HTTP 200, or anything else raises `LLMError`
+        of kind "malformed"."""
+        shown = raw[:300].decode(errors="replace")
         try:
-            return json.loads(raw)["choices"][0]["message"]["content"] or ""
-        except (ValueError, KeyError, IndexError, TypeError) as err:
-            raise LLMError(f"{self.url} answered something that is not a chat completion: "
-                           f"{raw[:300].decode(errors='replace')!r}") from err
+            body = json.loads(raw)
+        except ValueError:
+            raise LLMError(f"{self.url} answered something that is not a chat completion (not JSON): {shown!r}",
+                           "malformed") from None
+        if isinstance(body, dict) and "choices" not in body and ("error" in body or "detail" in body):
+            raise LLMError(f"{self.url} answered an error with HTTP 200, not a chat completion: {shown}", "malformed")
+        try:
+            choice = body["choices"][0]
+            message = choice["message"]
+            return Completion(_content_text(message.get("content") or message.get("refusal")),
+                              choice.get("finish_reason"))
+        except (KeyError, IndexError, TypeError, AttributeError) as err:
+            raise LLMError(f"{self.url} answered something that is not a chat completion: {shown!r}",
+                           "malformed") from err
+
+
+def _content_text(content: str | list | None) -> str:
+    """The text of a message's `content`: a string, None (no text) or a list of parts,
+    strings or `{"type": "text", "text": ...}`, joined. Raises TypeError otherwise."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list):
+        return "".join(part if isinstance(part, str) else str(part.get("text") or "") for part in content)
+    raise TypeError(f"content is a {type(content).__name__}")
 
 
 class FakeClient:
@@ -297,8 +390,8 @@ class FakeClient:
 
     Explanation prompts get `explanation`. For detection and fuzzing prompts it answers
     each example with `judge(kind, text)` (kind "detection" or "fuzzing", `text` the
-    example as shown, marks included), flipped with probability `noise` (a
-    `random.Random(seed)`). Every prompt is kept in `calls`."""
+    example of the prompt's first user turn as shown, marks included), flipped with
+    probability `noise` (a `random.Random(seed)`). Every prompt is kept in `calls`."""
 
     def __init__(self, explanation: str, judge: Callable[[str, str], bool], noise: float = 0.0, seed: int = 0):
         self.explanation, self.judge, self.noise = explanation, judge, noise
@@ -313,7 +406,7 @@ class FakeClient:
         if kind == "explanation":
             return f"Explanation: {self.explanation}"
         answers = []
-        for text in example_texts(messages[-1]["content"]):
+        for text in example_texts(messages[1]["content"]):
             answer = bool(self.judge(kind, text))
             answers.append(int(answer != (self.rng.random() < self.noise)))
         return json.dumps(answers)
@@ -342,7 +435,13 @@ FUZZING_SYSTEM = (
 _KIND_OF_SYSTEM_PROMPT = {EXPLANATION_SYSTEM: "explanation", DETECTION_SYSTEM: "detection",
                           FUZZING_SYSTEM: "fuzzing"}
 _EXAMPLE_LINE = re.compile(r"^Example (\d+): (.*)$", re.MULTILINE)
+EXPLANATION_REASK = "Reply with only one line of the form\nExplanation: <a short description of the pattern>"
+LABELS_REASK = "Reply with only a JSON list of {n} integers (0 or 1)."
+"""The corrective follow-up turns sent once after an unusable explanation or label answer."""
 _LIST = re.compile(r"\[[^\[\]]*\]")
+_EXPLANATION_LINE = re.compile(r"explanation\s*:\s*(.+)", re.IGNORECASE)
+_REFUSAL = re.compile(r"^\W*(sorry|as an ai|i\s*(am|'m|’m)\s*(sorry|unable|not able)"
+                      r"|i\s*(cannot|can\s*not|can't|can’t|won't|won’t|will not))\b", re.IGNORECASE)
 
 
 def render(strings: Sequence[str], marked: Sequence[bool]) -> str:
@@ -400,7 +499,7 @@ def classification_prompt(kind: str, explanation: str, texts: Sequence[str]) -> 
 def parse_explanation(answer: str) -> str | None:
     """The text after the last `Explanation:` of an answer, else its last non-empty line;
     None for an empty answer."""
-    found = re.findall(r"explanation\s*:\s*(.+)", answer, flags=re.IGNORECASE)
+    found = _EXPLANATION_LINE.findall(answer)
     lines = [line.strip() for line in answer.splitlines() if line.strip()]
     text = found[-1].strip() if found else (lines[-1] if lines else "")
     return text.strip(" \"'*") or None
@@ -419,14 +518,44 @@ def parse_labels(answer: str, n: int) -> list[int] | None:
     return None
 
 
+def _explanation_of(answer: str) -> str | None:
+    """`parse_explanation` of an answer, or None when it is a refusal or was cut off at
+    `max_tokens` before its `Explanation:` line."""
+    cut_off = getattr(answer, "finish_reason", None) == "length"
+    if _REFUSAL.match(answer) or (cut_off and not _EXPLANATION_LINE.search(answer)):
+        return None
+    return parse_explanation(answer)
+
+
+def _unusable(answer: str) -> str:
+    """Why an answer that did not parse is of no use, for notes and errors."""
+    text = answer.strip()
+    if getattr(answer, "finish_reason", None) == "length":
+        return f"cut off at max_tokens (finish_reason 'length'): {text[:80]!r}"
+    if not text:
+        return "an empty answer"
+    return f"{'a refusal' if _REFUSAL.match(text) else 'nothing parsable'}: {text[:80]!r}"
+
+
+def _follow_up(messages: Messages, answer: str, instruction: str) -> Messages:
+    """`messages` continued by the unusable `answer` and the corrective user turn
+    `instruction`; without an answer to show, `instruction` is added to the last user
+    turn instead (chat templates want user and assistant turns to alternate)."""
+    if answer.strip():
+        return [*messages, {"role": "assistant", "content": str(answer)}, {"role": "user", "content": instruction}]
+    return [*messages[:-1], {**messages[-1], "content": f"{messages[-1]['content']}\n\n{instruction}"}]
+
+
 # --- scoring ----------------------------------------------------------------------
 
 
 @dataclass
 class ClassifierScore:
     """Confusion counts of one scoring method for one latent. Samples whose answer could
-    not be parsed count as wrong (in `fn` or `fp`) and also in `n_unparsed`.
-    `per_quantile[q] = [correct, total]` over the activating samples of quantile q."""
+    not be parsed count as wrong (in `fn` or `fp`) and also in `n_unparsed`; their
+    batches in `n_failed_batches`. `n_retried` batches were asked again after an
+    unusable first answer. `per_quantile[q] = [correct, total]` over the activating
+    samples of quantile q."""
 
     tp: int = 0
     fn: int = 0
@@ -435,6 +564,7 @@ class ClassifierScore:
     n_unparsed: int = 0
     n_batches: int = 0
     n_failed_batches: int = 0
+    n_retried: int = 0
     per_quantile: dict[int, list[int]] = field(default_factory=dict)
 
     @property
@@ -473,7 +603,10 @@ class ClassifierScore:
 class LatentScore:
     """The explanation of one latent and its detection and fuzzing scores. A latent that
     could not be scored has `explanation` None and a reason in `notes` (skipped: too
-    few contexts) or `error` (the LLM failed)."""
+    few contexts) or `error` (the LLM failed), with the kind of failure in `failure`
+    (an `LLMError` kind: "timeout", "http", "connection", "malformed", "budget", ...).
+    `explanation_retried`: the explanation was asked for again after an unusable
+    first answer."""
 
     latent: int | None
     explanation: str | None
@@ -481,10 +614,13 @@ class LatentScore:
     fuzzing: ClassifierScore
     notes: list[str] = field(default_factory=list)
     error: str | None = None
+    failure: str | None = None
+    explanation_retried: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {"latent": self.latent, "explanation": self.explanation, "detection": self.detection.to_dict(),
-                "fuzzing": self.fuzzing.to_dict(), "notes": list(self.notes), "error": self.error}
+                "fuzzing": self.fuzzing.to_dict(), "notes": list(self.notes), "error": self.error,
+                "failure": self.failure, "explanation_retried": self.explanation_retried}
 
 
 @dataclass
@@ -499,7 +635,76 @@ def _decoder(decode: TokenDecoder) -> Callable[[list[int]], list[str]]:
         return lambda ids: token_strings(decode, ids)
     if callable(decode):
         return lambda ids: [str(s) for s in decode(ids)]
-    raise TypeError(f"decode must be a tokenizer or a function from token ids to strings, got {type(decode).__name__}")
+    raise AnalysisError(f"decode must be a tokenizer or a function from token ids to strings, got {type(decode).__name__}")
+
+
+class _Asker:
+    """Sends one latent's prompts to `client`: its answer as text, any exception of its
+    `complete` wrapped into an `LLMError` (kind "client"), all within `latent_timeout`
+    seconds from now (None: no limit). A request still running when the time is up is
+    left to finish in a daemon thread; its answer is not used."""
+
+    def __init__(self, client: LLMClient, max_tokens: int, temperature: float, latent_timeout: float | None):
+        self.client, self.max_tokens, self.temperature = client, max_tokens, temperature
+        self.latent_timeout = latent_timeout
+        self.deadline = None if latent_timeout is None else time.monotonic() + latent_timeout
+
+    def __call__(self, messages: Messages) -> str:
+        if self.deadline is None:
+            return self._complete(messages)
+        left = self.deadline - time.monotonic()
+        if left > 0:
+            future: Future[str] = Future()
+            threading.Thread(target=self._complete_into, args=(future, messages), daemon=True).start()
+            try:
+                return future.result(timeout=left)
+            except FutureTimeout:
+                pass
+        raise LLMError(f"the latent's time budget (latent_timeout={self.latent_timeout} s) ran out", "budget")
+
+    def reply(self, messages: Messages) -> tuple[str, str | None]:
+        """The answer and None, or "" and what was wrong when the reply was malformed
+        (an `LLMError` of kind "malformed"); other failures raise."""
+        try:
+            return self(messages), None
+        except LLMError as err:
+            if err.kind != "malformed":
+                raise
+            return "", str(err)
+
+    def _complete(self, messages: Messages) -> str:
+        try:
+            answer = self.client.complete(messages, max_tokens=self.max_tokens, temperature=self.temperature)
+        except LLMError:
+            raise
+        except Exception as err:
+            raise LLMError(f"the client raised {type(err).__name__}: {err}", "client") from err
+        if not isinstance(answer, str):
+            raise LLMError(f"the client returned a {type(answer).__name__}, not text", "malformed")
+        return answer
+
+    def _complete_into(self, future: Future, messages: Messages) -> None:
+        try:
+            future.set_result(self._complete(messages))
+        except BaseException as err:  # handed to the waiting thread
+            future.set_exception(err)
+
+
+def _ask_parsed(ask: _Asker, messages: Messages, parse: Callable[[str], Any], instruction: str,
+                reask: bool) -> tuple[Any, list[str]]:
+    """`parse` of the answer to `messages`; when the reply is malformed or `parse` finds
+    nothing (None), asked once more with the corrective follow-up turn `instruction`
+    if `reask`. Returns the parsed value (None if no answer parsed) and why each
+    unusable answer was of no use (empty when the first answer parsed)."""
+    problems = []
+    for _ in range(1 + reask):
+        answer, problem = ask.reply(messages)
+        value = None if problem else parse(answer)
+        if value is not None:
+            break
+        problems.append(problem or _unusable(answer))
+        messages = _follow_up(messages, answer, instruction)
+    return value, problems
 
 
 def explain_and_score(
@@ -513,6 +718,8 @@ def explain_and_score(
     seed: int = 0,
     temperature: float = 0.0,
     max_tokens: int = 512,
+    reask: bool = True,
+    latent_timeout: float | None = None,
 ) -> LatentScore:
     """Explain one latent from `samples.train` and score the explanation by detection and
     fuzzing, `batch_size` examples per prompt, in an order shuffled with `seed`.
@@ -520,23 +727,38 @@ def explain_and_score(
     Fuzzing marks, in a test context, the tokens whose activation is at least
     `fuzz_threshold` times that context's largest; in an extra context it marks as many
     tokens (the mean count over the test contexts, rounded up) drawn at random from
-    those below the threshold. Raises `LLMError` if the client fails."""
+    those below the threshold.
+
+    An unusable answer (a malformed reply, a refusal, one cut off at `max_tokens`, no
+    explanation or no label list of the right length in it) is asked for once more
+    with a short corrective follow-up turn when `reask`: re-asked batches are counted
+    in `n_retried`, a re-asked explanation in `explanation_retried` and `notes`. With
+    no usable explanation the latent gets an `error` and `failure` "malformed".
+    `latent_timeout` bounds the seconds all of the latent's requests may take together
+    (None: no bound). Raises `LLMError` if the client fails (kind "budget" when
+    `latent_timeout` ran out; any other exception of the client is wrapped into one)."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise AnalysisError(f"batch_size must be at least 1, got {batch_size}")
     if not 0 < fuzz_threshold <= 1:
-        raise ValueError(f"fuzz_threshold must be in (0, 1], got {fuzz_threshold}")
+        raise AnalysisError(f"fuzz_threshold must be in (0, 1], got {fuzz_threshold}")
+    if latent_timeout is not None and not latent_timeout > 0:
+        raise AnalysisError(f"latent_timeout must be positive seconds or None, got {latent_timeout}")
     strings = _decoder(decode)
     notes = list(samples.notes)
     score = LatentScore(latent, None, ClassifierScore(), ClassifierScore(), notes)
     if not samples.train or not samples.test:
         notes.append(f"not scored: no activating contexts {'to explain' if not samples.train else 'left to test'}")
         return score
+    ask = _Asker(client, max_tokens, temperature, latent_timeout)
     prompt = explanation_prompt([strings(e.tokens) for e in samples.train],
                                 [e.activations for e in samples.train], show_activations)
-    explanation = parse_explanation(client.complete(prompt, max_tokens=max_tokens, temperature=temperature))
+    explanation, problems = _ask_parsed(ask, prompt, _explanation_of, EXPLANATION_REASK, reask)
+    score.explanation_retried = reask and bool(problems)
     if explanation is None:
-        score.error = "the explanation answer was empty"
+        score.error, score.failure = f"no usable explanation: {'; after the re-ask, '.join(problems)}", "malformed"
         return score
+    if problems:
+        notes.append(f"explanation re-asked: the first answer was {problems[0]}")
     score.explanation = explanation
     rng = random.Random(seed)
     detection = [_Sample(render(strings(e.tokens), [False] * len(e.tokens)), truth, e.quantile)
@@ -546,16 +768,30 @@ def explain_and_score(
         if not any(s.truth for s in group) or all(s.truth for s in group):
             notes.append(f"{kind}: needs both activating and non-activating samples; balanced accuracy is NaN")
         rng.shuffle(group)
-        for start in range(0, len(group), batch_size):
-            batch = group[start : start + batch_size]
-            answer = client.complete(classification_prompt(kind, explanation, [s.text for s in batch]),
-                                     max_tokens=max_tokens, temperature=temperature)
-            labels = parse_labels(answer, len(batch))
-            result.n_batches += 1
-            result.n_failed_batches += labels is None
-            for i, sample in enumerate(batch):
-                result.add(sample.truth, None if labels is None else labels[i], sample.quantile)
+        problems = _classify(ask, kind, explanation, group, result, batch_size, reask)
+        if problems:
+            notes.append(f"{kind}: {result.n_retried} of {result.n_batches} batches re-asked, "
+                         f"{result.n_failed_batches} still unparsed; the last unusable answer was {problems[-1]}")
     return score
+
+
+def _classify(ask: _Asker, kind: str, explanation: str, group: list[_Sample], result: ClassifierScore,
+              batch_size: int, reask: bool) -> list[str]:
+    """Ask the detection or fuzzing (`kind`) question about `group`, `batch_size` samples
+    per prompt, and count the answers in `result`. Returns why each unusable answer was
+    of no use."""
+    every_problem = []
+    for start in range(0, len(group), batch_size):
+        batch = group[start : start + batch_size]
+        labels, problems = _ask_parsed(ask, classification_prompt(kind, explanation, [s.text for s in batch]),
+                                       partial(parse_labels, n=len(batch)), LABELS_REASK.format(n=len(batch)), reask)
+        every_problem += problems
+        result.n_batches += 1
+        result.n_retried += reask and bool(problems)
+        result.n_failed_batches += labels is None
+        for i, sample in enumerate(batch):
+            result.add(sample.truth, None if labels is None else labels[i], sample.quantile)
+    return every_problem
 
 
 def _fuzzing_samples(samples: LatentSamples, strings: Callable[[list[int]], list[str]], threshold: float,
@@ -601,24 +837,29 @@ def score_latents(
     temperature: float = 0.0,
     max_tokens: int = 512,
     raise_errors: bool = False,
+    reask: bool = True,
+    latent_timeout: float | None = None,
 ) -> list[LatentScore]:
     """`sample_contexts` and `explain_and_score` for each latent: `activations[i]` belongs
-    to latent `latents[i]` (default: i). An `LLMError` on one latent is recorded in its
-    `error` and the next latent goes on, unless `raise_errors`."""
+    to latent `latents[i]` (default: i). An `LLMError` on one latent (a timeout, an HTTP
+    or connection failure, its `latent_timeout` seconds spent, any exception of the
+    client) is recorded in its `error` and `failure` and the next latent goes on,
+    unless `raise_errors`."""
     latents = list(range(activations.shape[0])) if latents is None else list(latents)
     if len(latents) != activations.shape[0]:
-        raise ValueError(f"{len(latents)} latent ids for {activations.shape[0]} activation tensors")
+        raise AnalysisError(f"{len(latents)} latent ids for {activations.shape[0]} activation tensors")
     scores = []
     for i, latent in enumerate(latents):
         samples = sample_contexts(tokens, activations[i], n_train, n_test_per_quantile, n_quantiles,
                                   n_random, seed, window, skip_bos)
         try:
             scores.append(explain_and_score(client, decode, samples, latent, batch_size, show_activations,
-                                            fuzz_threshold, seed, temperature, max_tokens))
+                                            fuzz_threshold, seed, temperature, max_tokens, reask, latent_timeout))
         except LLMError as err:
             if raise_errors:
                 raise
-            scores.append(LatentScore(latent, None, ClassifierScore(), ClassifierScore(), samples.notes, str(err)))
+            scores.append(LatentScore(latent, None, ClassifierScore(), ClassifierScore(), list(samples.notes),
+                                      str(err), err.kind))
     return scores
 
 
@@ -626,11 +867,15 @@ def aggregate_scores(scores: Sequence[LatentScore]) -> dict[str, Any]:
     """Summary over latents, for comparing dictionaries: for detection and fuzzing the
     mean balanced accuracy, its standard error (sample std / sqrt(n); NaN for n < 2)
     and n over the latents with a finite score; how many latents were skipped (too few
-    contexts), failed (LLM error or empty explanation); and the unparsed answers."""
+    contexts), failed (LLM error or no usable explanation), and how many failed by
+    `failure` kind; the re-asked explanations; the unparsed answers and re-asked
+    batches."""
     summary: dict[str, Any] = {
         "n_latents": len(scores),
         "n_skipped": sum(s.explanation is None and s.error is None for s in scores),
         "n_failed": sum(s.error is not None for s in scores),
+        "failures": dict(Counter(s.failure or "other" for s in scores if s.error is not None)),
+        "n_explanations_retried": sum(s.explanation_retried for s in scores),
     }
     for kind in ("detection", "fuzzing"):
         results = [getattr(s, kind) for s in scores]
@@ -638,5 +883,6 @@ def aggregate_scores(scores: Sequence[LatentScore]) -> dict[str, Any]:
         mean, sem = mean_and_sem(values)
         summary[kind] = {"mean": mean, "sem": sem, "n": len(values),
                          "n_unparsed": sum(r.n_unparsed for r in results),
-                         "n_failed_batches": sum(r.n_failed_batches for r in results)}
+                         "n_failed_batches": sum(r.n_failed_batches for r in results),
+                         "n_retried": sum(r.n_retried for r in results)}
     return summary
