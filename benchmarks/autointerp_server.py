@@ -68,8 +68,19 @@ def serve_command(model_dir: Path, port: int) -> list[str]:
     program = shutil.which("transformers", path=str(Path(sys.executable).parent))
     if program is None:
         raise SystemExit(f"no `transformers` command next to {sys.executable}: pip install 'transformers[serving]'")
-    return [program, "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-            "--device", "cpu", "--log-level", "warning"]
+    return [
+        program,
+        "serve",
+        str(model_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--log-level",
+        "warning",
+    ]
 
 
 @contextmanager
@@ -135,11 +146,23 @@ def train_transcoder(model, layer: int, tokens: int, expansion: int, k: int):
         return Transcoder.load(directory / f"layer_{layer}").eval(), None
     start = time.perf_counter()
     bos = model.tokenizer.bos_token_id
-    batches = token_batches(embedded_corpus("train"), model.tokenizer, CONTEXT, 32,
-                            bos_token_id=bos, separator_token_id=bos)
-    cfg = TrainConfig(layers=[layer], k=k, expansion=expansion, skip=True, batch_size=32, context_size=CONTEXT,
-                      max_tokens=tokens, warmup_steps=2, checkpoint_every=10**9, log_every=10**9,
-                      output_dir=str(directory), overwrite=True)
+    batches = token_batches(
+        embedded_corpus("train"), model.tokenizer, CONTEXT, 32, bos_token_id=bos, separator_token_id=bos
+    )
+    cfg = TrainConfig(
+        layers=[layer],
+        k=k,
+        expansion=expansion,
+        skip=True,
+        batch_size=32,
+        context_size=CONTEXT,
+        max_tokens=tokens,
+        warmup_steps=2,
+        checkpoint_every=10**9,
+        log_every=10**9,
+        output_dir=str(directory),
+        overwrite=True,
+    )
     return Trainer(model, cfg).fit(batches)[0].eval(), time.perf_counter() - start
 
 
@@ -170,13 +193,28 @@ def prepare(args) -> dict:
     model = load_model(smollm2_path())
     transcoder, train_s = train_transcoder(model, args.layer, args.tokens, args.expansion, args.k)
     bos = model.tokenizer.bos_token_id
-    heldout = next(token_batches(embedded_corpus("heldout"), model.tokenizer, CONTEXT, args.heldout_rows,
-                                 bos_token_id=bos, separator_token_id=bos))
+    heldout = next(
+        token_batches(
+            embedded_corpus("heldout"),
+            model.tokenizer,
+            CONTEXT,
+            args.heldout_rows,
+            bos_token_id=bos,
+            separator_token_id=bos,
+        )
+    )
     every = latent_activations(model, transcoder, heldout, range(transcoder.cfg.d_latent))
     latents = chosen_latents(every, args.latents, args.window, 8, args.seed)
-    return {"model": model, "model_dir": _gguf_directory(smollm2_path(), None),  # what load_model converted
-            "gguf": smollm2_path().name, "transcoder": transcoder, "train_s": train_s, "heldout": heldout,
-            "latents": latents, "acts": every[latents]}
+    return {
+        "model": model,
+        "model_dir": _gguf_directory(smollm2_path(), None),  # what load_model converted
+        "gguf": smollm2_path().name,
+        "transcoder": transcoder,
+        "train_s": train_s,
+        "heldout": heldout,
+        "latents": latents,
+        "acts": every[latents],
+    }
 
 
 def score_on_server(args, run: dict) -> dict:
@@ -185,18 +223,35 @@ def score_on_server(args, run: dict) -> dict:
 
     port = free_port()
     command = serve_command(run["model_dir"], port)
-    client = TimedClient(OpenAICompatibleClient(f"http://127.0.0.1:{port}/v1", str(run["model_dir"]),
-                                                timeout=args.timeout))
-    options = dict(n_train=8, n_test_per_quantile=2, n_quantiles=2, n_random=4, window=args.window,
-                   batch_size=4, max_tokens=args.max_tokens, seed=args.seed, latent_timeout=args.latent_timeout)
+    client = TimedClient(
+        OpenAICompatibleClient(f"http://127.0.0.1:{port}/v1", str(run["model_dir"]), timeout=args.timeout)
+    )
+    options = dict(
+        n_train=8,
+        n_test_per_quantile=2,
+        n_quantiles=2,
+        n_random=4,
+        window=args.window,
+        batch_size=4,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        latent_timeout=args.latent_timeout,
+    )
     print(f"serving {shown(run['model_dir'])} with transformers {version('transformers')} on port {port}", flush=True)
     with serving(command, port, CACHE / "server.log", args.startup_timeout, args.server_threads) as startup_s:
         print(f"server up after {startup_s:.0f} s; scoring latents {run['latents']}", flush=True)
         start = time.perf_counter()
-        scores = score_latents(client, run["model"].tokenizer, run["heldout"], run["acts"],
-                               latents=run["latents"], **options)
-    return {"command": command, "startup_s": startup_s, "scoring_s": time.perf_counter() - start,
-            "options": {**options, "timeout": args.timeout}, "scores": scores, "request_s": client.seconds}
+        scores = score_latents(
+            client, run["model"].tokenizer, run["heldout"], run["acts"], latents=run["latents"], **options
+        )
+    return {
+        "command": command,
+        "startup_s": startup_s,
+        "scoring_s": time.perf_counter() - start,
+        "options": {**options, "timeout": args.timeout},
+        "scores": scores,
+        "request_s": client.seconds,
+    }
 
 
 def result(args, run: dict, served: dict, wall_s: float) -> dict:
@@ -215,17 +270,24 @@ def result(args, run: dict, served: dict, wall_s: float) -> dict:
             "omp_num_threads": args.server_threads,
             "startup_seconds": round(served["startup_s"], 1),
         },
-        "transcoder": {"layer": args.layer, "d_latent": run["transcoder"].cfg.d_latent, "k": args.k,
-                       "train_tokens": args.tokens, "reused_from_cache": run["train_s"] is None,
-                       "train_seconds": None if run["train_s"] is None else round(run["train_s"], 1)},
+        "transcoder": {
+            "layer": args.layer,
+            "d_latent": run["transcoder"].cfg.d_latent,
+            "k": args.k,
+            "train_tokens": args.tokens,
+            "reused_from_cache": run["train_s"] is None,
+            "train_seconds": None if run["train_s"] is None else round(run["train_s"], 1),
+        },
         "heldout_tokens": list(run["heldout"].shape),
         "options": served["options"],
         "latents_scored": sum(s.explanation is not None for s in scores),
         "n_latents": len(scores),
         "failures": summary["failures"],
         "n_requests": len(seconds),
-        "request_seconds": {"mean": round(sum(seconds) / max(len(seconds), 1), 2),
-                            "max": round(max(seconds, default=0.0), 2)},
+        "request_seconds": {
+            "mean": round(sum(seconds) / max(len(seconds), 1), 2),
+            "max": round(max(seconds, default=0.0), 2),
+        },
         "scoring_seconds": round(served["scoring_s"], 1),
         "wall_seconds": round(wall_s, 1),
         "aggregate": summary,
@@ -248,8 +310,12 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     parser.add_argument("--latent-timeout", type=float, default=300.0, help="seconds per latent")
     parser.add_argument("--startup-timeout", type=float, default=300.0)
-    parser.add_argument("--server-threads", type=int, default=1,
-                        help="OMP_NUM_THREADS of the server (on a small busy machine 1 is several times faster)")
+    parser.add_argument(
+        "--server-threads",
+        type=int,
+        default=1,
+        help="OMP_NUM_THREADS of the server (on a small busy machine 1 is several times faster)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -265,9 +331,11 @@ def main() -> None:
     path.write_text(json.dumps(out, indent=1) + "\n")
     for s in served["scores"]:
         print(f"  latent {s.latent}: {s.explanation!r}" + (f" [{s.failure}: {s.error}]" if s.error else ""))
-    print(f"latents scored: {out['latents_scored']} of {out['n_latents']}; failures by kind: {out['failures']}; "
-          f"{out['n_requests']} requests; wall time {out['wall_seconds']:.0f} s "
-          f"(scoring {out['scoring_seconds']:.0f} s); wrote {path.relative_to(REPO)}")
+    print(
+        f"latents scored: {out['latents_scored']} of {out['n_latents']}; failures by kind: {out['failures']}; "
+        f"{out['n_requests']} requests; wall time {out['wall_seconds']:.0f} s "
+        f"(scoring {out['scoring_seconds']:.0f} s); wrote {path.relative_to(REPO)}"
+    )
 
 
 if __name__ == "__main__":

@@ -48,8 +48,11 @@ def worker(rows: int) -> dict:
     rss_start = rss_mib()
     model = load_model(smollm2_path())
     bos = model.tokenizer.bos_token_id
-    tokens = next(token_batches(embedded_corpus("heldout"), model.tokenizer, N_POS, rows,
-                                bos_token_id=bos, separator_token_id=bos))
+    tokens = next(
+        token_batches(
+            embedded_corpus("heldout"), model.tokenizer, N_POS, rows, bos_token_id=bos, separator_token_id=bos
+        )
+    )
     torch.manual_seed(0)
     transcoder = Transcoder(transcoder_config(model, LAYER, D_LATENT, activation="topk", k=K, skip=True))
     with torch.no_grad():
@@ -86,8 +89,13 @@ def run_demo(fresh_cache: bool) -> dict:
         wall = time.perf_counter() - start
     if status != 0:
         raise SystemExit(f"the demo failed (status {status}):\n{output[-3000:]}")
-    return {"command": "tl-transcoders demo", "fresh_cache": fresh_cache, "peak_rss_mib": usage.ru_maxrss / 1024,
-            "wall_s": wall, "output_tail": output.splitlines()[-12:]}
+    return {
+        "command": "tl-transcoders demo",
+        "fresh_cache": fresh_cache,
+        "peak_rss_mib": usage.ru_maxrss / 1024,
+        "wall_s": wall,
+        "output_tail": output.splitlines()[-12:],
+    }
 
 
 def main() -> None:
@@ -108,25 +116,36 @@ def main() -> None:
         if result.returncode != 0:
             raise SystemExit(f"the {rows}-row run failed:\n{result.stderr[-3000:]}")
         runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
-        print(f"{rows:>4} rows: peak RSS {runs[-1]['peak_rss_mib']:.0f} MiB "
-              f"(after loading {runs[-1]['rss_after_load_mib']:.0f}), evaluate_splice {runs[-1]['eval_wall_s']:.1f} s",
-              flush=True)
+        print(
+            f"{rows:>4} rows: peak RSS {runs[-1]['peak_rss_mib']:.0f} MiB "
+            f"(after loading {runs[-1]['rss_after_load_mib']:.0f}), evaluate_splice {runs[-1]['eval_wall_s']:.1f} s",
+            flush=True,
+        )
     by_rows = {run["rows"]: run for run in runs}
-    summary = {"benchmark": "eval_memory", "machine": machine_info(), "git": git_state(),
-               "other_cpu_share_before": load_before, "runs": runs}
+    summary = {
+        "benchmark": "eval_memory",
+        "machine": machine_info(),
+        "git": git_state(),
+        "other_cpu_share_before": load_before,
+        "runs": runs,
+    }
     if 16 in by_rows and 256 in by_rows:
         ratio = by_rows[256]["peak_rss_mib"] / by_rows[16]["peak_rss_mib"]
         summary["rss_ratio_256_vs_16"] = ratio
         summary["rss_target_met"] = ratio <= RSS_TARGET
-        print(f"peak RSS 256 rows / 16 rows = {ratio:.3f} (target <= {RSS_TARGET}): "
-              f"{'MET' if ratio <= RSS_TARGET else 'NOT MET'}")
+        print(
+            f"peak RSS 256 rows / 16 rows = {ratio:.3f} (target <= {RSS_TARGET}): "
+            f"{'MET' if ratio <= RSS_TARGET else 'NOT MET'}"
+        )
     if not args.skip_demo:
         demo = run_demo(args.fresh_cache)
         summary["demo"] = demo
         summary["demo_peak_rss_mib"] = demo["peak_rss_mib"]
         summary["demo_target_met"] = demo["peak_rss_mib"] <= DEMO_TARGET_MIB
-        print(f"demo: peak RSS {demo['peak_rss_mib']:.0f} MiB (target <= {DEMO_TARGET_MIB}): "
-              f"{'MET' if summary['demo_target_met'] else 'NOT MET'}, {demo['wall_s']:.0f} s")
+        print(
+            f"demo: peak RSS {demo['peak_rss_mib']:.0f} MiB (target <= {DEMO_TARGET_MIB}): "
+            f"{'MET' if summary['demo_target_met'] else 'NOT MET'}, {demo['wall_s']:.0f} s"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -75,17 +75,38 @@ def training(device: torch.device, timer: DeviceTimer, n_steps: int, n_layers: i
         model(batches[0], stop_at_layer=TRAIN_LAYER + 1)  # warm-up
         forward_s, _ = timer(lambda: [model(b, stop_at_layer=TRAIN_LAYER + 1) for b in batches])
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(layers=[TRAIN_LAYER], k=32, expansion=16, skip=True, batch_size=32, context_size=128,
-                          max_tokens=tokens, output_dir=tmp, checkpoint_every=10**9, log_every=10**9)
+        cfg = TrainConfig(
+            layers=[TRAIN_LAYER],
+            k=32,
+            expansion=16,
+            skip=True,
+            batch_size=32,
+            context_size=128,
+            max_tokens=tokens,
+            output_dir=tmp,
+            checkpoint_every=10**9,
+            log_every=10**9,
+        )
         Trainer(model, TrainConfig(**{**cfg.to_dict(), "max_tokens": 4 * 32 * 128, "output_dir": tmp + "/warm"})).fit(
-            iter(batches[:4]))  # warm-up: kernels compiled and cached
+            iter(batches[:4])
+        )  # warm-up: kernels compiled and cached
         trainer = Trainer(model, cfg)
         train_s, _ = timer(lambda: trainer.fit(iter(batches)))
     ratio = forward_s / train_s
-    return {"steps": n_steps, "tokens": tokens, "model_dtype": "bfloat16", "transcoder_dtype": "float32",
-            "train_seconds": train_s, "forward_seconds": forward_s, "train_tokens_per_s": tokens / train_s,
-            "forward_tokens_per_s": tokens / forward_s, "fraction_of_forward": ratio,
-            "final_fvu": trainer.history[-1]["fvu"], "target": TRAIN_TARGET, "meets_target": ratio >= TRAIN_TARGET}
+    return {
+        "steps": n_steps,
+        "tokens": tokens,
+        "model_dtype": "bfloat16",
+        "transcoder_dtype": "float32",
+        "train_seconds": train_s,
+        "forward_seconds": forward_s,
+        "train_tokens_per_s": tokens / train_s,
+        "forward_tokens_per_s": tokens / forward_s,
+        "fraction_of_forward": ratio,
+        "final_fvu": trainer.history[-1]["fvu"],
+        "target": TRAIN_TARGET,
+        "meets_target": ratio >= TRAIN_TARGET,
+    }
 
 
 def relu_transcoders(model, d_latent: int, firing: float) -> list[Transcoder]:
@@ -94,14 +115,23 @@ def relu_transcoders(model, d_latent: int, firing: float) -> list[Transcoder]:
     device = next(model.parameters()).device
     tokens = torch.randint(0, model.cfg.d_vocab, (4, 128), generator=torch.Generator().manual_seed(1)).to(device)
     inputs: dict[int, torch.Tensor] = {}
-    hooks = [(f"blocks.{layer}.ln2.hook_normalized", lambda a, hook, layer=layer: inputs.__setitem__(layer, a))
-             for layer in range(model.cfg.n_layers)]
+    hooks = [
+        (f"blocks.{layer}.ln2.hook_normalized", lambda a, hook, layer=layer: inputs.__setitem__(layer, a))
+        for layer in range(model.cfg.n_layers)
+    ]
     with torch.no_grad(), model.hooks(fwd_hooks=hooks):
         model(tokens)
     transcoders = []
     for layer in range(model.cfg.n_layers):
-        cfg = TranscoderConfig(d_in=model.cfg.d_model, d_out=model.cfg.d_model, d_latent=d_latent, layer=layer,
-                               activation="relu", skip=True, input_space="unfolded_ln")
+        cfg = TranscoderConfig(
+            d_in=model.cfg.d_model,
+            d_out=model.cfg.d_model,
+            d_latent=d_latent,
+            layer=layer,
+            activation="relu",
+            skip=True,
+            input_space="unfolded_ln",
+        )
         transcoder = Transcoder(cfg, device=device)
         with torch.no_grad():
             transcoder.W_skip.normal_().mul_(0.01)
@@ -118,8 +148,14 @@ def attribution(device: torch.device, timer: DeviceTimer, n_pos: int, max_featur
     prompt = torch.randint(0, model.cfg.d_vocab, (n_pos,), generator=torch.Generator().manual_seed(2)).to(device)
     attribute(model, transcoders, prompt[:8], max_feature_nodes=64)  # warm-up
     seconds, graph = timer(lambda: attribute(model, transcoders, prompt, max_feature_nodes=max_features), 2)
-    return {"n_pos": n_pos, "max_feature_nodes": max_features, "n_active_features": graph.metadata["n_active_features"],
-            "seconds": seconds, "target_seconds": ATTRIBUTION_TARGET_S, "meets_target": seconds <= ATTRIBUTION_TARGET_S}
+    return {
+        "n_pos": n_pos,
+        "max_feature_nodes": max_features,
+        "n_active_features": graph.metadata["n_active_features"],
+        "seconds": seconds,
+        "target_seconds": ATTRIBUTION_TARGET_S,
+        "meets_target": seconds <= ATTRIBUTION_TARGET_S,
+    }
 
 
 def splice_eval(device: torch.device, timer: DeviceTimer, n_layers: int) -> dict:
@@ -143,18 +179,32 @@ def main() -> None:
     timer = DeviceTimer(device)
     n_layers = 8 if args.quick else 30
     started = time.perf_counter()
-    result = {"benchmark": "gpu_check", "device": str(device), "quick": args.quick, "machine": machine_info(),
-              "git": git_state()}
+    result = {
+        "benchmark": "gpu_check",
+        "device": str(device),
+        "quick": args.quick,
+        "machine": machine_info(),
+        "git": git_state(),
+    }
     result["training"] = training(device, timer, n_steps=6 if args.quick else 60, n_layers=n_layers)
-    print(f"training: {result['training']['train_tokens_per_s']:.0f} tokens/s, "
-          f"{result['training']['fraction_of_forward']:.2f} of the forward pass alone (target >= {TRAIN_TARGET})", flush=True)
+    print(
+        f"training: {result['training']['train_tokens_per_s']:.0f} tokens/s, "
+        f"{result['training']['fraction_of_forward']:.2f} of the forward pass alone (target >= {TRAIN_TARGET})",
+        flush=True,
+    )
     n_pos, max_features = (16, 256) if args.quick else (64, 4096)
     result["attribution"] = attribution(device, timer, n_pos, max_features, n_layers)
-    print(f"attribution: {result['attribution']['seconds']:.2f} s at {result['attribution']['n_pos']} tokens x "
-          f"{result['attribution']['max_feature_nodes']} features (target <= {ATTRIBUTION_TARGET_S} s)", flush=True)
+    print(
+        f"attribution: {result['attribution']['seconds']:.2f} s at {result['attribution']['n_pos']} tokens x "
+        f"{result['attribution']['max_feature_nodes']} features (target <= {ATTRIBUTION_TARGET_S} s)",
+        flush=True,
+    )
     result["splice_eval"] = splice_eval(device, timer, n_layers)
-    print(f"splice eval: full report {result['splice_eval']['full_report']['units']:.1f} clean-forward units, "
-          f"{result['splice_eval']['full_report']['ratio_to_floor']:.3f} of its floor", flush=True)
+    print(
+        f"splice eval: full report {result['splice_eval']['full_report']['units']:.1f} clean-forward units, "
+        f"{result['splice_eval']['full_report']['ratio_to_floor']:.3f} of its floor",
+        flush=True,
+    )
     result["wall_seconds"] = time.perf_counter() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -56,8 +56,16 @@ def build_transcoders(model, d_latent: int = D_LATENT, k: int = K) -> list[Trans
     device = next(model.parameters()).device
     transcoders = []
     for layer in range(model.cfg.n_layers):
-        cfg = TranscoderConfig(d_in=model.cfg.d_model, d_out=model.cfg.d_model, d_latent=d_latent, layer=layer,
-                               activation="topk", k=k, skip=True, input_space="unfolded_ln")
+        cfg = TranscoderConfig(
+            d_in=model.cfg.d_model,
+            d_out=model.cfg.d_model,
+            d_latent=d_latent,
+            layer=layer,
+            activation="topk",
+            k=k,
+            skip=True,
+            input_space="unfolded_ln",
+        )
         transcoder = Transcoder(cfg, device=device)
         with torch.no_grad():
             transcoder.W_skip.normal_().mul_(0.01)
@@ -121,13 +129,26 @@ def report_cost(model, transcoders, tokens, timer: Callable, repeats: int = 3) -
     assert ce_diff < 1e-3, f"report ce_clean differs from the model's loss by {ce_diff}"
     sum_t = sum(t_layer) / unit
     cases = {}
-    for name, seconds, floor in (("full_report", full_s, 2 + 3 * sum_t), ("reused_baselines", reused_s, 2 + sum_t),
-                                 ("baselines", base_s, 1 + 2 * sum_t)):
-        cases[name] = {"seconds": seconds, "units": seconds / unit, "floor_units": floor,
-                       "ratio_to_floor": seconds / unit / floor}
-    return {"unit_seconds": unit, "unit_seconds_before_after": [unit_before, unit_after], "naive_units": 2 + 3 * n,
-            "floor_t_layer_seconds": t_layer, "floor_sum_t_units": sum_t, **cases,
-            "check": {"ce_clean_report": float(report.ce_clean), "ce_model_loss": ce_model, "abs_diff": ce_diff}}
+    for name, seconds, floor in (
+        ("full_report", full_s, 2 + 3 * sum_t),
+        ("reused_baselines", reused_s, 2 + sum_t),
+        ("baselines", base_s, 1 + 2 * sum_t),
+    ):
+        cases[name] = {
+            "seconds": seconds,
+            "units": seconds / unit,
+            "floor_units": floor,
+            "ratio_to_floor": seconds / unit / floor,
+        }
+    return {
+        "unit_seconds": unit,
+        "unit_seconds_before_after": [unit_before, unit_after],
+        "naive_units": 2 + 3 * n,
+        "floor_t_layer_seconds": t_layer,
+        "floor_sum_t_units": sum_t,
+        **cases,
+        "check": {"ce_clean_report": float(report.ce_clean), "ce_model_loss": ce_model, "abs_diff": ce_diff},
+    }
 
 
 def _keep(store: dict, layer: int):
@@ -139,15 +160,22 @@ def _keep(store: dict, layer: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", choices=list(TARGETS), default=None,
-                        help="ht (HookedTransformer, TL 3.x) or bridge (default: ht where TransformerLens has it)")
+    parser.add_argument(
+        "--backend",
+        choices=list(TARGETS),
+        default=None,
+        help="ht (HookedTransformer, TL 3.x) or bridge (default: ht where TransformerLens has it)",
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--pos", type=int, default=128)
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3, help="for the unit and each t_L")
-    parser.add_argument("--under-load", action="store_true",
-                        help="measure even while other processes load the machine (no waiting or "
-                             "retries; their CPU share is recorded under timings_kept_despite_other_load)")
+    parser.add_argument(
+        "--under-load",
+        action="store_true",
+        help="measure even while other processes load the machine (no waiting or "
+        "retries; their CPU share is recorded under timings_kept_despite_other_load)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     shape = dict(SMOLLM2_SHAPE, n_layers=args.layers)
@@ -170,8 +198,16 @@ def main() -> None:
         "measured_under_load": args.under_load,
         "timings_retried_for_other_load": timer.retried,
         "timings_kept_despite_other_load": timer.noisy,
-        "config": {"model": "random SmolLM2-135M shape", **shape, "dtype": "float32", "batch": args.batch,
-                   "pos": args.pos, "d_latent": D_LATENT, "k": K, "repeats": args.repeats},
+        "config": {
+            "model": "random SmolLM2-135M shape",
+            **shape,
+            "dtype": "float32",
+            "batch": args.batch,
+            "pos": args.pos,
+            "d_latent": D_LATENT,
+            "k": K,
+            "repeats": args.repeats,
+        },
         **cost,
         "target_ratio": target,
     }
@@ -179,22 +215,30 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     m = result["machine"]
-    print(f"machine: {m['platform']} | {m['cpu']} | {m['cores']} cores, {m['torch_threads']} threads | torch "
-          f"{m['torch']} | transformer-lens {m['transformer_lens']} | {type(model).__name__} | commit "
-          f"{result['git']['commit'][:7]}{' (modified)' if result['git']['dirty_files'] else ''}")
+    print(
+        f"machine: {m['platform']} | {m['cpu']} | {m['cores']} cores, {m['torch_threads']} threads | torch "
+        f"{m['torch']} | transformer-lens {m['transformer_lens']} | {type(model).__name__} | commit "
+        f"{result['git']['commit'][:7]}{' (modified)' if result['git']['dirty_files'] else ''}"
+    )
     print(f"timings retried because other processes were busy: {len(timer.retried)}")
     if timer.noisy:
-        print(f"WARNING: {len(timer.noisy)} timing(s) kept although other processes used up to "
-              f"{max(timer.noisy):.0%} of the CPU; the numbers are unreliable")
+        print(
+            f"WARNING: {len(timer.noisy)} timing(s) kept although other processes used up to "
+            f"{max(timer.noisy):.0%} of the CPU; the numbers are unreliable"
+        )
     print(f"shape: {args.layers} layers, batch {args.batch} x {args.pos} pos, d_latent {D_LATENT}, k {K}")
-    print(f"unit (clean forward pass): {cost['unit_seconds']:.3f} s; floor: sum_L t_L = "
-          f"{cost['floor_sum_t_units']:.2f} units; naive separate passes = {cost['naive_units']} units")
+    print(
+        f"unit (clean forward pass): {cost['unit_seconds']:.3f} s; floor: sum_L t_L = "
+        f"{cost['floor_sum_t_units']:.2f} units; naive separate passes = {cost['naive_units']} units"
+    )
     print(f"{'case':<22}{'seconds':>10}{'units':>10}{'floor':>10}{'ratio':>9}  target <= {target}")
     for name in ("full_report", "reused_baselines", "baselines"):
         c = cost[name]
         verdict = ("ok" if c["ratio_to_floor"] <= target else "OVER") if "meets_target" in c else ""
-        print(f"{name:<22}{c['seconds']:>10.2f}{c['units']:>10.2f}{c['floor_units']:>10.2f}"
-              f"{c['ratio_to_floor']:>9.3f}  {verdict}")
+        print(
+            f"{name:<22}{c['seconds']:>10.2f}{c['units']:>10.2f}{c['floor_units']:>10.2f}"
+            f"{c['ratio_to_floor']:>9.3f}  {verdict}"
+        )
     print(f"wrote {out}")
 
 

@@ -119,5 +119,7 @@ everything = range(model.cfg.n_layers)  # frozen attention + constrained layers:
 outcome = intervene(model, transcoders, tokens, [zero(layer, position, latent)], constrained_layers=everything)
 change = outcome.change[-1] - outcome.change[-1].mean()  # the logit targets are demeaned
 token = int(graph.logit_tokens[0])
-print(f"L{layer}#{latent}@{position}: edge {float(edges[node]):+.5f}, "
-      f"demeaned logit change when zeroed {float(change[token]):+.5f} (expected -edge)")
+print(
+    f"L{layer}#{latent}@{position}: edge {float(edges[node]):+.5f}, "
+    f"demeaned logit change when zeroed {float(change[token]):+.5f} (expected -edge)"
+)

@@ -16,7 +16,7 @@ lines=("3.9.0" "4.3.0" "2.16.0")
 declare -A extra=(
   ["3.9.0"]="$torch_spec transformer-lens==3.9.0"
   ["4.3.0"]="$torch_spec transformer-lens==4.3.0"
-  ["2.16.0"]="torch==2.6.0 transformer-lens==2.16.0 datasets==2.19.0 transformers<5 numpy<2 beartype==0.14.1"
+  ["2.16.0"]="torch==2.6.0 transformer-lens==2.16.0 datasets==2.19.0 transformers<5 numpy<2 pyarrow<20 beartype==0.14.1"
 )
 check="import tl_transcoders, pytest, xdist, nbclient, ipykernel, gguf, plotly"
 

@@ -29,6 +29,10 @@ try:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 except ImportError:  # TransformerLens 4 removed HookedTransformer
     HookedTransformer = None
+try:
+    from transformer_lens.model_bridge import TransformerBridge
+except ImportError:  # TransformerLens 2.x has no TransformerBridge
+    TransformerBridge = None
 
 ARCHS = {
     "gpt2": dict(act_fn="gelu"),
@@ -45,7 +49,9 @@ ARCHS = {
 ARCHS["sandwich"] = dict(ARCHS["llama"], use_normalization_before_and_after=True)
 SHAPE = dict(n_layers=3, d_model=16, d_head=4, n_heads=4, d_mlp=32, n_ctx=32, d_vocab=50, seed=0)
 
-BACKENDS = (["ht", "ht_folded"] if HookedTransformer is not None else []) + ["bridge", "bridge_compat"]
+BACKENDS = (["ht", "ht_folded"] if HookedTransformer is not None else []) + (
+    ["bridge", "bridge_compat"] if TransformerBridge is not None else []
+)
 MODEL_PARAMS = [f"{backend}-{arch}" for backend in BACKENDS for arch in ARCHS]
 
 _tmp_dirs: list[tempfile.TemporaryDirectory] = []
@@ -74,25 +80,46 @@ def _bridge(arch: str):
         from transformer_lens.config import TransformerBridgeConfig
     except ImportError:
         from transformer_lens.model_bridge import TransformerBridgeConfig
-    return TransformerBridge.boot_native(TransformerBridgeConfig(**SHAPE, **ARCHS["llama" if arch == "llama" else "gpt2"]))
+    return TransformerBridge.boot_native(
+        TransformerBridgeConfig(**SHAPE, **ARCHS["llama" if arch == "llama" else "gpt2"])
+    )
+
+
+def word_tokenizer():
+    """A word-level tokenizer of the test vocabulary: "<pad>", "<eos>", "<bos>", "<unk>",
+    then the words w0 .. w45."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<eos>", "<bos>", "<unk>"] + [f"w{i}" for i in range(46)])}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def _saved_word_tokenizer():
+    """`word_tokenizer` read back from a directory (TransformerLens 2.x reloads a
+    tokenizer by the path it was loaded from)."""
+    from transformers import PreTrainedTokenizerFast
+
+    tmp = tempfile.TemporaryDirectory()
+    _tmp_dirs.append(tmp)
+    word_tokenizer().save_pretrained(tmp.name)
+    return PreTrainedTokenizerFast.from_pretrained(tmp.name)
 
 
 def _gemma2_bridge():
     """A Gemma-2 Bridge from a local directory (the native Bridge has no sandwich norms)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformer_lens.model_bridge import TransformerBridge
-    from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast
+    from transformers import Gemma2Config, Gemma2ForCausalLM
 
     tmp = tempfile.TemporaryDirectory()
     _tmp_dirs.append(tmp)
-    vocab = {tok: i for i, tok in enumerate(["<pad>", "<eos>", "<bos>", "<unk>"] + [f"w{i}" for i in range(46)])}
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-    ).save_pretrained(tmp.name)
+    word_tokenizer().save_pretrained(tmp.name)
     cfg = Gemma2Config(
-        vocab_size=len(vocab),
+        vocab_size=SHAPE["d_vocab"],
         hidden_size=SHAPE["d_model"],
         intermediate_size=SHAPE["d_mlp"],
         num_hidden_layers=SHAPE["n_layers"],
@@ -113,17 +140,36 @@ def _gemma2_bridge():
     return TransformerBridge.boot_transformers(tmp.name, device="cpu", dtype=torch.float32)
 
 
-@functools.cache
+def available(name: str) -> str:
+    """`name` (`{backend}-{arch}`), or where this TransformerLens has no TransformerBridge
+    (2.x) the HookedTransformer standing in for it: `ht` for `bridge`, `ht_folded` for
+    `bridge_compat`, and for the Gemma-2 Bridge, which tests use for its tokenizer, a
+    HookedTransformer of the same architecture with that tokenizer (`ht_words`)."""
+    backend, arch = name.split("-")
+    if TransformerBridge is not None or not backend.startswith("bridge"):
+        return name
+    if name == "bridge-sandwich":
+        return "ht_words-sandwich"
+    return {"bridge": "ht", "bridge_compat": "ht_folded"}[backend] + "-" + arch
+
+
 def build_model(name: str) -> torch.nn.Module:
-    """Build (once per session) the model named `{backend}-{arch}`."""
+    """The model named `{backend}-{arch}` (built once per session; see `available`)."""
+    return _build_model(available(name))
+
+
+@functools.cache
+def _build_model(name: str) -> torch.nn.Module:
     backend, arch = name.split("-")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if backend.startswith("ht"):
-            model = HookedTransformer(HookedTransformerConfig(**SHAPE, **ARCHS[arch]))
+            tokenizer = _saved_word_tokenizer() if backend == "ht_words" else None
+            model = HookedTransformer(HookedTransformerConfig(**SHAPE, **ARCHS[arch]), tokenizer=tokenizer)
             _randomise_norms(model)
             if backend == "ht_folded":
                 model.process_weights_()
+                model.setup()  # TransformerLens 2.x does not register the new norms' hook points itself
         else:
             model = _bridge(arch)
             _randomise_norms(model)

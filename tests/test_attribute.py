@@ -149,7 +149,7 @@ def reference(
     sites = {site for site, _, _ in sources}
     embed = record["hook_embed"]
     removals = {site: embed.new_zeros(2 + len(checked), n_pos, embed.shape[-1]) for site in sites}
-    for node, (site, position, vector) in enumerate(sources):
+    for site, position, vector in sources:
         removals[site][1, position] += vector.to(embed.dtype)
     for row, node in enumerate(checked, start=2):
         site, position, vector = sources[node]
@@ -292,5 +292,12 @@ def test_bad_input_is_refused_with_a_clear_error():
 def test_graph_tensors_carry_no_autograd_history():
     model = build_model(MODEL_PARAMS[0])
     graph = attribute(model, [make_transcoder(model, 1)], torch.tensor([1, 2, 3, 4]))
-    tensors = [graph.tokens, graph.features, graph.activations, graph.logit_tokens, graph.logit_probabilities, graph.adjacency]
+    tensors = [
+        graph.tokens,
+        graph.features,
+        graph.activations,
+        graph.logit_tokens,
+        graph.logit_probabilities,
+        graph.adjacency,
+    ]
     assert not any(t.requires_grad for t in tensors)

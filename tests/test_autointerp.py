@@ -167,7 +167,7 @@ def test_parse_labels_and_explanations():
     for bad in ("[1, 0]", "[2, 0, 1]", "[1, 0, 1.0]", "no list here", '["1", "0", "1"]', "[1, 0, 1"):
         assert parse_labels(bad, 3) is None, bad
     assert parse_explanation("Let me think.\nExplanation: the word w7.") == "the word w7."
-    assert parse_explanation("**Explanation:** \"w7 tokens\"\n") == "w7 tokens"
+    assert parse_explanation('**Explanation:** "w7 tokens"\n') == "w7 tokens"
     assert parse_explanation("just a line\nthe last line") == "the last line"
     assert parse_explanation("  \n") is None
 
@@ -266,8 +266,9 @@ def test_score_latents_and_aggregate():
                 raise LLMError("HTTP 503")
             return super().complete(messages, **kw)
 
-    scores = score_latents(FailsOnce("w7", perfect_judge), decode, tokens, stack, latents=[10, 11, 12],
-                           n_train=10, n_test_per_quantile=2)
+    scores = score_latents(
+        FailsOnce("w7", perfect_judge), decode, tokens, stack, latents=[10, 11, 12], n_train=10, n_test_per_quantile=2
+    )
     assert [s.latent for s in scores] == [10, 11, 12]
     assert scores[0].error == "HTTP 503" and scores[1].explanation is None and scores[2].explanation == "w7"
     summary = aggregate_scores(scores)
@@ -278,8 +279,10 @@ def test_score_latents_and_aggregate():
     with pytest.raises(LLMError):
         score_latents(FailsOnce("w7", perfect_judge), decode, tokens, stack, raise_errors=True)
 
-    halves = [explain_and_score(FakeClient("w7", j), decode, sample_contexts(tokens, acts))
-              for j in (perfect_judge, lambda kind, text: True)]
+    halves = [
+        explain_and_score(FakeClient("w7", j), decode, sample_contexts(tokens, acts))
+        for j in (perfect_judge, lambda kind, text: True)
+    ]
     summary = aggregate_scores(halves)
     assert summary["fuzzing"]["mean"] == pytest.approx(0.75)
     assert summary["fuzzing"]["sem"] == pytest.approx(0.25)  # std of (1, 0.5) = 0.3536, / sqrt(2)
@@ -425,8 +428,10 @@ def test_http_client_reply_shapes_and_failure_kinds(endpoint):
 
     failure, message = kind((200, '{"error": {"message": "model overloaded"}}', 0))
     assert failure == "malformed"
-    assert message.endswith('/v1/chat/completions answered an error with HTTP 200, not a chat completion: '
-                            '{"error": {"message": "model overloaded"}}')
+    assert message.endswith(
+        "/v1/chat/completions answered an error with HTTP 200, not a chat completion: "
+        '{"error": {"message": "model overloaded"}}'
+    )
     assert kind((200, '{"detail": "pinned model"}', 0))[0] == "malformed"
     assert kind((200, "<html>busy</html>", 0))[0] == "malformed"
     assert kind((200, '{"choices": []}', 0))[0] == "malformed"
@@ -515,8 +520,18 @@ def test_the_run_goes_on_past_failing_latents(endpoint):
     server, url = endpoint(slow, EXPLAINED, ALL_YES, ALL_YES, (500, "down", 0))
     client = OpenAICompatibleClient(url, "m", timeout=0.2, retries=0)
     start = time.monotonic()
-    scores = score_latents(client, decode, tokens, torch.stack([acts] * 3), latents=[5, 6, 7], n_train=4,
-                           n_test_per_quantile=1, n_quantiles=2, n_random=2, batch_size=4)
+    scores = score_latents(
+        client,
+        decode,
+        tokens,
+        torch.stack([acts] * 3),
+        latents=[5, 6, 7],
+        n_train=4,
+        n_test_per_quantile=1,
+        n_quantiles=2,
+        n_random=2,
+        batch_size=4,
+    )
     assert time.monotonic() - start < 5
     assert [s.failure for s in scores] == ["timeout", None, "http"]
     assert "timed out" in scores[0].error and "HTTP 500" in scores[2].error

@@ -20,10 +20,20 @@ def test_eval_prints_the_report(monkeypatch, tmp_path, capsys):
         t.save(tmp_path / f"layer_{t.cfg.layer}")
     tokens = torch.randint(0, model.cfg.d_vocab, (4, 10), generator=torch.Generator().manual_seed(0))
     torch.save(tokens, tmp_path / "tokens.pt")
-    cli.main([
-        "eval", "--model", "tiny", "--transcoders", str(tmp_path / "layer_0"), str(tmp_path / "layer_1"),
-        "--tokens", str(tmp_path / "tokens.pt"), "--batch-size", "2",
-    ])
+    cli.main(
+        [
+            "eval",
+            "--model",
+            "tiny",
+            "--transcoders",
+            str(tmp_path / "layer_0"),
+            str(tmp_path / "layer_1"),
+            "--tokens",
+            str(tmp_path / "tokens.pt"),
+            "--batch-size",
+            "2",
+        ]
+    )
     printed = json.loads(capsys.readouterr().out)
     expected = evaluate_splice(model, transcoders, list(tokens.split(2))).to_dict()
     assert printed.keys() == expected.keys() and printed["layers"].keys() == {"0", "1"}
@@ -50,10 +60,21 @@ def test_eval_reads_and_packs_text(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(cli, "load_model", lambda name, device=None: model)
     make_transcoder(model, 1).save(tmp_path / "layer_1")
     (tmp_path / "text.txt").write_text(" ".join(f"w{i % 40}" for i in range(50)))
-    cli.main([
-        "eval", "--model", "tiny", "--transcoders", str(tmp_path / "layer_1"),
-        "--text", str(tmp_path / "text.txt"), "--seq-len", "8", "--batch-size", "4",
-    ])
+    cli.main(
+        [
+            "eval",
+            "--model",
+            "tiny",
+            "--transcoders",
+            str(tmp_path / "layer_1"),
+            "--text",
+            str(tmp_path / "text.txt"),
+            "--seq-len",
+            "8",
+            "--batch-size",
+            "4",
+        ]
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed["n_tokens"] == 7 * 7  # 50 words -> 7 rows of BOS + 7 words, 7 predictions each
 
@@ -63,11 +84,30 @@ def test_train_saves_one_directory_per_layer(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(cli, "load_model", lambda name, device=None: model)
     lines = [json.dumps({"text": " ".join(f"w{(i * 7 + j) % 40}" for j in range(30))}) for i in range(40)]
     (tmp_path / "corpus.jsonl").write_text("\n".join(lines))
-    cli.main([
-        "train", "--model", "tiny", "--dataset", str(tmp_path / "corpus.jsonl"), "--layers", "0-1",
-        "--k", "4", "--expansion", "2", "--batch-size", "4", "--context-size", "16",
-        "--max-tokens", str(4 * 16 * 5), "--no-skip", "--output-dir", str(tmp_path / "out"),
-    ])
+    cli.main(
+        [
+            "train",
+            "--model",
+            "tiny",
+            "--dataset",
+            str(tmp_path / "corpus.jsonl"),
+            "--layers",
+            "0-1",
+            "--k",
+            "4",
+            "--expansion",
+            "2",
+            "--batch-size",
+            "4",
+            "--context-size",
+            "16",
+            "--max-tokens",
+            str(4 * 16 * 5),
+            "--no-skip",
+            "--output-dir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert "saved" in capsys.readouterr().out
     for layer in (0, 1):
         transcoder = Transcoder.load(tmp_path / "out" / f"layer_{layer}")
@@ -95,8 +135,18 @@ def test_library_errors_are_one_line_with_status_2(monkeypatch, tmp_path, capsys
     monkeypatch.setattr(cli, "load_model", lambda name, device=None: model)
     make_transcoder(model, 1).save(tmp_path / "layer_1")
     (tmp_path / "garbage.pt").write_bytes(b"not a tensor file")
-    status, out, err = run_cli(["eval", "--model", "tiny", "--transcoders", str(tmp_path / "layer_1"),
-                                "--tokens", str(tmp_path / "garbage.pt")], capsys)
+    status, out, err = run_cli(
+        [
+            "eval",
+            "--model",
+            "tiny",
+            "--transcoders",
+            str(tmp_path / "layer_1"),
+            "--tokens",
+            str(tmp_path / "garbage.pt"),
+        ],
+        capsys,
+    )
     assert status == 2 and out == ""
     assert err.startswith("tl-transcoders: error: --tokens ") and "not a file written by torch.save" in err
     assert err.count("\n") == 1 and "Traceback" not in err
@@ -110,16 +160,28 @@ def test_debug_shows_the_traceback(monkeypatch, tmp_path):
     make_transcoder(model, 1).save(tmp_path / "layer_1")
     torch.save(torch.full((2, 8), 10_000), tmp_path / "tokens.pt")
     with pytest.raises(TokenError, match="must lie in"):
-        cli.main(["--debug", "eval", "--model", "tiny", "--transcoders", str(tmp_path / "layer_1"),
-                  "--tokens", str(tmp_path / "tokens.pt")])
+        cli.main(
+            [
+                "--debug",
+                "eval",
+                "--model",
+                "tiny",
+                "--transcoders",
+                str(tmp_path / "layer_1"),
+                "--tokens",
+                str(tmp_path / "tokens.pt"),
+            ]
+        )
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["eval", "--model", "./no/such/dir", "--transcoders", "x", "--tokens", "t.pt"], "does not exist"),
-        (["eval", "--model", "someone/not-a-model", "--transcoders", "x", "--tokens", "t.pt"],
-         "is neither a local path nor a model TransformerLens could load from the Hugging Face Hub"),
+        (
+            ["eval", "--model", "someone/not-a-model", "--transcoders", "x", "--tokens", "t.pt"],
+            "is neither a local path nor a model TransformerLens could load from the Hugging Face Hub",
+        ),
         (["train", "--model", "tiny", "--dataset", "d", "--layers", "0", "--lr", "-1"], "lr must be a positive"),
     ],
 )
@@ -134,8 +196,10 @@ def test_transcoders_for_eval_may_be_a_directory_of_layers(monkeypatch, tmp_path
     for layer in (0, 1):
         make_transcoder(model, layer, seed=layer).save(tmp_path / "run" / f"layer_{layer}")
     torch.save(torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0)), tmp_path / "tokens.pt")
-    status, out, _ = run_cli(["eval", "--model", "tiny", "--transcoders", str(tmp_path / "run"),
-                              "--tokens", str(tmp_path / "tokens.pt")], capsys)
+    status, out, _ = run_cli(
+        ["eval", "--model", "tiny", "--transcoders", str(tmp_path / "run"), "--tokens", str(tmp_path / "tokens.pt")],
+        capsys,
+    )
     assert status == 0 and set(json.loads(out)["layers"]) == {"0", "1"}
 
 

@@ -7,8 +7,14 @@ import torch
 
 from tl_transcoders import evaluate_splice
 from tl_transcoders.analysis.comparison import (
-    VARIANTS, compare_variants, density_histogram, density_table,
-    latent_frequencies, markdown_table, plot_comparison, train_variants,
+    VARIANTS,
+    compare_variants,
+    density_histogram,
+    density_table,
+    latent_frequencies,
+    markdown_table,
+    plot_comparison,
+    train_variants,
 )
 from tl_transcoders.hooks.models import tiny_random_model
 from tl_transcoders.hooks.sites import capture
@@ -24,13 +30,14 @@ def trained(model, tmp_path_factory):
     generator = torch.Generator().manual_seed(0)
     batches = (torch.randint(0, model.cfg.d_vocab, (8, 32), generator=generator) for _ in range(100))
     out = tmp_path_factory.mktemp("comparison")
-    return train_variants(model, [1, 2], batches, out, k=8, expansion=4, batch_size=8, context_size=32,
-                          max_tokens=8 * 32 * 20)
+    return train_variants(
+        model, [1, 2], batches, out, k=8, expansion=4, batch_size=8, context_size=32, max_tokens=8 * 32 * 20
+    )
 
 
 def test_three_variants_share_the_output_site(trained):
     assert list(trained) == list(VARIANTS)
-    for layer_index, layer in enumerate((1, 2)):
+    for layer_index in range(2):
         sae, transcoder, skip = (trained[v][layer_index] for v in VARIANTS)
         assert sae.cfg.input_site == sae.cfg.output_site == transcoder.cfg.output_site == skip.cfg.output_site
         assert transcoder.cfg.input_site == skip.cfg.input_site != sae.cfg.input_site
@@ -95,8 +102,29 @@ def test_example_script_on_the_tiny_model(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("seed_comparison", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    options = ["--checkpoint-every", "2", "--model", "tiny", "--layers", "1", "2", "--tokens", str(8 * 32 * 6), "--batch-size", "8",
-               "--context", "32", "--heldout-rows", "6", "--k", "4", "--expansion", "2", "--output", str(tmp_path / "run")]
+    options = [
+        "--checkpoint-every",
+        "2",
+        "--model",
+        "tiny",
+        "--layers",
+        "1",
+        "2",
+        "--tokens",
+        str(8 * 32 * 6),
+        "--batch-size",
+        "8",
+        "--context",
+        "32",
+        "--heldout-rows",
+        "6",
+        "--k",
+        "4",
+        "--expansion",
+        "2",
+        "--output",
+        str(tmp_path / "run"),
+    ]
     out = script.main(options)
     import json
 

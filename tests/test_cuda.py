@@ -50,9 +50,20 @@ def batches(model, n: int = 6):
 def train(device: str, activation: str, output_dir, resume: bool = False, n_batches: int = 6):
     torch.manual_seed(0)
     model = tiny_random_model().to(device)
-    cfg = TrainConfig(layers=[1, 2], activation=activation, k=4, expansion=2, batch_size=4, context_size=8,
-                      max_tokens=4 * 8 * 6, output_dir=str(output_dir), checkpoint_every=2, dead_tokens=8,
-                      resume=resume, l1_coefficient=1e-2)
+    cfg = TrainConfig(
+        layers=[1, 2],
+        activation=activation,
+        k=4,
+        expansion=2,
+        batch_size=4,
+        context_size=8,
+        max_tokens=4 * 8 * 6,
+        output_dir=str(output_dir),
+        checkpoint_every=2,
+        dead_tokens=8,
+        resume=resume,
+        l1_coefficient=1e-2,
+    )
     trainer = Trainer(model, cfg)
     transcoders = trainer.fit(batches(model, n_batches))
     return trainer, transcoders

@@ -11,7 +11,6 @@ import torch
 from conftest import MODEL_PARAMS, build_model, make_transcoder
 
 from tl_transcoders import Transcoder
-from tl_transcoders.attribution.virtual_weights import embedding_weights, logit_weights
 from tl_transcoders.analysis.dashboards import (
     collect_activations,
     dashboard_page,
@@ -20,6 +19,7 @@ from tl_transcoders.analysis.dashboards import (
     save_dashboards,
     top_latents,
 )
+from tl_transcoders.attribution.virtual_weights import embedding_weights, logit_weights
 from tl_transcoders.hooks.sites import capture, is_bridge
 
 # one HookedTransformer (where TransformerLens has it) and one Bridge
@@ -72,8 +72,9 @@ def test_records_match_brute_force(model, activation):
     transcoder = make_transcoder(model, LAYER, activation, d_latent=24, k=4)
     tokens = token_rows(model)
     n_top = 5
-    records = collect_activations(model, transcoder, tokens, n_top=n_top, n_bins=16,
-                                  window_before=BEFORE, window_after=AFTER)
+    records = collect_activations(
+        model, transcoder, tokens, n_top=n_top, n_bins=16, window_before=BEFORE, window_after=AFTER
+    )
     acts = dense_activations(model, transcoder, tokens)
     fired = acts[:, 1:] > 0
     assert records.n_tokens == tokens.shape[0] * (tokens.shape[1] - 1)
@@ -115,8 +116,16 @@ def test_subset_and_bos(model):
     assert full.n_tokens == tokens.numel()
     assert torch.equal(full.fire_counts, (acts > 0).sum((0, 1)))
     assert subset.latents.tolist() == chosen
-    for name in ("top_values", "top_rows", "top_positions", "window_tokens", "window_activations",
-                 "fire_counts", "hist_counts", "hist_exponents"):
+    for name in (
+        "top_values",
+        "top_rows",
+        "top_positions",
+        "window_tokens",
+        "window_activations",
+        "fire_counts",
+        "hist_counts",
+        "hist_exponents",
+    ):
         assert torch.equal(getattr(subset, name), getattr(full, name)[chosen]), name
 
 
@@ -124,8 +133,7 @@ def test_streaming_equals_one_batch(model):
     transcoder = make_transcoder(model, LAYER, "topk", d_latent=24, k=4)
     tokens = token_rows(model, n_rows=5)
     whole = collect_activations(model, transcoder, tokens, n_top=6, n_bins=8)
-    streamed = collect_activations(model, transcoder, iter([tokens[:1], tokens[1:3], tokens[3:]]),
-                                   n_top=6, n_bins=8)
+    streamed = collect_activations(model, transcoder, iter([tokens[:1], tokens[1:3], tokens[3:]]), n_top=6, n_bins=8)
     for field in dataclasses.fields(whole):
         a, b = getattr(whole, field.name), getattr(streamed, field.name)
         if isinstance(a, torch.Tensor) and a.is_floating_point():

@@ -113,14 +113,17 @@ def test_text_is_tokenized_without_the_tokenizers_special_tokens():
 
 
 @pytest.mark.parametrize(
-    "context_size, batch_size, bos, separator", [(8, 3, BOS, EOS), (5, 7, None, EOS), (2, 1, BOS, None), (16, 2, None, None)]
+    "context_size, batch_size, bos, separator",
+    [(8, 3, BOS, EOS), (5, 7, None, EOS), (2, 1, BOS, None), (16, 2, None, None)],
 )
 def test_matches_reference_packing_across_tokenizer_calls(tokenizer, context_size, batch_size, bos, separator):
     documents = random_documents(3 * data.TOKENIZE_BATCH + 17)
     dataset = Dataset.from_dict({"text": [text(d) for d in documents]})
     rows = reference_rows(documents, context_size, bos, separator)
     expected = [rows[i : i + batch_size] for i in range(0, len(rows) - batch_size + 1, batch_size)]
-    batches = token_batches(dataset, tokenizer, context_size, batch_size, bos_token_id=bos, separator_token_id=separator)
+    batches = token_batches(
+        dataset, tokenizer, context_size, batch_size, bos_token_id=bos, separator_token_id=separator
+    )
     assert as_lists(batches) == expected
 
 
@@ -144,7 +147,9 @@ def test_streaming_equals_map_style(tokenizer, tmp_path):
     map_style = as_lists(token_batches(load(path, tmp_path), tokenizer, 16, 4))
     streamed = as_lists(token_batches(load(path, tmp_path, streaming=True), tokenizer, 16, 4))
     assert len(map_style) > 10 and streamed == map_style
-    unknown_columns = Dataset.from_dict({"text": [text(d) for d in documents]}).to_iterable_dataset().map(lambda row: row)
+    unknown_columns = (
+        Dataset.from_dict({"text": [text(d) for d in documents]}).to_iterable_dataset().map(lambda row: row)
+    )
     assert unknown_columns.column_names is None
     assert as_lists(token_batches(unknown_columns, tokenizer, 16, 4)) == map_style
 

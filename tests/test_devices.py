@@ -36,10 +36,22 @@ def operations(model, tmp_path):
     prompt = tokens[0]
 
     def train(activation):
-        cfg = TrainConfig(layers=[0, 2], activation=activation, k=4, expansion=2, batch_size=4, context_size=8,
-                          max_tokens=4 * 8 * 3, output_dir=str(tmp_path / activation), checkpoint_every=2,
-                          dead_tokens=8, shuffle_buffer=1)
-        batches = (torch.randint(0, model.cfg.d_vocab, (4, 8), generator=torch.Generator().manual_seed(i)) for i in range(9))
+        cfg = TrainConfig(
+            layers=[0, 2],
+            activation=activation,
+            k=4,
+            expansion=2,
+            batch_size=4,
+            context_size=8,
+            max_tokens=4 * 8 * 3,
+            output_dir=str(tmp_path / activation),
+            checkpoint_every=2,
+            dead_tokens=8,
+            shuffle_buffer=1,
+        )
+        batches = (
+            torch.randint(0, model.cfg.d_vocab, (4, 8), generator=torch.Generator().manual_seed(i)) for i in range(9)
+        )
         Trainer(model, cfg).fit(batches, eval_tokens=tokens)
 
     return {
@@ -51,9 +63,12 @@ def operations(model, tmp_path):
         "compute_ablation_baselines": lambda: compute_ablation_baselines(model, tokens, [0, 2]),
         "splice": lambda: _spliced_forward(model, transcoders, tokens),
         "attribute": lambda: attribute(model, transcoders, prompt, max_feature_nodes=5, batch_size=4),
-        "intervene": lambda: intervene(model, transcoders, prompt, [FeatureEdit(0, 3, 0, value=1.0)],
-                                       constrained_layers=[0, 1, 2]),
-        "run_prompt and find_paths": lambda: find_paths(run_prompt(model, transcoders, prompt), Node("logit", 11, index=5)),
+        "intervene": lambda: intervene(
+            model, transcoders, prompt, [FeatureEdit(0, 3, 0, value=1.0)], constrained_layers=[0, 1, 2]
+        ),
+        "run_prompt and find_paths": lambda: find_paths(
+            run_prompt(model, transcoders, prompt), Node("logit", 11, index=5)
+        ),
         "collect_activations": lambda: collect_activations(model, transcoders[0], tokens, n_top=3),
         "latent_activations": lambda: latent_activations(model, transcoders[0], tokens, [0, 1]),
         "collect_features": lambda: collect_features(model, tokens, {"tc": transcoders[0]}),

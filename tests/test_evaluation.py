@@ -152,7 +152,14 @@ def test_bad_tokens(model, bad, message):
 def test_one_transcoder_per_layer(model, batches):
     site = "blocks.1.ln2.hook_normalized"
     with pytest.raises(ValueError, match="at most one transcoder per layer"):
-        evaluate_splice(model, [make_transcoder(model, 1), make_transcoder(model, 1, output_site=site, input_site="blocks.1.hook_resid_mid", skip=False)], batches)
+        evaluate_splice(
+            model,
+            [
+                make_transcoder(model, 1),
+                make_transcoder(model, 1, output_site=site, input_site="blocks.1.hook_resid_mid", skip=False),
+            ],
+            batches,
+        )
 
 
 def test_variants_do_not_rerun_the_early_blocks(model, batches):
@@ -167,7 +174,6 @@ def test_variants_do_not_rerun_the_early_blocks(model, batches):
         handle.remove()
     # check pass + one clean pass per batch + the re-run of batch 0 for mean ablation
     assert len(calls) == 1 + len(batches) + (len(batches) - 1)
-
 
 
 def test_full_passes_when_resuming_does_not_reproduce(model, batches, monkeypatch):
@@ -212,7 +218,11 @@ def test_kl_shortcut_is_kept_where_the_head_is_affine(model, batches):
         logits = clean.variant_logits(transcoder.cfg.output_site, out)
     with torch.no_grad():
         _, kl = clean.ce_and_kl_of(logits, head["x"])
-    direct = torch.linalg.vecdot(clean.probs, clean.logits - logits.float()) + torch.logsumexp(logits.float(), -1) - clean.lse
+    direct = (
+        torch.linalg.vecdot(clean.probs, clean.logits - logits.float())
+        + torch.logsumexp(logits.float(), -1)
+        - clean.lse
+    )
     assert torch.allclose(kl, direct.clamp_min(0), atol=1e-5)
     softcapped = (getattr(model.cfg, "output_logits_soft_cap", 0) or 0) > 0
     assert (clean.kl_direction is None) == softcapped

@@ -58,7 +58,9 @@ def test_an_interrupt_after_both_files_are_written_also_keeps_the_old_one(tmp_pa
     target = tmp_path / "layer_1"
     old = transcoder(0)
     old.save(target)
-    monkeypatch.setattr("tl_transcoders.core.files._move_into_place", lambda new, path: os.kill(os.getpid(), signal.SIGINT))
+    monkeypatch.setattr(
+        "tl_transcoders.core.files._move_into_place", lambda new, path: os.kill(os.getpid(), signal.SIGINT)
+    )
     with pytest.raises(KeyboardInterrupt):
         transcoder(1).save(target)
     assert same_weights(Transcoder.load(target), old)

@@ -63,9 +63,9 @@ def random_graph(
     layer[tokens], pos[tokens] = -1, torch.arange(n_pos)
     allowed = torch.zeros(n, n, dtype=torch.bool)
     is_source = torch.arange(n) < graph.logit_node(0)
-    allowed[: graph.n_features] = (layer[None, :] < layer[: graph.n_features, None]) & (
-        pos[None, :] <= pos[: graph.n_features, None]
-    ) & is_source
+    allowed[: graph.n_features] = (
+        (layer[None, :] < layer[: graph.n_features, None]) & (pos[None, :] <= pos[: graph.n_features, None]) & is_source
+    )
     allowed[graph.logit_node(0) :] = is_source
     weights = torch.randn(n, n, generator=generator, dtype=dtype)
     weights *= torch.rand(n, n, generator=generator, dtype=dtype) < density
@@ -424,9 +424,11 @@ def test_plot_draws_every_kept_node_and_edge():
     signs = {trace.name: trace for trace in lines}
     assert set(signs) <= {"positive edges", "negative edges"}
     markers = {trace.name: trace for trace in figure.data if trace.mode == "markers"}
-    kept_errors = int(((graph.adjacency != 0).any(0) | (graph.adjacency != 0).any(1))[
-        graph.error_node(0, 0) : graph.token_node(0)
-    ].sum())
+    kept_errors = int(
+        ((graph.adjacency != 0).any(0) | (graph.adjacency != 0).any(1))[
+            graph.error_node(0, 0) : graph.token_node(0)
+        ].sum()
+    )
     assert len(markers["features"].x) == graph.n_features
     assert len(markers["errors"].x) == kept_errors
     assert len(markers["tokens"].x) == graph.n_pos and len(markers["logits"].x) == graph.n_logits

@@ -101,11 +101,22 @@ def test_unknown_hookpoint_needs_the_caller_to_place_it(tmp_path):
     shutil.copytree(SPARSIFY / "transcoder" / "layers.0.mlp", directory)
     with pytest.raises(TranscoderFileError, match="pass layer=N"):
         load_pretrained(directory)
-    t = load_pretrained(directory, layer=2, input_site="blocks.{layer}.hook_resid_mid",
-                        output_site="blocks.{layer}.hook_mlp_out", input_space="any", model_name="m")
+    t = load_pretrained(
+        directory,
+        layer=2,
+        input_site="blocks.{layer}.hook_resid_mid",
+        output_site="blocks.{layer}.hook_mlp_out",
+        input_space="any",
+        model_name="m",
+    )
     c = t.cfg
     assert (c.layer, c.input_site, c.output_site, c.input_space, c.model_name) == (
-        2, "blocks.2.hook_resid_mid", "blocks.2.hook_mlp_out", "any", "m")
+        2,
+        "blocks.2.hook_resid_mid",
+        "blocks.2.hook_mlp_out",
+        "any",
+        "m",
+    )
 
 
 # --------------------------------------------------------------------------- SAELens
@@ -193,7 +204,10 @@ def test_circuit_tracer_sets_match_the_library(name):
     for layer, t in enumerate(transcoders):
         c = t.cfg
         assert (c.input_site, c.output_site, c.input_space) == (
-            f"blocks.{layer}.mlp.hook_in", f"blocks.{layer}.mlp.hook_out", "unfolded_ln")
+            f"blocks.{layer}.mlp.hook_in",
+            f"blocks.{layer}.mlp.hook_out",
+            "unfolded_ln",
+        )
         assert (c.activation, c.skip) == (("jumprelu", True) if name == "jumprelu_skip" else ("relu", False))
         ref = expected(CIRCUIT_TRACER, f"{name}/layer_{layer}")
         with torch.no_grad():
@@ -247,13 +261,25 @@ def random_transcoders(activation: str, skip: bool, n_layers: int = 3) -> list[T
     generator = torch.Generator().manual_seed(0)
     transcoders = []
     for layer in range(n_layers):
-        cfg = TranscoderConfig(d_in=16, d_out=16, d_latent=32, layer=layer, activation=activation, k=4,
-                               skip=skip, input_space="unfolded_ln", model_name="tiny")
+        cfg = TranscoderConfig(
+            d_in=16,
+            d_out=16,
+            d_latent=32,
+            layer=layer,
+            activation=activation,
+            k=4,
+            skip=skip,
+            input_space="unfolded_ln",
+            model_name="tiny",
+        )
         t = Transcoder(cfg)
         with torch.no_grad():
             for name, p in t.named_parameters():
-                p.copy_(torch.randn(p.shape, generator=generator).abs() * 0.1 if name == "threshold"
-                        else torch.randn(p.shape, generator=generator))
+                p.copy_(
+                    torch.randn(p.shape, generator=generator).abs() * 0.1
+                    if name == "threshold"
+                    else torch.randn(p.shape, generator=generator)
+                )
         transcoders.append(t.eval())
     return transcoders
 
@@ -270,7 +296,12 @@ def test_export_circuit_tracer_round_trip(tmp_path, activation, skip):
     x = torch.randn(2, 5, 16)
     for a, b in zip(ours, loaded):
         assert (b.cfg.input_site, b.cfg.output_site, b.cfg.skip, b.cfg.model_name, b.cfg.input_space) == (
-            a.cfg.input_site, a.cfg.output_site, a.cfg.skip, "tiny", "unfolded_ln")
+            a.cfg.input_site,
+            a.cfg.output_site,
+            a.cfg.skip,
+            "tiny",
+            "unfolded_ln",
+        )
         with torch.no_grad():
             assert torch.equal(a(x), b(x))
 

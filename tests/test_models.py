@@ -16,8 +16,16 @@ transformers = pytest.importorskip("transformers")
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>"]
 MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("a", "n")]
-SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=10000.0)
+SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+)
 TEXT = "the cat and the hen ran at the end"
 
 
@@ -40,8 +48,13 @@ def tiny_llama(seed: int = 0):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1 + 0.3 * torch.randn_like(p))
-    tokenizer = GPT2Tokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=MERGES,
-                              bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tokenizer = GPT2Tokenizer(
+        vocab={t: i for i, t in enumerate(tokens)},
+        merges=MERGES,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
     return model, tokenizer
 
 
@@ -81,9 +94,15 @@ def write_gguf(path: Path, model, bos_id: int) -> None:
     def permute(w, n_head):
         return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
-    names = {"self_attn.o_proj": "attn_output", "self_attn.v_proj": "attn_v", "mlp.gate_proj": "ffn_gate",
-             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-             "post_attention_layernorm": "ffn_norm"}
+    names = {
+        "self_attn.o_proj": "attn_output",
+        "self_attn.v_proj": "attn_v",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+    }
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     writer.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     for i in range(c.num_hidden_layers):
@@ -160,7 +179,9 @@ def test_gguf_matches_hugging_face_and_picks_the_document_separator(tmp_path):
     assert ids[0, 0] == 0  # <|endoftext|>, the document separator
     # The GGUF holds the same weights as the HF model (q/k permuted and back).
     assert (log_probs(model, ids) - hf_log_probs(hf_model, ids)).abs().max() < 1e-3
-    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf_path.name, dtype=torch.float32)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file=gguf_path.name, dtype=torch.float32
+    )
     assert (log_probs(model, ids) - hf_log_probs(reference, ids)).abs().max() < 1e-3
     assert model.cfg.model_name == "Tiny-Chat.F32"
     # Cached: a second load converts nothing and gives the same model.

@@ -18,7 +18,6 @@ from tl_transcoders.attribution.virtual_weights import (
 )
 from tl_transcoders.hooks.sites import capture
 
-
 ACTIVATIONS = ("topk", "relu", "jumprelu")
 
 
@@ -47,8 +46,13 @@ def test_path_contributions_equal_autograd(model, request):
     direct, _ = frozen_derivative(model, transcoders, TOKENS, inject_i, feature_target)
     with_skip, _ = frozen_derivative(model, transcoders, TOKENS, inject_i, feature_target, skip_layers=(1,))
     via_head, _ = frozen_derivative(
-        model, transcoders, TOKENS, (t0.cfg.output_site, src, t0.W_dec[[i_src]].detach()), feature_target,
-        attention=(1,), head=(1, head, dest),
+        model,
+        transcoders,
+        TOKENS,
+        (t0.cfg.output_site, src, t0.W_dec[[i_src]].detach()),
+        feature_target,
+        attention=(1,),
+        head=(1, head, dest),
     )
     target = Node("feature", dest, 2, j)
     cases = [
@@ -59,15 +63,25 @@ def test_path_contributions_equal_autograd(model, request):
 
     embeddings = clean_cache(model, {"blocks.0.hook_resid_pre"})["blocks.0.hook_resid_pre"]
     ref, _ = frozen_derivative(
-        model, transcoders, TOKENS, ("blocks.0.hook_resid_pre", src, embeddings[[src]]), ("feature", t1, dest, 3),
-        attention=(0,), head=(0, 2, dest),
+        model,
+        transcoders,
+        TOKENS,
+        ("blocks.0.hook_resid_pre", src, embeddings[[src]]),
+        ("feature", t1, dest, 3),
+        attention=(0,),
+        head=(0, 2, dest),
     )
     cases.append(([Node("embedding", src), Node("head", src, 0, 2), Node("feature", dest, 1, 3)], ref))
 
     streams = clean_cache(model, {"blocks.1.hook_resid_pre", "blocks.1.hook_resid_mid"})
     ref, _ = frozen_derivative(
-        model, transcoders, TOKENS, ("blocks.1.hook_resid_pre", src, streams["blocks.1.hook_resid_pre"][[src]]),
-        feature_target, attention=(1,), head=(1, head, dest),
+        model,
+        transcoders,
+        TOKENS,
+        ("blocks.1.hook_resid_pre", src, streams["blocks.1.hook_resid_pre"][[src]]),
+        feature_target,
+        attention=(1,),
+        head=(1, head, dest),
     )
     cases.append(([Node("head", src, 1, head), target], ref))
     inject_mid = ("blocks.1.hook_resid_mid", dest, streams["blocks.1.hook_resid_mid"][[dest]])

@@ -121,8 +121,9 @@ def test_bad_probe_input_is_refused():
 
 def test_token_classes_from_strings():
     strings = [" The", "123", ",", "\n", "dog", " 4", "!)", " ", "Hello"]
-    classes = {name: [s for s, m in zip(strings, member.tolist()) if m]
-               for name, member in token_classes(strings).items()}
+    classes = {
+        name: [s for s, m in zip(strings, member.tolist()) if m] for name, member in token_classes(strings).items()
+    }
     assert classes["digits"] == ["123", " 4"]
     assert classes["punctuation"] == [",", "!)"]
     assert classes["capitalised"] == [" The", "Hello"]
@@ -147,8 +148,12 @@ def test_token_class_labels_with_a_fake_tokenizer():
 
 
 def test_sequence_labels_and_token_sequences():
-    records = [{"text": "a b c d e f g", "source": "bible_web"}, {"text": "x y", "source": "linux_doc"},
-               {"text": "p q r s t", "source": "linux_doc"}, {"text": "h i j k", "source": "bible_web"}]
+    records = [
+        {"text": "a b c d e f g", "source": "bible_web"},
+        {"text": "x y", "source": "linux_doc"},
+        {"text": "p q r s t", "source": "linux_doc"},
+        {"text": "h i j k", "source": "bible_web"},
+    ]
     vocab: dict[str, int] = {}
     encode = lambda text: [vocab.setdefault(w, len(vocab) + 1) for w in text.split()]  # noqa: E731
     tokens, sources = token_sequences(records, encode, seq_len=3, per_source=2, bos=0)
@@ -203,7 +208,8 @@ def test_probe_dictionaries_table(model):
             assert all(0 <= v <= 1 for v in tasks[task]["scores"][name].values())
             assert len(tasks[task]["features"][name]["3"]) == 3
     assert table["mean"]["neurons"]["1"] == pytest.approx(
-        (tasks["first_half"]["scores"]["neurons"]["1"] + tasks["small_id"]["scores"]["neurons"]["1"]) / 2)
+        (tasks["first_half"]["scores"]["neurons"]["1"] + tasks["small_id"]["scores"]["neurons"]["1"]) / 2
+    )
     with pytest.raises(ProbeError, match="labels"):
         probe_dictionaries(model, tokens, feature_sets, {"bad": torch.zeros(5, dtype=torch.bool)})
 

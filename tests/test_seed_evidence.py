@@ -22,13 +22,23 @@ def test_paired_difference():
 
 
 def test_claim_evidence_on_known_numbers():
-    rows = [{"variant": v, "layer": 3, "fvu": fvu, "ce_recovered": ce}
-            for v, fvu, ce in (("sae", 0.2, 0.8), ("transcoder", 0.5, 0.6), ("skip_transcoder", 0.25, 0.9))]
+    rows = [
+        {"variant": v, "layer": 3, "fvu": fvu, "ce_recovered": ce}
+        for v, fvu, ce in (("sae", 0.2, 0.8), ("transcoder", 0.5, 0.6), ("skip_transcoder", 0.25, 0.9))
+    ]
     scores = {"sae": (0.6, 0.7), "transcoder": (0.8, 0.7), "skip_transcoder": (0.9, 0.6), "mlp_neurons": (0.5, 0.5)}
-    probing = {"3": {"ks": [1], "feature_sets": list(scores), "tasks": {
-        "a": {"scores": {s: {"1": v[0]} for s, v in scores.items()}},
-        "b": {"scores": {s: {"1": v[1]} for s, v in scores.items()}},
-        "skipped": {"skipped": "too few"}}}}
+    probing = {
+        "3": {
+            "ks": [1],
+            "feature_sets": list(scores),
+            "tasks": {
+                "a": {"scores": {s: {"1": v[0]} for s, v in scores.items()}},
+                "b": {"scores": {s: {"1": v[1]} for s, v in scores.items()}},
+                "skipped": {"skipped": "too few"},
+            },
+        }
+    }
+
     def aggregate(detection, fuzzing, sem):
         return {"aggregate": {"detection": {"mean": detection, "sem": sem}, "fuzzing": {"mean": fuzzing, "sem": sem}}}
 

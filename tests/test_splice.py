@@ -227,8 +227,13 @@ def test_site_in_another_block(model):
 
 def test_input_site_after_output_site(model):
     cfg = TranscoderConfig(
-        d_in=16, d_out=16, d_latent=8, layer=0, k=2,
-        input_site="blocks.0.hook_resid_post", output_site="blocks.0.hook_mlp_out",
+        d_in=16,
+        d_out=16,
+        d_latent=8,
+        layer=0,
+        k=2,
+        input_site="blocks.0.hook_resid_post",
+        output_site="blocks.0.hook_mlp_out",
     )
     with pytest.raises(SpliceError, match="fires after the output site"):
         with splice(model, [Transcoder(cfg)]):

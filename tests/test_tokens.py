@@ -51,7 +51,7 @@ def entry_points(model):
 
 @pytest.mark.parametrize("bad, message", BAD_TOKEN_SETS)
 def test_every_token_set_entry_point_refuses_bad_tokens_alike(small_model, bad, message):
-    for name, call in entry_points(small_model).items():
+    for call in entry_points(small_model).values():
         with pytest.raises(TokenError, match=message):
             call(bad(small_model))
 
@@ -128,7 +128,9 @@ def test_mappings_with_input_ids_are_token_batches(small_model):
 
 def test_batches_of_different_lengths_are_refused_naming_the_batch(small_model):
     with pytest.raises(TokenError, match="token batch 1: has 6 positions but the first batch has 5"):
-        list(token_batches_of(small_model, [torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 6, dtype=torch.long)], 4))
+        list(
+            token_batches_of(small_model, [torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 6, dtype=torch.long)], 4)
+        )
 
 
 def test_an_empty_token_set_is_refused(small_model):

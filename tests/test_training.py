@@ -34,8 +34,17 @@ def random_batches(model, batch_size=8, context_size=32, seed=0):
 
 
 def config(tmp_path, **kwargs):
-    options = dict(layers=[1], k=8, expansion=4, batch_size=8, context_size=32, max_tokens=8 * 32 * 60,
-                   output_dir=str(tmp_path), log_every=10, normalize=True)
+    options = dict(
+        layers=[1],
+        k=8,
+        expansion=4,
+        batch_size=8,
+        context_size=32,
+        max_tokens=8 * 32 * 60,
+        output_dir=str(tmp_path),
+        log_every=10,
+        normalize=True,
+    )
     options.update(kwargs)
     return TrainConfig(**options)
 
@@ -45,7 +54,9 @@ def config(tmp_path, **kwargs):
     [("topk", True), ("topk", False), ("batchtopk", True), ("relu", True), ("jumprelu", False)],
 )
 def test_fvu_falls(model, tmp_path, activation, skip):
-    trainer = Trainer(model, config(tmp_path, activation=activation, skip=skip, l1_coefficient=1e-2, max_tokens=8 * 32 * 40))
+    trainer = Trainer(
+        model, config(tmp_path, activation=activation, skip=skip, l1_coefficient=1e-2, max_tokens=8 * 32 * 40)
+    )
     trainer.fit(random_batches(model))
     fvus = [h["fvu"] for h in trainer.history]
     assert len(fvus) == 4 and fvus[-1] < fvus[0] - 0.02, fvus
@@ -120,11 +131,19 @@ def test_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     subprocess.run([sys.executable, str(script), str(whole), "0", "0"], check=True, env=env, capture_output=True)
 
-    process = subprocess.Popen([sys.executable, str(script), str(killed), "0", "0.2"], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(killed), "0", "0.2"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     checkpoint = killed / "checkpoint.pt"
     deadline = time.time() + 120
-    while time.time() < deadline and torch.load(checkpoint, weights_only=False)["step"] < 10 if checkpoint.exists() else time.time() < deadline:
+    while (
+        time.time() < deadline and torch.load(checkpoint, weights_only=False)["step"] < 10
+        if checkpoint.exists()
+        else time.time() < deadline
+    ):
         time.sleep(0.1)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -240,8 +259,10 @@ def test_fit_together_equals_separate_runs_from_one_forward_pass(model, tmp_path
     variants = {"sae": dict(sae=True, skip=False), "transcoder": dict(skip=False), "skip": dict(skip=True)}
 
     def trainers(root):
-        return [Trainer(model, config(root / name, layers=[1, 2], max_tokens=8 * 32 * 12, **options))
-                for name, options in variants.items()]
+        return [
+            Trainer(model, config(root / name, layers=[1, 2], max_tokens=8 * 32 * 12, **options))
+            for name, options in variants.items()
+        ]
 
     built = trainers(tmp_path / "together")  # building probes the model's sites
     forwards = []
@@ -397,4 +418,3 @@ def test_a_diverging_run_stops_with_a_clear_error(model, tmp_path):
     trainer = Trainer(model, config(tmp_path, lr=1e30, activation="relu"))
     with pytest.raises(NonFiniteError, match="diverged.*Lower lr"):
         trainer.fit(random_batches(model))
-

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from tl_transcoders import Transcoder, TranscoderConfig, activations
-from tl_transcoders.core.activations import SparseLatents
 from tl_transcoders.core import kernels as sparse
+from tl_transcoders.core.activations import SparseLatents
 from tl_transcoders.core.kernels import batchtopk_encode, sparse_decode, topk_encode
 
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5)}

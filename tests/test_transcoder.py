@@ -61,7 +61,10 @@ def test_batchtopk_shares_k_per_token_in_training_and_thresholds_in_eval():
     per_token = (latents > 0).sum(-1)
     assert per_token.min() != per_token.max(), "batch top-k should not give every token k"
     transcoder.eval()
-    assert torch.equal(transcoder.encode(x), torch.where(transcoder.pre_activations(x) > transcoder.threshold, transcoder.pre_activations(x), 0.0))
+    assert torch.equal(
+        transcoder.encode(x),
+        torch.where(transcoder.pre_activations(x) > transcoder.threshold, transcoder.pre_activations(x), 0.0),
+    )
 
 
 def test_jumprelu_zeroes_below_threshold():
@@ -73,7 +76,15 @@ def test_jumprelu_zeroes_below_threshold():
 
 
 def test_sae_is_the_same_class():
-    cfg = TranscoderConfig(d_in=8, d_out=8, d_latent=16, layer=0, k=2, input_site="blocks.0.hook_mlp_out", output_site="blocks.0.hook_mlp_out")
+    cfg = TranscoderConfig(
+        d_in=8,
+        d_out=8,
+        d_latent=16,
+        layer=0,
+        k=2,
+        input_site="blocks.0.hook_mlp_out",
+        output_site="blocks.0.hook_mlp_out",
+    )
     assert cfg.is_sae and Transcoder(cfg)(torch.randn(3, 8)).shape == (3, 8)
 
 

@@ -157,8 +157,13 @@ def test_feature_weights_through_head(model, head):
     weights = feature_weights(model, t0, t2, sources, targets, via=[Head(1, head)])
     for b, j in enumerate(targets):
         derivative, scales = frozen_derivative(
-            model, [t0, t2], TOKENS, (t0.cfg.output_site, src, t0.W_dec[sources].detach()),
-            ("feature", t2, dest, j), attention=(1,), head=(1, head, dest),
+            model,
+            [t0, t2],
+            TOKENS,
+            (t0.cfg.output_site, src, t0.W_dec[sources].detach()),
+            ("feature", t2, dest, j),
+            attention=(1,),
+            head=(1, head, dest),
         )
         pattern = scales["pattern1"][head, dest, src]
         post = scales.get("blocks.1.ln1_post", torch.ones(99))[dest]
@@ -182,8 +187,13 @@ def test_embedding_weights_direct_and_through_head(model):
     )
     assert_close(direct, ref * ln2_scale(scales, 1, dest))
     ref, scales = frozen_derivative(
-        model, [t1], TOKENS, ("hook_embed", src, embedding_at(model, src)), ("feature", t1, dest, latent),
-        attention=(0,), head=(0, head, dest),
+        model,
+        [t1],
+        TOKENS,
+        ("hook_embed", src, embedding_at(model, src)),
+        ("feature", t1, dest, latent),
+        attention=(0,),
+        head=(0, head, dest),
     )
     pattern = scales["pattern0"][head, dest, src]
     post = scales.get("blocks.0.ln1_post", torch.ones(99))[dest]
@@ -240,7 +250,9 @@ def test_blockwise_topk_small_blocks_match_one_block():
     many = blockwise_topk(rows, cols, 11, block_size=4)
     scores = (rows @ cols.T).abs()
     assert_same_top(scores[many.sources, many.targets], scores, 11)
-    torch.testing.assert_close(scores[one.sources, one.targets].sort().values, scores[many.sources, many.targets].sort().values)
+    torch.testing.assert_close(
+        scores[one.sources, one.targets].sort().values, scores[many.sources, many.targets].sort().values
+    )
 
 
 def test_clear_errors():

@@ -94,8 +94,15 @@ def old_attribute(name: str) -> Any:
     return importlib.import_module(old)
 
 
-def for_model(cls, model: Any, layer: int, d_latent: int, input_site: str | None = None,
-              output_site: str | None = None, **fields: Any):
+def for_model(
+    cls,
+    model: Any,
+    layer: int,
+    d_latent: int,
+    input_site: str | None = None,
+    output_site: str | None = None,
+    **fields: Any,
+):
     """Deprecated: `tl_transcoders.transcoder_config(model, layer, d_latent, ...)`."""
     from tl_transcoders.hooks.sites import transcoder_config
 
@@ -103,8 +110,7 @@ def for_model(cls, model: Any, layer: int, d_latent: int, input_site: str | None
     return transcoder_config(model, layer, d_latent, input_site, output_site, **fields)
 
 
-def from_pretrained(cls, repo_or_dir: Any, subfolder: str | None = None, revision: str | None = None,
-                    **kwargs: Any):
+def from_pretrained(cls, repo_or_dir: Any, subfolder: str | None = None, revision: str | None = None, **kwargs: Any):
     """Deprecated: `tl_transcoders.load_pretrained(repo_or_dir, subfolder, revision, ...)`."""
     from tl_transcoders.io.loading import load_pretrained
 

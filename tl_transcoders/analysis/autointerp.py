@@ -57,15 +57,14 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from tl_transcoders.hooks.tokens import TokenInput
-from tl_transcoders.core.errors import TranscodersError
-from tl_transcoders.analysis.errors import AnalysisError
 from tl_transcoders.analysis.dashboards import check_latents, token_strings, visible
-from tl_transcoders.hooks.tokens import token_batches_of
+from tl_transcoders.analysis.errors import AnalysisError
+from tl_transcoders.core.errors import TranscodersError
+from tl_transcoders.core.transcoder import Transcoder
+from tl_transcoders.evaluation.statistics import mean_and_sem
 from tl_transcoders.hooks.sites import capture
 from tl_transcoders.hooks.splice import check_compatible
-from tl_transcoders.evaluation.statistics import mean_and_sem
-from tl_transcoders.core.transcoder import Transcoder
+from tl_transcoders.hooks.tokens import TokenInput, token_batches_of
 
 __all__ = [
     "ClassifierScore",
@@ -121,8 +120,10 @@ def latent_activations(
     if not isinstance(transcoder, Transcoder):
         raise AnalysisError(f"expected a Transcoder, got {type(transcoder).__name__}")
     if transcoder.cfg.activation == "batchtopk" and transcoder.training:
-        raise AnalysisError("call transcoder.eval() first: a BatchTopK transcoder in training mode "
-                         "selects latents across the whole batch")
+        raise AnalysisError(
+            "call transcoder.eval() first: a BatchTopK transcoder in training mode "
+            "selects latents across the whole batch"
+        )
     if batch_size < 1:
         raise AnalysisError(f"batch_size must be at least 1, got {batch_size}")
     check_compatible(model, [transcoder])
@@ -212,10 +213,16 @@ def sample_contexts(
     few contexts gets short lists; one that fires everywhere gets no `non_activating`.
     `notes` says so in each case."""
     if tokens.shape != activations.shape:
-        raise AnalysisError(f"tokens {tuple(tokens.shape)} and activations {tuple(activations.shape)} "
-                         "must have the same [n_ctx, ctx_len] shape")
-    for name, value, least in (("n_train", n_train, 0), ("n_test_per_quantile", n_test_per_quantile, 0),
-                               ("n_quantiles", n_quantiles, 1), ("n_random", n_random, 0)):
+        raise AnalysisError(
+            f"tokens {tuple(tokens.shape)} and activations {tuple(activations.shape)} "
+            "must have the same [n_ctx, ctx_len] shape"
+        )
+    for name, value, least in (
+        ("n_train", n_train, 0),
+        ("n_test_per_quantile", n_test_per_quantile, 0),
+        ("n_quantiles", n_quantiles, 1),
+        ("n_random", n_random, 0),
+    ):
         if value < least:
             raise AnalysisError(f"{name} must be at least {least}, got {value}")
     acts = activations.detach().float().cpu().clone()
@@ -230,8 +237,9 @@ def sample_contexts(
     toks = toks[:, : n_per_row * width].reshape(-1, width)
 
     def example(index: int, quantile: int | None = None) -> Example:
-        return Example(toks[index].tolist(), acts[index].tolist(), index // n_per_row,
-                       (index % n_per_row) * width, quantile)
+        return Example(
+            toks[index].tolist(), acts[index].tolist(), index // n_per_row, (index % n_per_row) * width, quantile
+        )
 
     peak = acts.max(dim=1).values
     active = (peak > 0).nonzero()[:, 0]
@@ -241,8 +249,10 @@ def sample_contexts(
     if not ranking:
         notes.append(f"the latent never fires in these {len(peak)} contexts: nothing to explain")
     elif n_explain < n_train:
-        notes.append(f"the latent fires in only {len(ranking)} of {len(peak)} contexts: {n_explain} "
-                     f"explain it (n_train={n_train}), the rest are scored")
+        notes.append(
+            f"the latent fires in only {len(ranking)} of {len(peak)} contexts: {n_explain} "
+            f"explain it (n_train={n_train}), the rest are scored"
+        )
     train = [example(i) for i in ranking[:n_explain]]
     rest = ranking[n_explain:]
     generator = torch.Generator().manual_seed(seed)
@@ -254,16 +264,19 @@ def sample_contexts(
         test += [example(i, q) for i in shuffled[:t]]
         extra += [example(i, q) for i in shuffled[t : t + n_test_per_quantile]]
     if rest and len(test) < n_test_per_quantile * n_quantiles:
-        notes.append(f"only {len(rest)} activating contexts left after the explanation examples: "
-                     f"{len(test)} test and {len(extra)} extra contexts instead of "
-                     f"{n_test_per_quantile * n_quantiles} each")
+        notes.append(
+            f"only {len(rest)} activating contexts left after the explanation examples: "
+            f"{len(test)} test and {len(extra)} extra contexts instead of "
+            f"{n_test_per_quantile * n_quantiles} each"
+        )
     inactive = (peak <= 0).nonzero()[:, 0]
     if len(inactive) == 0 and n_random:
         notes.append("the latent fires in every context: no non-activating contexts for detection")
     picked = torch.randperm(len(inactive), generator=generator)[:n_random]
     non_activating = [example(int(inactive[i])) for i in picked.tolist()]
-    return LatentSamples(train, test, extra, non_activating, len(peak), len(ranking),
-                         float(peak.max()) if len(peak) else 0.0, notes)
+    return LatentSamples(
+        train, test, extra, non_activating, len(peak), len(ranking), float(peak.max()) if len(peak) else 0.0, notes
+    )
 
 
 # --- LLM clients ------------------------------------------------------------------
@@ -326,8 +339,13 @@ class OpenAICompatibleClient:
         self.extra_body = dict(extra_body or {})
 
     def complete(self, messages: Messages, *, max_tokens: int = 256, temperature: float = 0.0) -> Completion:
-        body = {"model": self.model, "messages": messages, "max_tokens": max_tokens,
-                "temperature": temperature, **self.extra_body}
+        body = {
+            "model": self.model,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            **self.extra_body,
+        }
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
@@ -361,18 +379,21 @@ class OpenAICompatibleClient:
         try:
             body = json.loads(raw)
         except ValueError:
-            raise LLMError(f"{self.url} answered something that is not a chat completion (not JSON): {shown!r}",
-                           "malformed") from None
+            raise LLMError(
+                f"{self.url} answered something that is not a chat completion (not JSON): {shown!r}", "malformed"
+            ) from None
         if isinstance(body, dict) and "choices" not in body and ("error" in body or "detail" in body):
             raise LLMError(f"{self.url} answered an error with HTTP 200, not a chat completion: {shown}", "malformed")
         try:
             choice = body["choices"][0]
             message = choice["message"]
-            return Completion(_content_text(message.get("content") or message.get("refusal")),
-                              choice.get("finish_reason"))
+            return Completion(
+                _content_text(message.get("content") or message.get("refusal")), choice.get("finish_reason")
+            )
         except (KeyError, IndexError, TypeError, AttributeError) as err:
-            raise LLMError(f"{self.url} answered something that is not a chat completion: {shown!r}",
-                           "malformed") from err
+            raise LLMError(
+                f"{self.url} answered something that is not a chat completion: {shown!r}", "malformed"
+            ) from err
 
 
 def _content_text(content: str | list | None) -> str:
@@ -432,16 +453,18 @@ FUZZING_SYSTEM = (
     "with a JSON list holding one integer per excerpt, in order, for example [1, 0, 1], and "
     "nothing else."
 )
-_KIND_OF_SYSTEM_PROMPT = {EXPLANATION_SYSTEM: "explanation", DETECTION_SYSTEM: "detection",
-                          FUZZING_SYSTEM: "fuzzing"}
+_KIND_OF_SYSTEM_PROMPT = {EXPLANATION_SYSTEM: "explanation", DETECTION_SYSTEM: "detection", FUZZING_SYSTEM: "fuzzing"}
 _EXAMPLE_LINE = re.compile(r"^Example (\d+): (.*)$", re.MULTILINE)
 EXPLANATION_REASK = "Reply with only one line of the form\nExplanation: <a short description of the pattern>"
 LABELS_REASK = "Reply with only a JSON list of {n} integers (0 or 1)."
 """The corrective follow-up turns sent once after an unusable explanation or label answer."""
 _LIST = re.compile(r"\[[^\[\]]*\]")
 _EXPLANATION_LINE = re.compile(r"explanation\s*:\s*(.+)", re.IGNORECASE)
-_REFUSAL = re.compile(r"^\W*(sorry|as an ai|i\s*(am|'m|’m)\s*(sorry|unable|not able)"
-                      r"|i\s*(cannot|can\s*not|can't|can’t|won't|won’t|will not))\b", re.IGNORECASE)
+_REFUSAL = re.compile(
+    r"^\W*(sorry|as an ai|i\s*(am|'m|’m)\s*(sorry|unable|not able)"
+    r"|i\s*(cannot|can\s*not|can't|can’t|won't|won’t|will not))\b",
+    re.IGNORECASE,
+)
 
 
 def render(strings: Sequence[str], marked: Sequence[bool]) -> str:
@@ -471,8 +494,9 @@ def example_texts(prompt: str) -> list[str]:
     return [match.group(2) for match in _EXAMPLE_LINE.finditer(prompt)]
 
 
-def explanation_prompt(strings: Sequence[Sequence[str]], activations: Sequence[Sequence[float]],
-                       show_activations: bool = True) -> Messages:
+def explanation_prompt(
+    strings: Sequence[Sequence[str]], activations: Sequence[Sequence[float]], show_activations: bool = True
+) -> Messages:
     """The prompt asking for an explanation: one line per context with its active tokens
     marked, followed (with `show_activations`) by each active token's strength on a
     1-10 scale relative to the strongest activation shown."""
@@ -483,16 +507,17 @@ def explanation_prompt(strings: Sequence[Sequence[str]], activations: Sequence[S
         if show_activations and top > 0:
             strengths = [f"{_shown(t)!r}: {max(1, math.ceil(10 * a / top))}" for t, a in zip(toks, acts) if a > 0]
             lines.append(f"Activations {i}: " + ", ".join(strengths))
-    return [{"role": "system", "content": EXPLANATION_SYSTEM},
-            {"role": "user", "content": "\n".join(lines)}]
+    return [{"role": "system", "content": EXPLANATION_SYSTEM}, {"role": "user", "content": "\n".join(lines)}]
 
 
 def classification_prompt(kind: str, explanation: str, texts: Sequence[str]) -> Messages:
     """The detection or fuzzing prompt (`kind`) for a batch of rendered examples."""
     system = {"detection": DETECTION_SYSTEM, "fuzzing": FUZZING_SYSTEM}[kind]
     examples = "\n".join(f"Example {i}: {text}" for i, text in enumerate(texts, start=1))
-    user = (f"Feature description: {explanation}\n\nExcerpts:\n{examples}\n\n"
-            f"Reply with a JSON list of {len(texts)} integers (1 or 0).")
+    user = (
+        f"Feature description: {explanation}\n\nExcerpts:\n{examples}\n\n"
+        f"Reply with a JSON list of {len(texts)} integers (1 or 0)."
+    )
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
@@ -595,8 +620,13 @@ class ClassifierScore:
             self.fp += not correct
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "per_quantile": {str(q): c for q, c in sorted(self.per_quantile.items())},
-                "tpr": self.tpr, "tnr": self.tnr, "balanced_accuracy": self.balanced_accuracy}
+        return {
+            **asdict(self),
+            "per_quantile": {str(q): c for q, c in sorted(self.per_quantile.items())},
+            "tpr": self.tpr,
+            "tnr": self.tnr,
+            "balanced_accuracy": self.balanced_accuracy,
+        }
 
 
 @dataclass
@@ -618,9 +648,16 @@ class LatentScore:
     explanation_retried: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"latent": self.latent, "explanation": self.explanation, "detection": self.detection.to_dict(),
-                "fuzzing": self.fuzzing.to_dict(), "notes": list(self.notes), "error": self.error,
-                "failure": self.failure, "explanation_retried": self.explanation_retried}
+        return {
+            "latent": self.latent,
+            "explanation": self.explanation,
+            "detection": self.detection.to_dict(),
+            "fuzzing": self.fuzzing.to_dict(),
+            "notes": list(self.notes),
+            "error": self.error,
+            "failure": self.failure,
+            "explanation_retried": self.explanation_retried,
+        }
 
 
 @dataclass
@@ -635,7 +672,9 @@ def _decoder(decode: TokenDecoder) -> Callable[[list[int]], list[str]]:
         return lambda ids: token_strings(decode, ids)
     if callable(decode):
         return lambda ids: [str(s) for s in decode(ids)]
-    raise AnalysisError(f"decode must be a tokenizer or a function from token ids to strings, got {type(decode).__name__}")
+    raise AnalysisError(
+        f"decode must be a tokenizer or a function from token ids to strings, got {type(decode).__name__}"
+    )
 
 
 class _Asker:
@@ -690,8 +729,9 @@ class _Asker:
             future.set_exception(err)
 
 
-def _ask_parsed(ask: _Asker, messages: Messages, parse: Callable[[str], Any], instruction: str,
-                reask: bool) -> tuple[Any, list[str]]:
+def _ask_parsed(
+    ask: _Asker, messages: Messages, parse: Callable[[str], Any], instruction: str, reask: bool
+) -> tuple[Any, list[str]]:
     """`parse` of the answer to `messages`; when the reply is malformed or `parse` finds
     nothing (None), asked once more with the corrective follow-up turn `instruction`
     if `reask`. Returns the parsed value (None if no answer parsed) and why each
@@ -750,8 +790,9 @@ def explain_and_score(
         notes.append(f"not scored: no activating contexts {'to explain' if not samples.train else 'left to test'}")
         return score
     ask = _Asker(client, max_tokens, temperature, latent_timeout)
-    prompt = explanation_prompt([strings(e.tokens) for e in samples.train],
-                                [e.activations for e in samples.train], show_activations)
+    prompt = explanation_prompt(
+        [strings(e.tokens) for e in samples.train], [e.activations for e in samples.train], show_activations
+    )
     explanation, problems = _ask_parsed(ask, prompt, _explanation_of, EXPLANATION_REASK, reask)
     score.explanation_retried = reask and bool(problems)
     if explanation is None:
@@ -761,8 +802,11 @@ def explain_and_score(
         notes.append(f"explanation re-asked: the first answer was {problems[0]}")
     score.explanation = explanation
     rng = random.Random(seed)
-    detection = [_Sample(render(strings(e.tokens), [False] * len(e.tokens)), truth, e.quantile)
-                 for group, truth in ((samples.test, True), (samples.non_activating, False)) for e in group]
+    detection = [
+        _Sample(render(strings(e.tokens), [False] * len(e.tokens)), truth, e.quantile)
+        for group, truth in ((samples.test, True), (samples.non_activating, False))
+        for e in group
+    ]
     fuzzing = _fuzzing_samples(samples, strings, fuzz_threshold, rng, notes)
     for kind, group, result in (("detection", detection, score.detection), ("fuzzing", fuzzing, score.fuzzing)):
         if not any(s.truth for s in group) or all(s.truth for s in group):
@@ -770,21 +814,35 @@ def explain_and_score(
         rng.shuffle(group)
         problems = _classify(ask, kind, explanation, group, result, batch_size, reask)
         if problems:
-            notes.append(f"{kind}: {result.n_retried} of {result.n_batches} batches re-asked, "
-                         f"{result.n_failed_batches} still unparsed; the last unusable answer was {problems[-1]}")
+            notes.append(
+                f"{kind}: {result.n_retried} of {result.n_batches} batches re-asked, "
+                f"{result.n_failed_batches} still unparsed; the last unusable answer was {problems[-1]}"
+            )
     return score
 
 
-def _classify(ask: _Asker, kind: str, explanation: str, group: list[_Sample], result: ClassifierScore,
-              batch_size: int, reask: bool) -> list[str]:
+def _classify(
+    ask: _Asker,
+    kind: str,
+    explanation: str,
+    group: list[_Sample],
+    result: ClassifierScore,
+    batch_size: int,
+    reask: bool,
+) -> list[str]:
     """Ask the detection or fuzzing (`kind`) question about `group`, `batch_size` samples
     per prompt, and count the answers in `result`. Returns why each unusable answer was
     of no use."""
     every_problem = []
     for start in range(0, len(group), batch_size):
         batch = group[start : start + batch_size]
-        labels, problems = _ask_parsed(ask, classification_prompt(kind, explanation, [s.text for s in batch]),
-                                       partial(parse_labels, n=len(batch)), LABELS_REASK.format(n=len(batch)), reask)
+        labels, problems = _ask_parsed(
+            ask,
+            classification_prompt(kind, explanation, [s.text for s in batch]),
+            partial(parse_labels, n=len(batch)),
+            LABELS_REASK.format(n=len(batch)),
+            reask,
+        )
         every_problem += problems
         result.n_batches += 1
         result.n_retried += reask and bool(problems)
@@ -794,16 +852,22 @@ def _classify(ask: _Asker, kind: str, explanation: str, group: list[_Sample], re
     return every_problem
 
 
-def _fuzzing_samples(samples: LatentSamples, strings: Callable[[list[int]], list[str]], threshold: float,
-                     rng: random.Random, notes: list[str]) -> list[_Sample]:
+def _fuzzing_samples(
+    samples: LatentSamples,
+    strings: Callable[[list[int]], list[str]],
+    threshold: float,
+    rng: random.Random,
+    notes: list[str],
+) -> list[_Sample]:
     correct = []
     for e in samples.test:
         cut = threshold * e.max_activation
         correct.append(_Sample(render(strings(e.tokens), [a >= cut for a in e.activations]), True, e.quantile))
     if not samples.test:
         return correct
-    n_marks = math.ceil(sum(sum(a >= threshold * e.max_activation for a in e.activations)
-                            for e in samples.test) / len(samples.test))
+    n_marks = math.ceil(
+        sum(sum(a >= threshold * e.max_activation for a in e.activations) for e in samples.test) / len(samples.test)
+    )
     wrong, dropped = [], 0
     for e in samples.extra:
         cut = threshold * e.max_activation
@@ -850,16 +914,32 @@ def score_latents(
         raise AnalysisError(f"{len(latents)} latent ids for {activations.shape[0]} activation tensors")
     scores = []
     for i, latent in enumerate(latents):
-        samples = sample_contexts(tokens, activations[i], n_train, n_test_per_quantile, n_quantiles,
-                                  n_random, seed, window, skip_bos)
+        samples = sample_contexts(
+            tokens, activations[i], n_train, n_test_per_quantile, n_quantiles, n_random, seed, window, skip_bos
+        )
         try:
-            scores.append(explain_and_score(client, decode, samples, latent, batch_size, show_activations,
-                                            fuzz_threshold, seed, temperature, max_tokens, reask, latent_timeout))
+            scores.append(
+                explain_and_score(
+                    client,
+                    decode,
+                    samples,
+                    latent,
+                    batch_size,
+                    show_activations,
+                    fuzz_threshold,
+                    seed,
+                    temperature,
+                    max_tokens,
+                    reask,
+                    latent_timeout,
+                )
+            )
         except LLMError as err:
             if raise_errors:
                 raise
-            scores.append(LatentScore(latent, None, ClassifierScore(), ClassifierScore(), list(samples.notes),
-                                      str(err), err.kind))
+            scores.append(
+                LatentScore(latent, None, ClassifierScore(), ClassifierScore(), list(samples.notes), str(err), err.kind)
+            )
     return scores
 
 
@@ -881,8 +961,12 @@ def aggregate_scores(scores: Sequence[LatentScore]) -> dict[str, Any]:
         results = [getattr(s, kind) for s in scores]
         values = [r.balanced_accuracy for r in results if not math.isnan(r.balanced_accuracy)]
         mean, sem = mean_and_sem(values)
-        summary[kind] = {"mean": mean, "sem": sem, "n": len(values),
-                         "n_unparsed": sum(r.n_unparsed for r in results),
-                         "n_failed_batches": sum(r.n_failed_batches for r in results),
-                         "n_retried": sum(r.n_retried for r in results)}
+        summary[kind] = {
+            "mean": mean,
+            "sem": sem,
+            "n": len(values),
+            "n_unparsed": sum(r.n_unparsed for r in results),
+            "n_failed_batches": sum(r.n_failed_batches for r in results),
+            "n_retried": sum(r.n_retried for r in results),
+        }
     return summary

@@ -17,8 +17,7 @@ target (the MLP output for all three).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -26,11 +25,10 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from tl_transcoders.analysis.errors import AnalysisError
+from tl_transcoders.core.transcoder import Transcoder
 from tl_transcoders.evaluation import compute_ablation_baselines, evaluate_splice
 from tl_transcoders.hooks.sites import capture
-from tl_transcoders.evaluation.statistics import mean_and_sem
 from tl_transcoders.training import TrainConfig, Trainer, fit_together
-from tl_transcoders.core.transcoder import Transcoder
 
 __all__ = [
     "DENSE",
@@ -54,6 +52,7 @@ VARIANTS: dict[str, dict] = {
 
 DENSE = 0.1
 """A latent firing on more than this fraction of tokens counts as dense."""
+
 
 def train_variants(
     model: nn.Module,
@@ -112,29 +111,41 @@ def compare_variants(
             report = evaluate_splice(model, [transcoder], batches, baselines=baselines)
             layer = report.layers[transcoder.cfg.layer]
             frequency = latent_frequencies(model, transcoder, tokens, batch_size)
-            rows.append({
-                "variant": name,
-                "layer": transcoder.cfg.layer,
-                "d_latent": transcoder.cfg.d_latent,
-                "k": transcoder.cfg.k,
-                "fvu": layer.fvu,
-                "ce_clean": report.ce_clean,
-                "ce_spliced": layer.ce_spliced,
-                "ce_zero_ablated": layer.ce_zero_ablated,
-                "kl": layer.kl,
-                "ce_recovered": layer.ce_recovered,
-                "l0": layer.l0,
-                "dead_fraction": (frequency == 0).float().mean().item(),
-                "dense_fraction": (frequency > DENSE).float().mean().item(),
-                "frequencies": frequency.tolist(),
-            })
+            rows.append(
+                {
+                    "variant": name,
+                    "layer": transcoder.cfg.layer,
+                    "d_latent": transcoder.cfg.d_latent,
+                    "k": transcoder.cfg.k,
+                    "fvu": layer.fvu,
+                    "ce_clean": report.ce_clean,
+                    "ce_spliced": layer.ce_spliced,
+                    "ce_zero_ablated": layer.ce_zero_ablated,
+                    "kl": layer.kl,
+                    "ce_recovered": layer.ce_recovered,
+                    "l0": layer.l0,
+                    "dead_fraction": (frequency == 0).float().mean().item(),
+                    "dense_fraction": (frequency > DENSE).float().mean().item(),
+                    "frequencies": frequency.tolist(),
+                }
+            )
     return rows
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
     """The comparison rows as a Markdown table (frequencies left out)."""
-    columns = ["variant", "layer", "fvu", "ce_clean", "ce_spliced", "kl", "ce_recovered", "l0",
-               "dead_fraction", "dense_fraction"]
+    columns = [
+        "variant",
+        "layer",
+        "fvu",
+        "ce_clean",
+        "ce_spliced",
+        "kl",
+        "ce_recovered",
+        "l0",
+        "dead_fraction",
+        "dense_fraction",
+    ]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in sorted(rows, key=lambda r: (r["layer"], list(VARIANTS).index(r["variant"]))):
         cells = [f"{row[c]:.4f}" if isinstance(row[c], float) else str(row[c]) for c in columns]
@@ -158,8 +169,14 @@ def density_histogram(rows: Sequence[dict], bins_per_decade: int = 4, lowest: in
         alive = frequency[frequency > 0].log10()
         index = ((alive - lowest) * bins_per_decade).floor().long().clamp(0, n_bins - 1)
         counts = torch.bincount(index, minlength=n_bins)
-        out.append({"variant": row["variant"], "layer": row["layer"], "dead": int((frequency == 0).sum()),
-                     "counts": counts.tolist()})
+        out.append(
+            {
+                "variant": row["variant"],
+                "layer": row["layer"],
+                "dead": int((frequency == 0).sum()),
+                "counts": counts.tolist(),
+            }
+        )
     return {"edges": edges, "rows": out}
 
 
@@ -184,12 +201,15 @@ def plot_comparison(rows: Sequence[dict]):
     variant's histogram of log10 latent frequency over all its layers (binned here, so
     the figure stays small; needs the `[plot]` extra)."""
     try:
-        from plotly.subplots import make_subplots
         import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
     except ImportError as error:
         raise ImportError("plot_comparison needs plotly: pip install 'tl-transcoders[plot]'") from error
-    figure = make_subplots(rows=1, cols=3, subplot_titles=("FVU (lower is better)", "CE recovered",
-                                                            "latents by log10 firing frequency (held-out)"))
+    figure = make_subplots(
+        rows=1,
+        cols=3,
+        subplot_titles=("FVU (lower is better)", "CE recovered", "latents by log10 firing frequency (held-out)"),
+    )
     histogram = density_histogram(rows)
     edges = histogram["edges"]
     centres = [(a + b) / 2 for a, b in zip(edges, edges[1:])]
@@ -199,11 +219,25 @@ def plot_comparison(rows: Sequence[dict]):
             continue
         layers = [r["layer"] for r in mine]
         figure.add_trace(go.Scatter(x=layers, y=[r["fvu"] for r in mine], name=name, legendgroup=name), 1, 1)
-        figure.add_trace(go.Scatter(x=layers, y=[r["ce_recovered"] for r in mine], name=name,
-                                    legendgroup=name, showlegend=False), 1, 2)
+        figure.add_trace(
+            go.Scatter(x=layers, y=[r["ce_recovered"] for r in mine], name=name, legendgroup=name, showlegend=False),
+            1,
+            2,
+        )
         counts = [sum(c) for c in zip(*(r["counts"] for r in histogram["rows"] if r["variant"] == name))]
-        figure.add_trace(go.Bar(x=centres, y=counts, name=name, legendgroup=name, showlegend=False,
-                                opacity=0.6, width=edges[1] - edges[0]), 1, 3)
+        figure.add_trace(
+            go.Bar(
+                x=centres,
+                y=counts,
+                name=name,
+                legendgroup=name,
+                showlegend=False,
+                opacity=0.6,
+                width=edges[1] - edges[0],
+            ),
+            1,
+            3,
+        )
     figure.update_layout(barmode="overlay", height=420, width=1300)
     figure.update_xaxes(title_text="layer", row=1, col=1)
     figure.update_xaxes(title_text="layer", row=1, col=2)
@@ -214,5 +248,3 @@ def plot_comparison(rows: Sequence[dict]):
 def rows_without_frequencies(rows: Sequence[dict]) -> list[dict]:
     """The rows without their per-latent frequency lists (for compact JSON)."""
     return [{k: v for k, v in r.items() if k != "frequencies"} for r in rows]
-
-

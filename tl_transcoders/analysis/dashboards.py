@@ -32,7 +32,7 @@ from __future__ import annotations
 import html
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -47,11 +47,11 @@ from tl_transcoders.attribution.virtual_weights import (
     embedding_weights,
     logit_weights,
 )
-from tl_transcoders.hooks.tokens import TokenInput, token_batches_of
 from tl_transcoders.core.files import atomic_write
+from tl_transcoders.core.transcoder import Transcoder
 from tl_transcoders.hooks.sites import capture
 from tl_transcoders.hooks.splice import check_compatible, describe
-from tl_transcoders.core.transcoder import Transcoder
+from tl_transcoders.hooks.tokens import TokenInput, token_batches_of
 
 __all__ = [
     "Context",
@@ -149,13 +149,19 @@ def collect_activations(
             "a BatchTopK transcoder in training mode selects latents across the whole batch; "
             "call transcoder.eval() to encode each token on its own (with its threshold)"
         )
-    for name, value, least in (("n_top", n_top, 1), ("n_bins", n_bins, 1), ("batch_size", batch_size, 1),
-                               ("window_before", window_before, 0), ("window_after", window_after, 0)):
+    for name, value, least in (
+        ("n_top", n_top, 1),
+        ("n_bins", n_bins, 1),
+        ("batch_size", batch_size, 1),
+        ("window_before", window_before, 0),
+        ("window_after", window_after, 0),
+    ):
         if value < least:
             raise AnalysisError(f"{name} must be at least {least}, got {value}")
     check_compatible(model, [transcoder])
-    collector = _Collector(transcoder, check_latents(transcoder, latents), n_top, n_bins,
-                           window_before, window_after, int(skip_bos))
+    collector = _Collector(
+        transcoder, check_latents(transcoder, latents), n_top, n_bins, window_before, window_after, int(skip_bos)
+    )
     site = transcoder.cfg.input_site
     with torch.no_grad():
         for batch in token_batches_of(model, batches, batch_size, min_positions=1):
@@ -183,17 +189,16 @@ def check_latents(transcoder: Transcoder, latents: Tensor | Sequence[int] | None
 
 
 def _out_of_range(latent: int, d_latent: int) -> ValueError:
-    return ValueError(
-        f"latent {latent} is out of range: the transcoder has {d_latent} latents (0..{d_latent - 1})"
-    )
+    return ValueError(f"latent {latent} is out of range: the transcoder has {d_latent} latents (0..{d_latent - 1})")
 
 
 class _Collector:
     """The running records of `collect_activations` (all tensors on the transcoder's
     device; `n` recorded latents, called slots here)."""
 
-    def __init__(self, transcoder: Transcoder, latents: Tensor, n_top: int, n_bins: int,
-                 before: int, after: int, skip: int):
+    def __init__(
+        self, transcoder: Transcoder, latents: Tensor, n_top: int, n_bins: int, before: int, after: int, skip: int
+    ):
         self.transcoder, self.latents, self.skip = transcoder, latents, skip
         self.before, self.after = before, after
         device, n, d_latent = latents.device, latents.numel(), transcoder.cfg.d_latent
@@ -262,8 +267,9 @@ class _Collector:
         bins = (scaled * n_bins).long().clamp_(0, n_bins - 1)
         self.hist += torch.bincount(slot * n_bins + bins, minlength=n * n_bins).view(n, n_bins)
 
-    def _update_top(self, batch: Tensor, token: Tensor, slot: Tensor, value: Tensor,
-                    keys: Tensor, key_values: Tensor) -> None:
+    def _update_top(
+        self, batch: Tensor, token: Tensor, slot: Tensor, value: Tensor, keys: Tensor, key_values: Tensor
+    ) -> None:
         """Merge the batch's activations into the running top lists of the slots they
         can enter: one stable sort by decreasing value, then by slot, over those slots'
         old lists followed by the batch's candidates (in token order)."""
@@ -300,8 +306,9 @@ class _Collector:
         merge(self.window_tokens, tokens)
         merge(self.window_acts, acts)
 
-    def _windows(self, batch: Tensor, token: Tensor, slot: Tensor, keys: Tensor,
-                 key_values: Tensor) -> tuple[Tensor, Tensor]:
+    def _windows(
+        self, batch: Tensor, token: Tensor, slot: Tensor, keys: Tensor, key_values: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """Token ids and activations of `slot` around each flat token index `token`,
         looked up in the batch's sorted (token * n + slot) `keys`."""
         n_pos = batch.shape[1]
@@ -521,21 +528,23 @@ def latent_dashboards(
             de_embedding = _top_effects(de_embed[i], k_tokens, tokenizer)
         fire_count = int(records.fire_counts[slot])
         edges, counts = records.histogram(latent)
-        dashboards.append(LatentDashboard(
-            latent=latent,
-            layer=records.layer,
-            transcoder=records.transcoder,
-            contexts=_contexts(records, slot, tokenizer),
-            histogram_edges=edges,
-            histogram_counts=counts,
-            fire_count=fire_count,
-            n_tokens=records.n_tokens,
-            frequency=fire_count / records.n_tokens,
-            max_activation=float(records.top_values[slot, 0]),
-            logit_effects=effects,
-            de_embedding=de_embedding,
-            notes=list(notes),
-        ))
+        dashboards.append(
+            LatentDashboard(
+                latent=latent,
+                layer=records.layer,
+                transcoder=records.transcoder,
+                contexts=_contexts(records, slot, tokenizer),
+                histogram_edges=edges,
+                histogram_counts=counts,
+                fire_count=fire_count,
+                n_tokens=records.n_tokens,
+                frequency=fire_count / records.n_tokens,
+                max_activation=float(records.top_values[slot, 0]),
+                logit_effects=effects,
+                de_embedding=de_embedding,
+                notes=list(notes),
+            )
+        )
     return dashboards
 
 
@@ -545,15 +554,17 @@ def _contexts(records: LatentRecords, slot: int, tokenizer: Any) -> list[Context
         ids = records.window_tokens[slot, j]
         inside = ids >= 0
         token_ids = ids[inside].tolist()
-        contexts.append(Context(
-            tokens=token_strings(tokenizer, token_ids),
-            token_ids=token_ids,
-            activations=records.window_activations[slot, j][inside].tolist(),
-            top_index=int(inside[: records.window_before].sum()),
-            row=int(records.top_rows[slot, j]),
-            position=int(records.top_positions[slot, j]),
-            value=float(records.top_values[slot, j]),
-        ))
+        contexts.append(
+            Context(
+                tokens=token_strings(tokenizer, token_ids),
+                token_ids=token_ids,
+                activations=records.window_activations[slot, j][inside].tolist(),
+                top_index=int(inside[: records.window_before].sum()),
+                row=int(records.top_rows[slot, j]),
+                position=int(records.top_positions[slot, j]),
+                value=float(records.top_values[slot, j]),
+            )
+        )
     return contexts
 
 

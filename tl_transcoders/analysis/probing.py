@@ -23,20 +23,19 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal, Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int, Shaped
 from torch import Tensor, nn
 
-from tl_transcoders.hooks.tokens import TokenInput
-from tl_transcoders.analysis.errors import AnalysisError
 from tl_transcoders.analysis.dashboards import token_strings
-from tl_transcoders.hooks.tokens import token_batches_of
+from tl_transcoders.analysis.errors import AnalysisError
+from tl_transcoders.core.transcoder import Transcoder
 from tl_transcoders.hooks.sites import capture, check_site_exists
 from tl_transcoders.hooks.splice import check_compatible
-from tl_transcoders.core.transcoder import Transcoder
+from tl_transcoders.hooks.tokens import TokenInput, token_batches_of
 
 __all__ = [
     "FeatureSource",
@@ -159,8 +158,15 @@ def sparse_probe(
     truth = labels[test_mask]
     tpr = (predicted & truth).sum() / truth.sum()
     tnr = (~predicted & ~truth).sum() / (~truth).sum()
-    return ProbeResult(chosen.tolist(), w.tolist(), float(b), float((predicted == truth).double().mean()),
-                       float((tpr + tnr) / 2), int(train.sum()), int(test_mask.sum()))
+    return ProbeResult(
+        chosen.tolist(),
+        w.tolist(),
+        float(b),
+        float((predicted == truth).double().mean()),
+        float((tpr + tnr) / 2),
+        int(train.sum()),
+        int(test_mask.sum()),
+    )
 
 
 def _check_probe_input(features: Tensor, labels: Tensor, k: int, test_mask: Tensor | None):
@@ -175,8 +181,9 @@ def _check_probe_input(features: Tensor, labels: Tensor, k: int, test_mask: Tens
     classes = labels.cpu().unique(sorted=True)
     if classes.numel() != 2:
         what = "a single class" if classes.numel() < 2 else f"{classes.numel()} classes"
-        raise ProbeError(f"a probe needs exactly two classes, got {what}; for several classes make "
-                         "one task per class (labels == c)")
+        raise ProbeError(
+            f"a probe needs exactly two classes, got {what}; for several classes make one task per class (labels == c)"
+        )
     labels = labels.cpu() == classes[1]
     return features.cpu(), labels, None if test_mask is None else test_mask.cpu()
 
@@ -189,8 +196,15 @@ def _fit_logistic(x: Tensor, y: Tensor, l2: float, max_iter: int) -> tuple[Tenso
     sign = y.double() * 2 - 1
     w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, history_size=20,
-                                  tolerance_grad=1e-10, tolerance_change=1e-14, line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        [w, b],
+        lr=1,
+        max_iter=max_iter,
+        history_size=20,
+        tolerance_grad=1e-10,
+        tolerance_change=1e-14,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure() -> Tensor:
         optimizer.zero_grad()
@@ -221,8 +235,9 @@ class is about whitespace."""
 
 def token_classes(strings: Sequence[str]) -> dict[str, Bool[Tensor, " n"]]:
     """For each class of `TOKEN_CLASSES`, which of the token strings belong to it."""
-    return {name: torch.tensor([bool(rule(s)) for s in strings], dtype=torch.bool)
-            for name, rule in TOKEN_CLASSES.items()}
+    return {
+        name: torch.tensor([bool(rule(s)) for s in strings], dtype=torch.bool) for name, rule in TOKEN_CLASSES.items()
+    }
 
 
 def token_class_labels(tokens: Int[Tensor, "n pos"], tokenizer: Any) -> dict[str, Bool[Tensor, "n pos"]]:
@@ -305,8 +320,9 @@ def collect_features(
         if isinstance(source, str):
             check_site_exists(model, source)
         elif not isinstance(source, Transcoder):
-            raise AnalysisError(f"feature set {name!r}: expected a Transcoder or a hook site name, "
-                                f"got {type(source).__name__}")
+            raise AnalysisError(
+                f"feature set {name!r}: expected a Transcoder or a hook site name, got {type(source).__name__}"
+            )
     positions = torch.zeros(0, 2, dtype=torch.long, device="cpu") if positions is None else positions.cpu().long()
     if len(positions) and (positions < 0).any():
         raise ProbeError("positions must be (sequence, position) pairs inside tokens (non-negative indices)")
@@ -325,10 +341,13 @@ def collect_features(
             flat = (positions[here, 0] - first) * pos + positions[here, 1]
             order.append(here)
             for name, source in feature_sets.items():
-                x = acts[source] if isinstance(source, str) else source.encode(
-                    acts[source.cfg.input_site].to(source.W_enc.dtype))
+                x = (
+                    acts[source]
+                    if isinstance(source, str)
+                    else source.encode(acts[source.cfg.input_site].to(source.W_enc.dtype))
+                )
                 x = x.float()
-                pooled[name].append(x.reshape(n, pos, -1)[:, int(skip_bos):].mean(1).cpu())
+                pooled[name].append(x.reshape(n, pos, -1)[:, int(skip_bos) :].mean(1).cpu())
                 picked[name].append(x[flat.to(x.device)].cpu())
             first += n
     if len(positions) and (positions[:, 0] >= first).any():
@@ -393,12 +412,14 @@ def probe_dictionaries(
             raise ProbeError(f"sequence task {name!r}: {tuple(labels.shape)} labels for {len(tokens)} sequences")
     for name, labels in token_tasks.items():
         if labels.shape != tokens.shape:
-            raise ProbeError(f"token task {name!r}: labels {tuple(labels.shape)} must match "
-                             f"tokens {tuple(tokens.shape)}")
+            raise ProbeError(
+                f"token task {name!r}: labels {tuple(labels.shape)} must match tokens {tuple(tokens.shape)}"
+            )
     generator = torch.Generator().manual_seed(seed)
     chosen: dict[str, tuple[Tensor, Tensor] | str] = {
         name: _token_task_positions(labels.cpu().bool(), tokens_per_class, skip_bos, generator)
-        for name, labels in token_tasks.items()}
+        for name, labels in token_tasks.items()
+    }
     sampled = [c[0] for c in chosen.values() if not isinstance(c, str)]
     union, inverse = torch.cat(sampled).unique(dim=0, return_inverse=True) if sampled else (None, None)
     collected = collect_features(model, tokens, feature_sets, union, batch_size, skip_bos)
@@ -415,26 +436,42 @@ def probe_dictionaries(
         else:
             jobs[name] = ("token", inverse[offset : offset + len(choice[0])], choice[1])
             offset += len(choice[0])
-    table: dict[str, Any] = {"metric": "balanced_accuracy", "ks": list(ks), "feature_sets": list(feature_sets),
-                             "n_splits": n_splits, "tasks": {}}
+    table: dict[str, Any] = {
+        "metric": "balanced_accuracy",
+        "ks": list(ks),
+        "feature_sets": list(feature_sets),
+        "n_splits": n_splits,
+        "tasks": {},
+    }
     for name, job in jobs.items():
         if len(job) == 2:
             table["tasks"][name] = {"kind": job[0], "skipped": job[1]}
             continue
         kind, rows, labels = job
         tests = [split_mask(labels, test_fraction, seed + i) for i in range(n_splits)]
-        entry = {"kind": kind, "n": len(labels), "n_positive": int(labels.sum()), "n_test": int(tests[0].sum()),
-                 "scores": {}, "features": {}}
+        entry = {
+            "kind": kind,
+            "n": len(labels),
+            "n_positive": int(labels.sum()),
+            "n_test": int(tests[0].sum()),
+            "scores": {},
+            "features": {},
+        }
         for set_name in feature_sets:
             pooled, at_positions = collected[set_name]
             x = pooled if rows is None else at_positions[rows]
-            results = {k: [sparse_probe(x, labels, min(k, x.shape[1]), test, selection=selection) for test in tests]
-                       for k in ks}
-            entry["scores"][set_name] = {str(k): sum(r.balanced_accuracy for r in rs) / n_splits
-                                         for k, rs in results.items()}
+            results = {
+                k: [sparse_probe(x, labels, min(k, x.shape[1]), test, selection=selection) for test in tests]
+                for k in ks
+            }
+            entry["scores"][set_name] = {
+                str(k): sum(r.balanced_accuracy for r in rs) / n_splits for k, rs in results.items()
+            }
             entry["features"][set_name] = {str(k): rs[0].features for k, rs in results.items()}
         table["tasks"][name] = entry
     scored = [t for t in table["tasks"].values() if "scores" in t]
-    table["mean"] = {s: {str(k): sum(t["scores"][s][str(k)] for t in scored) / len(scored) if scored else float("nan")
-                         for k in ks} for s in feature_sets}
+    table["mean"] = {
+        s: {str(k): sum(t["scores"][s][str(k)] for t in scored) / len(scored) if scored else float("nan") for k in ks}
+        for s in feature_sets
+    }
     return table

@@ -42,7 +42,9 @@ def read_tokens(args: argparse.Namespace, model: torch.nn.Module) -> torch.Tenso
     try:
         tokens = torch.load(args.tokens, weights_only=True)
     except Exception as err:  # torch.load raises many kinds for a file that is not a tensor
-        raise TokenError(f"--tokens {args.tokens}: not a file written by torch.save ({type(err).__name__}: {err})") from err
+        raise TokenError(
+            f"--tokens {args.tokens}: not a file written by torch.save ({type(err).__name__}: {err})"
+        ) from err
     if not isinstance(tokens, torch.Tensor):
         raise TokenError(f"--tokens {args.tokens}: holds a {type(tokens).__name__}, not a tensor of token ids")
     return tokens
@@ -115,14 +117,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="end-to-end run on an embedded default")
     demo.add_argument("--output", default="demo-output", help="output directory")
-    demo.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2",
-                      help="SmolLM2-135M (extra [demo]) or a tiny random model")
+    demo.add_argument(
+        "--model",
+        choices=["smollm2", "tiny"],
+        default="smollm2",
+        help="SmolLM2-135M (extra [demo]) or a tiny random model",
+    )
     demo.add_argument("--layer", type=int, default=None, help="layer to train (default: the middle one)")
     demo.add_argument("--tokens", type=int, default=400_000, help="training tokens")
     demo.add_argument("--expansion", type=int, default=8)
     demo.add_argument("--k", type=int, default=32)
-    demo.set_defaults(run=lambda args: run_demo(args.output, model=args.model, layer=args.layer,
-                                                tokens=args.tokens, expansion=args.expansion, k=args.k))
+    demo.set_defaults(
+        run=lambda args: run_demo(
+            args.output, model=args.model, layer=args.layer, tokens=args.tokens, expansion=args.expansion, k=args.k
+        )
+    )
 
     train = commands.add_parser("train", help="train transcoders on a model from a datasets corpus")
     train.add_argument("--model", required=True, help="Hugging Face name, local Hugging Face directory or .gguf file")
@@ -135,9 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=cmd_train)
 
     evaluate = commands.add_parser("eval", help="splice transcoders in and print the CE report as JSON")
-    evaluate.add_argument("--model", required=True, help="Hugging Face name, local Hugging Face directory or .gguf file")
-    evaluate.add_argument("--transcoders", nargs="+", required=True,
-                          help="directories of saved transcoders (ours, sparsify, SAELens, circuit-tracer) or Hub repos")
+    evaluate.add_argument(
+        "--model", required=True, help="Hugging Face name, local Hugging Face directory or .gguf file"
+    )
+    evaluate.add_argument(
+        "--transcoders",
+        nargs="+",
+        required=True,
+        help="directories of saved transcoders (ours, sparsify, SAELens, circuit-tracer) or Hub repos",
+    )
     source = evaluate.add_mutually_exclusive_group(required=True)
     source.add_argument("--tokens", help="a torch.save'd [batch, pos] tensor of token ids")
     source.add_argument("--text", help="a text file to tokenize")

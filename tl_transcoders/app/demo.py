@@ -37,16 +37,17 @@ CONTEXT, BATCH = 128, 32
 def real_inputs(heldout_rows: int) -> tuple[nn.Module, Iterator[Tensor], Tensor]:
     """SmolLM2-135M, packed training batches of the embedded corpus and held-out rows."""
     from tl_transcoders.app.corpus import embedded_corpus
-    from tl_transcoders.io.data import token_batches
     from tl_transcoders.hooks.models import load_model, smollm2_path
+    from tl_transcoders.io.data import token_batches
 
     print("loading SmolLM2-135M (first run: dequantizing the GGUF to fp32, about 30 s)")
     model = load_model(smollm2_path())
     bos = model.tokenizer.bos_token_id  # <|endoftext|>, also the document separator
 
     def batches(split: str, batch_size: int) -> Iterator[Tensor]:
-        return token_batches(embedded_corpus(split), model.tokenizer, CONTEXT, batch_size,
-                             bos_token_id=bos, separator_token_id=bos)
+        return token_batches(
+            embedded_corpus(split), model.tokenizer, CONTEXT, batch_size, bos_token_id=bos, separator_token_id=bos
+        )
 
     heldout = next(batches("heldout", heldout_rows))
     return model, batches("train", BATCH), heldout
@@ -89,11 +90,19 @@ def run_demo(
     started = time.perf_counter()
     hooked, batches, heldout = (real_inputs if model == "smollm2" else tiny_inputs)(heldout_rows)
     layer = hooked.cfg.n_layers // 2 if layer is None else layer
-    print(f"model: {hooked.cfg.model_name} ({type(hooked).__name__}), {hooked.cfg.n_layers} layers; "
-          f"training a skip transcoder on layer {layer}: k={k}, {expansion}x expansion, {tokens:,} tokens")
+    print(
+        f"model: {hooked.cfg.model_name} ({type(hooked).__name__}), {hooked.cfg.n_layers} layers; "
+        f"training a skip transcoder on layer {layer}: k={k}, {expansion}x expansion, {tokens:,} tokens"
+    )
     cfg = TrainConfig(
-        layers=[layer], k=k, expansion=expansion, skip=True, batch_size=BATCH,
-        context_size=heldout.shape[1], max_tokens=tokens, checkpoint_every=10**9,
+        layers=[layer],
+        k=k,
+        expansion=expansion,
+        skip=True,
+        batch_size=BATCH,
+        context_size=heldout.shape[1],
+        max_tokens=tokens,
+        checkpoint_every=10**9,
         output_dir=str(output_dir / "transcoders"),
     )
     trained = time.perf_counter()
@@ -109,11 +118,23 @@ def run_demo(
     latents = top_latents(records, by="frequency", n=n_dashboards)
     tokenizer = getattr(hooked, "tokenizer", None)
     dashboards = latent_dashboards(records, latents, model=hooked, transcoder=transcoder, tokenizer=tokenizer)
-    save_dashboards(output_dir / "dashboards.html", dashboards,
-                    title=f"{hooked.cfg.model_name} layer {layer} skip transcoder: most frequent latents")
-    run = {"model": hooked.cfg.model_name, "layer": layer, "tokens": tokens, "k": k, "expansion": expansion,
-           "train_seconds": round(trained, 1), "total_seconds": round(time.perf_counter() - started, 1)}
+    save_dashboards(
+        output_dir / "dashboards.html",
+        dashboards,
+        title=f"{hooked.cfg.model_name} layer {layer} skip transcoder: most frequent latents",
+    )
+    run = {
+        "model": hooked.cfg.model_name,
+        "layer": layer,
+        "tokens": tokens,
+        "k": k,
+        "expansion": expansion,
+        "train_seconds": round(trained, 1),
+        "total_seconds": round(time.perf_counter() - started, 1),
+    }
     (output_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
-    print(f"done in {run['total_seconds']:.0f} s; wrote the transcoder, report.json, dashboards.html "
-          f"and run.json to {output_dir.resolve()}")
+    print(
+        f"done in {run['total_seconds']:.0f} s; wrote the transcoder, report.json, dashboards.html "
+        f"and run.json to {output_dir.resolve()}"
+    )
     return output_dir

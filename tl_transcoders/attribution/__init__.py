@@ -10,8 +10,8 @@ against the model.
 """
 
 from tl_transcoders.attribution.attribute import attribute
-from tl_transcoders.attribution.export import export_graph, graph_json
 from tl_transcoders.attribution.errors import AttributionError, GraphFileError
+from tl_transcoders.attribution.export import export_graph, graph_json
 from tl_transcoders.attribution.graph import Graph
 from tl_transcoders.attribution.interventions import FeatureEdit, InterventionResult, intervene, zero
 from tl_transcoders.attribution.paths import Node, Path, find_paths, path_contribution, run_prompt

@@ -24,13 +24,13 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from tl_transcoders.attribution.errors import AttributionError
 from tl_transcoders.attribution.graph import Graph
 from tl_transcoders.attribution.replacement import ReplacementState, frozen_replacement
-from tl_transcoders.attribution.errors import AttributionError
+from tl_transcoders.core.transcoder import Transcoder
 from tl_transcoders.hooks.sites import model_device, model_name
 from tl_transcoders.hooks.splice import check_not_spliced
 from tl_transcoders.hooks.tokens import prompt_tokens
-from tl_transcoders.core.transcoder import Transcoder
 
 __all__ = [
     "ActiveFeatures",
@@ -309,9 +309,7 @@ class _Attributor:
             row[:, start:] = torch.einsum("bpd,pd->bp", gradients[-1][:, 0], self.embed)
         return row
 
-    def adjacency(
-        self, rows: Tensor, row_features: Tensor, n_logit_rows: int
-    ) -> Float[Tensor, "n_nodes n_nodes"]:
+    def adjacency(self, rows: Tensor, row_features: Tensor, n_logit_rows: int) -> Float[Tensor, "n_nodes n_nodes"]:
         """The graph's adjacency from the computed rows: the features with rows, all
         errors and tokens, then the logits."""
         selected, order = row_features[n_logit_rows:].sort()

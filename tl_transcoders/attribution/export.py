@@ -35,8 +35,19 @@ __all__ = [
 
 INDEX_FILE = "graph-metadata.json"
 NODE_FIELDS = (
-    "node_id", "feature", "layer", "ctx_idx", "feature_type", "token_prob", "is_target_logit",
-    "run_idx", "reverse_ctx_idx", "jsNodeId", "clerp", "influence", "activation",
+    "node_id",
+    "feature",
+    "layer",
+    "ctx_idx",
+    "feature_type",
+    "token_prob",
+    "is_target_logit",
+    "run_idx",
+    "reverse_ctx_idx",
+    "jsNodeId",
+    "clerp",
+    "influence",
+    "activation",
 )
 FEATURE_TYPES = {
     "feature": "cross layer transcoder",

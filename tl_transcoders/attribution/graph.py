@@ -95,9 +95,7 @@ class Graph:
         """Index of the feature node (`layer`, `position`, `latent`); KeyError if absent."""
         match = (self.features == torch.tensor([layer, position, latent])).all(dim=1).nonzero()
         if match.numel() == 0:
-            raise KeyError(
-                f"feature (layer {layer}, position {position}, latent {latent}) is not a node of this graph"
-            )
+            raise KeyError(f"feature (layer {layer}, position {position}, latent {latent}) is not a node of this graph")
         return int(match[0, 0])
 
     def validate(self) -> None:
@@ -174,9 +172,7 @@ class Graph:
                 f"{path}: cannot read the safetensors file, it may be truncated or corrupt ({err})"
             ) from err
         if header.get("format") != FORMAT_NAME:
-            raise GraphFileError(
-                f'{path}: not a tl-transcoders graph (its header has no "format": "{FORMAT_NAME}")'
-            )
+            raise GraphFileError(f'{path}: not a tl-transcoders graph (its header has no "format": "{FORMAT_NAME}")')
         if header.get("format_version") != str(FORMAT_VERSION):
             raise GraphFileError(
                 f"{path}: format_version {header.get('format_version')!r} is not supported; this version of "
@@ -195,9 +191,7 @@ class Graph:
             )
             graph.validate()
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-            raise GraphFileError(
-                f"{path}: the graph's fields are damaged ({type(err).__name__}: {err})"
-            ) from err
+            raise GraphFileError(f"{path}: the graph's fields are damaged ({type(err).__name__}: {err})") from err
         return graph.to(device) if device is not None else graph
 
     def to(self, device: str | torch.device) -> Graph:

@@ -28,10 +28,10 @@ from tl_transcoders.attribution.replacement import (
     record_frozen_values,
     transcoders_by_layer,
 )
+from tl_transcoders.core.transcoder import Transcoder
 from tl_transcoders.hooks.sites import SiteFn, attach, store_hook
 from tl_transcoders.hooks.splice import check_not_spliced
 from tl_transcoders.hooks.tokens import prompt_tokens
-from tl_transcoders.core.transcoder import Transcoder
 
 __all__ = [
     "FeatureEdit",
@@ -103,9 +103,7 @@ def intervene(
     constrained = set(constrained_layers or ())
     bad = sorted(layer for layer in constrained if not 0 <= layer < model.cfg.n_layers)
     if bad:
-        raise AttributionError(
-            f"constrained_layers {bad} are out of range: the model has {model.cfg.n_layers} layers"
-        )
+        raise AttributionError(f"constrained_layers {bad} are out of range: the model has {model.cfg.n_layers} layers")
     clean = _clean_pass(model, by_layer, tokens)
     _check_edits(edits, by_layer, clean.latents, tokens.numel())
     hooks = freeze_hooks(model, clean.frozen) if freeze_attention else []
@@ -170,9 +168,7 @@ def _check_edits(
                 f"{edit}: no transcoder replaces layer {edit.layer}; transcoders are at layers {sorted(by_layer)}"
             )
         if not 0 <= edit.position < n_pos:
-            raise AttributionError(
-                f"{edit}: position {edit.position} is out of range, the prompt has {n_pos} tokens"
-            )
+            raise AttributionError(f"{edit}: position {edit.position} is out of range, the prompt has {n_pos} tokens")
         d_latent = by_layer[edit.layer].cfg.d_latent
         if not 0 <= edit.latent < d_latent:
             raise AttributionError(
@@ -214,4 +210,3 @@ def _edited_output(
         return out.to(activation.dtype) + error
 
     return hook
-

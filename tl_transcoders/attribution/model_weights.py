@@ -118,8 +118,7 @@ def embedding_matrix(model: nn.Module) -> Float[Tensor, "d_vocab d_model"]:
     scale = (embedded * rows).sum() / rows.pow(2).sum()
     if not torch.allclose(embedded, scale * rows, rtol=1e-4, atol=1e-6):
         raise AttributionError(
-            "hook_embed is not a scalar multiple of W_E on this model; the embedding "
-            "cannot be read as a matrix"
+            "hook_embed is not a scalar multiple of W_E on this model; the embedding cannot be read as a matrix"
         )
     return W_E.detach() * scale
 

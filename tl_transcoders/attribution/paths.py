@@ -46,10 +46,10 @@ from tl_transcoders.attribution.virtual_weights import (
     read_directions,
     write_directions,
 )
-from tl_transcoders.hooks.sites import attach, model_device, store_hook
-from tl_transcoders.hooks.tokens import prompt_tokens
-from tl_transcoders.hooks.splice import describe, splice
 from tl_transcoders.core.transcoder import Transcoder
+from tl_transcoders.hooks.sites import attach, model_device, store_hook
+from tl_transcoders.hooks.splice import describe, splice
+from tl_transcoders.hooks.tokens import prompt_tokens
 
 __all__ = [
     "Node",
@@ -126,9 +126,7 @@ class PromptRun:
 _NORMS = ("ln1", "ln2", "ln1_post", "ln2_post")
 
 
-def run_prompt(
-    model: nn.Module, transcoders: Sequence[Transcoder], tokens: str | Tensor
-) -> PromptRun:
+def run_prompt(model: nn.Module, transcoders: Sequence[Transcoder], tokens: str | Tensor) -> PromptRun:
     """Run `model` once on one prompt (a string, or token ids `[n_pos]` / `[1, n_pos]`)
     with `transcoders` (at most one per layer, in increasing layer order) spliced in,
     and record what attribution needs. A layer without a transcoder keeps its MLP, whose
@@ -145,8 +143,12 @@ def run_prompt(
     cache: dict[str, Tensor] = {}
     sites = ["ln_final.hook_scale"]
     for layer in range(n_layers):
-        sites += [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.hook_resid_mid",
-                  f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.hook_mlp_out"]
+        sites += [
+            f"blocks.{layer}.hook_resid_pre",
+            f"blocks.{layer}.hook_resid_mid",
+            f"blocks.{layer}.attn.hook_pattern",
+            f"blocks.{layer}.hook_mlp_out",
+        ]
         sites += [f"blocks.{layer}.{norm}.hook_scale" for norm in _NORMS]
     for transcoder in transcoders:
         sites += [transcoder.cfg.input_site, transcoder.cfg.output_site]
@@ -355,9 +357,7 @@ def _edges(run: PromptRun, direction: Tensor, point: int, position: int) -> list
     return found
 
 
-def find_paths(
-    run: PromptRun, target: Node, n_paths: int = 10, beam_width: int = 10, max_edges: int = 2
-) -> list[Path]:
+def find_paths(run: PromptRun, target: Node, n_paths: int = 10, beam_width: int = 10, max_edges: int = 2) -> list[Path]:
     """The `n_paths` strongest paths into `target` (a feature or logit node), by the
     absolute value of their contribution, from a beam search that at each depth keeps
     the `beam_width` edges of largest absolute flow and follows at most `max_edges`

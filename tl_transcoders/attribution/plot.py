@@ -48,9 +48,7 @@ def plot_graph(
     except ImportError as err:
         raise ImportError("plot_graph needs plotly: pip install 'tl-transcoders[plot]'") from err
     if token_strings is not None and len(token_strings) != graph.n_pos:
-        raise AttributionError(
-            f"token_strings has {len(token_strings)} entries, the graph has {graph.n_pos} positions"
-        )
+        raise AttributionError(f"token_strings has {len(token_strings)} entries, the graph has {graph.n_pos} positions")
     if edge_widths < 1:
         raise AttributionError(f"edge_widths must be at least 1, got {edge_widths}")
     labels = token_strings if token_strings is not None else token_labels(graph.tokens, tokenizer)

@@ -32,11 +32,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from tl_transcoders.core.activations import SparseLatents
 from tl_transcoders.attribution.errors import AttributionError
+from tl_transcoders.core.activations import SparseLatents
+from tl_transcoders.core.transcoder import Transcoder
 from tl_transcoders.hooks.sites import SiteFn, attach, store_hook
 from tl_transcoders.hooks.splice import SpliceError, check_compatible, describe
-from tl_transcoders.core.transcoder import Transcoder
 
 __all__ = [
     "NORMS",
@@ -108,9 +108,7 @@ def frozen_sites(model: nn.Module) -> list[str]:
     return [site for site in sites if site in names]
 
 
-def freeze_hooks(
-    model: nn.Module, values: dict[str, Tensor] | None = None
-) -> list[tuple[str, SiteFn]]:
+def freeze_hooks(model: nn.Module, values: dict[str, Tensor] | None = None) -> list[tuple[str, SiteFn]]:
     """Hooks that freeze attention patterns and norm scales: detached where `values`
     is None, else replaced by `values[site]` (recorded on one sequence, broadcast over
     the batch)."""
@@ -137,7 +135,9 @@ def record_frozen_values(model: nn.Module) -> tuple[list[tuple[str, SiteFn]], di
     """Hooks that record, during a pass, the first value of every frozen site (of the
     first sequence), and the dict they fill."""
     values: dict[str, Tensor] = {}
-    hooks = [(site, store_hook(values, site, lambda a: a[:1].detach(), keep_first=True)) for site in frozen_sites(model)]
+    hooks = [
+        (site, store_hook(values, site, lambda a: a[:1].detach(), keep_first=True)) for site in frozen_sites(model)
+    ]
     return hooks, values
 
 
@@ -177,9 +177,7 @@ class ReplacementState:
 
 
 @contextlib.contextmanager
-def frozen_replacement(
-    model: nn.Module, transcoders: Sequence[Transcoder]
-) -> Iterator[ReplacementState]:
+def frozen_replacement(model: nn.Module, transcoders: Sequence[Transcoder]) -> Iterator[ReplacementState]:
     """Run every forward pass inside the block as the frozen replacement model (see the
     module docstring) and yield the `ReplacementState` it fills. Passes must run with
     gradients enabled for the recorded tensors to carry a graph."""

@@ -56,8 +56,8 @@ from tl_transcoders.attribution.model_weights import (
     unembedding,
     value_output_weights,
 )
-from tl_transcoders.hooks.splice import SpliceError, check_compatible, describe
 from tl_transcoders.core.transcoder import Transcoder
+from tl_transcoders.hooks.splice import SpliceError, check_compatible, describe
 
 __all__ = [
     "Head",
@@ -145,8 +145,7 @@ def output_norm(model: nn.Module, transcoder: Transcoder) -> NormAffine | None:
     if site.endswith("mlp.hook_out"):
         return norm_affine(model, f"blocks.{transcoder.cfg.layer}.ln2_post")
     raise AttributionError(
-        f"{describe(transcoder)}: attribution supports transcoders writing hook_mlp_out "
-        f"or mlp.hook_out, not {site}"
+        f"{describe(transcoder)}: attribution supports transcoders writing hook_mlp_out or mlp.hook_out, not {site}"
     )
 
 
@@ -249,9 +248,7 @@ def pull_back_heads(
     return out if pre is None else pre.pull_back(out)
 
 
-def pull_back_head(
-    model: nn.Module, head: Head, directions: Float[Tensor, "n d_model"]
-) -> Float[Tensor, "n d_model"]:
+def pull_back_head(model: nn.Module, head: Head, directions: Float[Tensor, "n d_model"]) -> Float[Tensor, "n d_model"]:
     """`pull_back_heads` for one head."""
     if not 0 <= head.head < model.cfg.n_heads:
         raise AttributionError(f"head {head.head} is out of range: layer {head.layer} has {model.cfg.n_heads} heads")
@@ -438,8 +435,9 @@ def top_upstream(
     """The `k` latents of `source` with the strongest input-invariant weight onto
     latent `latent` of `target` (directly or through `via`)."""
     _check(model, source, target, via=via)
-    read = pull_back(model, read_directions(model, target, _one_latent(target, latent)), via,
-                     read_point(target), write_point(source))
+    read = pull_back(
+        model, read_directions(model, target, _one_latent(target, latent)), via, read_point(target), write_point(source)
+    )
     return _top_of_vector(write_directions(model, source), read[0], k, mode, block_size)
 
 

@@ -10,8 +10,15 @@ Messages say what is wrong and what to do about it.
 
 from __future__ import annotations
 
-__all__ = ["TranscodersError"]
+__all__ = ["TranscodersError", "summary"]
 
 
 class TranscodersError(Exception):
     """Bad input or state that tl-transcoders refused, with a message that says what to do."""
+
+
+def summary(error: BaseException, limit: int = 300) -> str:
+    """`Type: first line of the message` of an exception from another library, cut to
+    `limit` characters, to quote inside one of ours."""
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0][:limit] if lines else ''}"

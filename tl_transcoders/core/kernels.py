@@ -97,17 +97,13 @@ def sparse_decode(
     `latents @ W_dec + b_dec` without forming the dense latents. Gradients flow to
     `values`, `W_dec` and `b_dec`."""
     k = indices.shape[-1]
-    out = F.embedding_bag(
-        indices.reshape(-1, k), W_dec, per_sample_weights=values.reshape(-1, k), mode="sum"
-    )
+    out = F.embedding_bag(indices.reshape(-1, k), W_dec, per_sample_weights=values.reshape(-1, k), mode="sum")
     return out.view(*indices.shape[:-1], W_dec.shape[1]) + b_dec
 
 
 def _check_encoder(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> None:
     if not (x.dtype == W_enc.dtype == b_enc.dtype):
-        raise TypeError(
-            f"x, W_enc and b_enc must share a dtype, got {x.dtype}, {W_enc.dtype}, {b_enc.dtype}"
-        )
+        raise TypeError(f"x, W_enc and b_enc must share a dtype, got {x.dtype}, {W_enc.dtype}, {b_enc.dtype}")
 
 
 # Autograd internals. Left unannotated: they run once per step on large tensors and

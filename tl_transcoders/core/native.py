@@ -106,9 +106,7 @@ def _read_header(path: Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise TranscoderFileError(f"{path}: not valid JSON ({err})") from err
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
-        raise TranscoderFileError(
-            f'{path}: not a tl-transcoders config (expected "format": "{FORMAT_NAME}")'
-        )
+        raise TranscoderFileError(f'{path}: not a tl-transcoders config (expected "format": "{FORMAT_NAME}")')
     version = header.get("format_version")
     if version not in READABLE_VERSIONS:
         raise TranscoderFileError(
@@ -140,9 +138,7 @@ def read_config(path: Path) -> SavedConfig:
     return SavedConfig(config, header.get("weights_sha256"))
 
 
-def read_tensors(
-    path: Path, shapes: dict[str, tuple[int, ...]], sha256: str | None = None
-) -> dict[str, Tensor]:
+def read_tensors(path: Path, shapes: dict[str, tuple[int, ...]], sha256: str | None = None) -> dict[str, Tensor]:
     """Load a safetensors file and check it holds exactly `shapes`, all finite, and (when
     `sha256` is given) that its bytes have that checksum."""
     if not path.is_file():
@@ -163,8 +159,7 @@ def read_tensors(
         tensor = tensors[name]
         if tuple(tensor.shape) != shape:
             raise TranscoderFileError(
-                f"{path}: tensor {name} has shape {tuple(tensor.shape)}, "
-                f"the config requires {shape}"
+                f"{path}: tensor {name} has shape {tuple(tensor.shape)}, the config requires {shape}"
             )
         if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
             raise TranscoderFileError(f"{path}: tensor {name} holds NaN, inf or non-float values")
@@ -174,4 +169,3 @@ def read_tensors(
             "weights were changed or damaged after saving (copy the transcoder again, or save it anew)"
         )
     return tensors
-

@@ -87,7 +87,9 @@ class Transcoder(nn.Module):
         if isinstance(cfg, Mapping):
             cfg = TranscoderConfig.from_dict(dict(cfg))
         if not isinstance(cfg, TranscoderConfig):
-            raise ConfigError(f"Transcoder takes a TranscoderConfig (or a dict of its fields), got {type(cfg).__name__}")
+            raise ConfigError(
+                f"Transcoder takes a TranscoderConfig (or a dict of its fields), got {type(cfg).__name__}"
+            )
         cfg.validate()
         self.cfg = cfg
         factory = {"dtype": getattr(torch, cfg.dtype), "device": device}
@@ -167,7 +169,9 @@ class Transcoder(nn.Module):
         """The transcoder's reconstruction of the output site from the input site."""
         return self.run(x, return_latents=False).output
 
-    def forward_with_latents(self, x: Float[Tensor, "*batch d_in"]) -> tuple[Float[Tensor, "*batch d_out"], SparseLatents]:
+    def forward_with_latents(
+        self, x: Float[Tensor, "*batch d_in"]
+    ) -> tuple[Float[Tensor, "*batch d_out"], SparseLatents]:
         """`forward(x)` together with the sparse latents it was decoded from, computed
         once (for metrics such as L0 next to the output)."""
         out = self.run(x)
@@ -247,6 +251,8 @@ class Transcoder(nn.Module):
         with torch.device("meta"):
             transcoder = cls(cfg)
         target = getattr(torch, cfg.dtype)
-        transcoder.load_state_dict({k: v.to(device=device, dtype=target).contiguous() for k, v in tensors.items()}, assign=True)
+        transcoder.load_state_dict(
+            {k: v.to(device=device, dtype=target).contiguous() for k, v in tensors.items()}, assign=True
+        )
         transcoder.validate()
         return transcoder.eval()

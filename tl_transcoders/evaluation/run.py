@@ -42,7 +42,13 @@ from tl_transcoders.hooks.sites import is_bridge
 from tl_transcoders.hooks.splice import check_compatible, check_not_spliced, describe, eval_mode, transcoder_list
 from tl_transcoders.hooks.tokens import TokenInput, token_batches_of
 
-__all__ = ["LOGITS_BUDGET_BYTES", "EvaluationError", "compute_ablation_baselines", "default_batch_size", "evaluate_splice"]
+__all__ = [
+    "LOGITS_BUDGET_BYTES",
+    "EvaluationError",
+    "compute_ablation_baselines",
+    "default_batch_size",
+    "evaluate_splice",
+]
 
 LOGITS_BUDGET_BYTES = 256 * 2**20
 """The default batch holds as many rows as fit one float32 copy of their logits in this
@@ -239,7 +245,9 @@ def _sweep(
     baselines = AblationBaselines(
         fingerprint=fingerprint.hexdigest(),
         per_row_clean=row_means["clean"],
-        per_row={site: (row_means[f"{site}.zero_ablated"], row_means[f"{site}.mean_ablated"]) for site in ablation_sites},
+        per_row={
+            site: (row_means[f"{site}.zero_ablated"], row_means[f"{site}.mean_ablated"]) for site in ablation_sites
+        },
         means=means,
     )
     return _Sweep(rows, stats, baselines, fingerprint, n_positions - fingerprint.n_rows)

@@ -90,7 +90,6 @@ def ratio_estimate(numerator: Float[Tensor, " n_rows"], denominator: Float[Tenso
     return Estimate(ratio, _sem(a - ratio * b) / abs(b_mean))
 
 
-
 SumRanks = Callable[[Tensor], Tensor]
 """Sums a tensor over the processes that share a batch (data-parallel training); the
 identity (`no_ranks`) for one process."""

@@ -34,7 +34,7 @@ from unittest import mock
 import torch
 from torch import nn
 
-from tl_transcoders.core.errors import TranscodersError
+from tl_transcoders.core.errors import TranscodersError, summary
 
 __all__ = [
     "ModelLoadError",
@@ -131,7 +131,9 @@ def load_model(
         raise ModelLoadError(f"{path}: a model file must be a .gguf file; otherwise give its directory")
     elif path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelLoadError(f"{path}: no config.json; a local model must be a Hugging Face directory (save_pretrained)")
+            raise ModelLoadError(
+                f"{path}: no config.json; a local model must be a Hugging Face directory (save_pretrained)"
+            )
         directory, name = path.resolve(), path.resolve().name
     elif str(name_or_path).startswith((".", "/", "~")):
         raise ModelLoadError(f"{path} does not exist (give a Hugging Face name, a local directory or a .gguf file)")
@@ -144,7 +146,7 @@ def load_model(
             raise
         raise ModelLoadError(
             f"{name!r} is neither a local path nor a model TransformerLens could load from the Hugging Face Hub "
-            f"({type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}). Give a local Hugging "
+            f"({summary(err)}). Give a local Hugging "
             "Face directory or .gguf file, or check the name and that the Hub can be reached"
         ) from err
     if directory is not None:

@@ -28,8 +28,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from tl_transcoders.core.errors import TranscodersError
 from tl_transcoders.core.config import TranscoderConfig, default_input_site, default_output_site, layer_of
+from tl_transcoders.core.errors import TranscodersError
 
 __all__ = [
     "ModelError",
@@ -198,9 +198,7 @@ def store_hook(
     return hook
 
 
-def capture(
-    model: nn.Module, tokens: Tensor, sites: Sequence[str]
-) -> dict[str, Float[Tensor, "n_tokens width"]]:
+def capture(model: nn.Module, tokens: Tensor, sites: Sequence[str]) -> dict[str, Float[Tensor, "n_tokens width"]]:
     """The activations at `sites` on `tokens`, flattened to `[batch * pos, width]`, from
     one no-grad forward pass that stops after the last block any site is in."""
     sites = list(dict.fromkeys(sites))
@@ -273,9 +271,7 @@ def input_space_of(model: nn.Module, site: str) -> str:
     if not site.endswith(("mlp.hook_in", "ln2.hook_out")):
         return "any"
     if is_bridge(model):
-        folded = getattr(model, "compatibility_mode", False) and getattr(
-            model, "_weights_processed", False
-        )
+        folded = getattr(model, "compatibility_mode", False) and getattr(model, "_weights_processed", False)
         return "folded_ln" if folded else "unfolded_ln"
     norm = model.cfg.normalization_type
     if norm is None:
@@ -367,10 +363,7 @@ def resumable_pass(model: nn.Module) -> Iterator[Resume]:
 
         return record
 
-    handles = [
-        block.register_forward_pre_hook(recorder(i), with_kwargs=True)
-        for i, block in enumerate(model.blocks)
-    ]
+    handles = [block.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, block in enumerate(model.blocks)]
     try:
         yield Resume(lambda residual, layer: _replay(model, calls, residual, layer), True)
     finally:

@@ -226,9 +226,7 @@ def _check_input_space(model: nn.Module, transcoder: Transcoder) -> None:
         )
 
 
-def transcoder_hooks(
-    transcoders: Sequence[Transcoder], error_term: bool = False
-) -> list[tuple[str, SiteFn]]:
+def transcoder_hooks(transcoders: Sequence[Transcoder], error_term: bool = False) -> list[tuple[str, SiteFn]]:
     """The (site, fn) pairs that splice `transcoders`: for each, one that captures its
     input and one that replaces its output."""
     hooks: list[tuple[str, SiteFn]] = []

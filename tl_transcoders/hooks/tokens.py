@@ -163,7 +163,9 @@ def prompt_tokens(model: nn.Module, prompt: str | Tensor | Any) -> Int[Tensor, "
             raise TokenError("the prompt's token ids: the prompt is empty; give a prompt with some tokens")
         batch = check_tokens(model, prompt, where="the prompt's token ids", one_row=True)
         if batch.shape[0] != 1:
-            raise TokenError(f"the prompt's token ids must be one row ([n_pos] or [1, n_pos]), got {batch.shape[0]} rows")
+            raise TokenError(
+                f"the prompt's token ids must be one row ([n_pos] or [1, n_pos]), got {batch.shape[0]} rows"
+            )
         tokens, where = batch[0], "the prompt's token ids"
     bos = getattr(getattr(model, "tokenizer", None), "bos_token_id", None)
     if tokens.numel() == 0 or (tokens.numel() == 1 and bos is not None and int(tokens[0]) == bos):

@@ -25,7 +25,7 @@ from jaxtyping import Int
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from tl_transcoders.core.errors import TranscodersError
+from tl_transcoders.core.errors import TranscodersError, summary
 
 __all__ = [
     "BUILDERS",
@@ -139,7 +139,7 @@ def load_text_dataset(
                 raise
             raise DataNotFoundError(
                 f"{path!r} is neither local data (a file, directory or glob that exists) nor a dataset that could "
-                f"be loaded from the Hugging Face Hub ({type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}); "
+                f"be loaded from the Hugging Face Hub ({summary(err)}); "
                 "check the path, the name, the split and that the Hub can be reached"
             ) from err
     if not files:

@@ -29,12 +29,13 @@ from typing import Any
 import torch
 
 from tl_transcoders.core.config import INPUT_SPACES
+from tl_transcoders.core.errors import summary
+from tl_transcoders.core.native import CONFIG_FILE, WEIGHTS_FILE, TranscoderFileError, read_config, read_tensors
+from tl_transcoders.core.transcoder import Transcoder, parameter_shapes
 from tl_transcoders.io.formats import circuit_tracer, saelens, sparsify
 from tl_transcoders.io.formats.circuit_tracer import export_circuit_tracer
 from tl_transcoders.io.formats.common import AUTO, Placement, Source, build
 from tl_transcoders.io.formats.sparsify import hookpoint_sites as sparsify_hookpoint_sites
-from tl_transcoders.core.native import CONFIG_FILE, WEIGHTS_FILE, TranscoderFileError, read_config, read_tensors
-from tl_transcoders.core.transcoder import Transcoder, parameter_shapes
 
 __all__ = [
     "AUTO",
@@ -69,9 +70,17 @@ def _own_source(directory: Path, placement: Placement) -> Source:
             placement = dataclasses.replace(placement, input_space=cfg.input_space)
         cfg = placement.config(
             directory / CONFIG_FILE,
-            d_in=cfg.d_in, d_out=cfg.d_out, d_latent=cfg.d_latent, activation=cfg.activation,
-            k=cfg.k, skip=cfg.skip, layer=cfg.layer, input_site=cfg.input_site,
-            output_site=cfg.output_site, ln_space=cfg.input_space, model_name=cfg.model_name,
+            d_in=cfg.d_in,
+            d_out=cfg.d_out,
+            d_latent=cfg.d_latent,
+            activation=cfg.activation,
+            k=cfg.k,
+            skip=cfg.skip,
+            layer=cfg.layer,
+            input_site=cfg.input_site,
+            output_site=cfg.output_site,
+            ln_space=cfg.input_space,
+            model_name=cfg.model_name,
         )
     shapes = parameter_shapes(cfg)
     return Source(cfg, lambda: read_tensors(directory / WEIGHTS_FILE, shapes, checksum), directory)
@@ -146,7 +155,9 @@ def load_directory(
     fmt = detect_format(directory)
     single = fmt != "circuit-tracer" and _directory_format(directory) is not None
     if layer is not None and not single:
-        raise TranscoderFileError(f"{directory} holds several transcoders: layer= applies to one; use layers=[...] to select")
+        raise TranscoderFileError(
+            f"{directory} holds several transcoders: layer= applies to one; use layers=[...] to select"
+        )
     if fmt == "circuit-tracer":
         sources = circuit_tracer.sources(directory, placement, layers)
     elif single:
@@ -198,7 +209,7 @@ def load_pretrained(
     except (OSError, ValueError) as err:  # not found, offline, bad revision
         raise TranscoderFileError(
             f"{text!r} is neither a local directory nor a Hugging Face Hub repository that could be reached "
-            f"({type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}); check the path, the "
+            f"({summary(err)}); check the path, the "
             "repo id and that the Hub can be reached"
         ) from err
     directory = root / subfolder if subfolder else root

@@ -64,7 +64,8 @@ class TrainConfig:
     jumprelu_bandwidth: float = 1e-3
     """Width of the straight-through kernel that gives JumpReLU thresholds a gradient."""
     normalize: bool = True
-    """Train on inputs and outputs scaled to unit mean squared norm per dimension; the scales are folded back into the saved weights."""
+    """Train on inputs and outputs scaled to unit mean squared norm per dimension; the scales
+    are folded back into the saved weights."""
     shuffle_buffer: int = 0
     """Mix the activations of this many batches before training on them (0: off)."""
     log_every: int = 20
@@ -82,7 +83,8 @@ class TrainConfig:
     overwrite: bool = False
     """Start afresh in an output_dir that holds an earlier run's checkpoint, replacing it."""
     distribute: Literal["data", "layers"] = "data"
-    """Under torchrun: data splits each batch's rows across processes; layers gives each process a share of the layers."""
+    """Under torchrun: data splits each batch's rows across processes; layers gives each
+    process a share of the layers."""
     dtype: Dtype = "float32"
     """Parameter dtype of the transcoders (the optimiser state has the same dtype)."""
     seed: int = 0
@@ -104,7 +106,14 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}")
-        non_negative = ("warmup_steps", "auxk_alpha", "l1_coefficient", "l0_coefficient", "shuffle_buffer", "eval_every")
+        non_negative = (
+            "warmup_steps",
+            "auxk_alpha",
+            "l1_coefficient",
+            "l0_coefficient",
+            "shuffle_buffer",
+            "eval_every",
+        )
         for name in non_negative:
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
@@ -127,7 +136,9 @@ class TrainConfig:
         if self.sae and self.skip:
             raise ConfigError("an SAE cannot have a skip term: pass skip=False with sae=True")
         if self.resume and self.overwrite:
-            raise ConfigError("resume and overwrite exclude each other: resume continues the run, overwrite discards it")
+            raise ConfigError(
+                "resume and overwrite exclude each other: resume continues the run, overwrite discards it"
+            )
         if not self.output_dir:
             raise ConfigError("output_dir must be a directory path")
         for name in ("input_site", "output_site"):

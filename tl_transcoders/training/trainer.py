@@ -97,7 +97,10 @@ class Trainer:
         self._check_output_dir()
         self.transcoders = self._build(layers)
         self.optimizer = torch.optim.Adam(
-            [{"params": list(t.parameters()), "lr": cfg.learning_rate(t.cfg.d_latent)} for t in self.transcoders.values()],
+            [
+                {"params": list(t.parameters()), "lr": cfg.learning_rate(t.cfg.d_latent)}
+                for t in self.transcoders.values()
+            ],
             betas=(0.9, 0.99),
             fused=True,  # one kernel per step: 5x faster than foreach on CPU
         )
@@ -126,7 +129,10 @@ class Trainer:
         model as `splice` would check it; the sites are probed once for all layers."""
         cfg = self.cfg
         sites = {layer: cfg.sites(layer) for layer in layers}
-        widths = {site: info.width for site, info in probe_sites(self.model, [s for pair in sites.values() for s in pair]).items()}
+        widths = {
+            site: info.width
+            for site, info in probe_sites(self.model, [s for pair in sites.values() for s in pair]).items()
+        }
         transcoders = {}
         for layer, (input_site, output_site) in sites.items():
             d_latent = cfg.d_latent or cfg.expansion * widths[input_site]
@@ -136,8 +142,15 @@ class Trainer:
                     "lower k or raise expansion / d_latent"
                 )
             tc_cfg = transcoder_config(
-                self.model, layer, d_latent, input_site, output_site,
-                activation=cfg.activation, k=cfg.k, skip=cfg.skip, dtype=cfg.dtype,
+                self.model,
+                layer,
+                d_latent,
+                input_site,
+                output_site,
+                activation=cfg.activation,
+                k=cfg.k,
+                skip=cfg.skip,
+                dtype=cfg.dtype,
             )
             # Seeded by (seed, layer): the same start whichever process holds the layer.
             with torch.random.fork_rng(devices=[]):
@@ -338,13 +351,21 @@ class Trainer:
             x, y = self._inputs(layer, activations)
             dead = self.since_fired[layer] >= cfg.dead_tokens
             out = training_step(
-                transcoder, x, y, dead, cfg.auxk_alpha, cfg.l1_coefficient,
-                cfg.l0_coefficient, cfg.jumprelu_bandwidth, self.sum_ranks,
+                transcoder,
+                x,
+                y,
+                dead,
+                cfg.auxk_alpha,
+                cfg.l1_coefficient,
+                cfg.l0_coefficient,
+                cfg.jumprelu_bandwidth,
+                self.sum_ranks,
             )
             if not torch.isfinite(out.loss):
                 raise NonFiniteError(
                     f"the loss of layer {layer}'s transcoder is {out.loss.item()} at step {self.step + 1}: the run "
-                    f"diverged. {self.kept_checkpoint_note()} Lower lr (now {self.optimizer.param_groups[0]['lr']:.3g})."
+                    f"diverged. {self.kept_checkpoint_note()} "
+                    f"Lower lr (now {self.optimizer.param_groups[0]['lr']:.3g})."
                 )
             out.loss.backward()
             if transcoder.cfg.activation == "batchtopk":
@@ -575,7 +596,9 @@ class TrainerGroup:
             )
         skip = resumed.pop()
         first = trainers[0]
-        progress = tqdm(total=max(t.cfg.total_steps for t in trainers), initial=first.step, desc="training", unit="step")
+        progress = tqdm(
+            total=max(t.cfg.total_steps for t in trainers), initial=first.step, desc="training", unit="step"
+        )
         try:
             for seen, tokens in enumerate(batches, start=1):
                 if seen <= skip:

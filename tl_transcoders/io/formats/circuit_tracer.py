@@ -13,9 +13,9 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from tl_transcoders.core.files import atomic_write
-from tl_transcoders.io.formats.common import LN_SITES, Placement, Source, field, read_yaml, tensor_names
 from tl_transcoders.core.native import TranscoderFileError, read_tensors
 from tl_transcoders.core.transcoder import Transcoder
+from tl_transcoders.io.formats.common import LN_SITES, Placement, Source, field, read_yaml, tensor_names
 
 __all__ = ["CONFIG_FILE", "export_circuit_tracer", "sources"]
 
@@ -56,8 +56,11 @@ def sources(directory: Path, placement: Placement, layers: Sequence[int] | None)
     write_hook = field(cfg, path, "feature_output_hook", str)
     entries = field(cfg, path, "transcoders", list, None)
     if entries is None:
-        files = {int(m.group(1)): f for f in directory.glob("layer_*.safetensors")
-                 if (m := re.fullmatch(r"layer_(\d+)\.safetensors", f.name))}
+        files = {
+            int(m.group(1)): f
+            for f in directory.glob("layer_*.safetensors")
+            if (m := re.fullmatch(r"layer_(\d+)\.safetensors", f.name))
+        }
         entries = [str(files[i]) for i in range(len(files)) if i in files]
         if not entries or len(entries) != len(files):
             raise TranscoderFileError(
@@ -66,20 +69,30 @@ def sources(directory: Path, placement: Placement, layers: Sequence[int] | None)
             )
     missing = sorted(set(layers or ()) - set(range(len(entries))))
     if missing:
-        raise TranscoderFileError(
-            f"{path}: no transcoder for layer(s) {missing}; it has layers 0..{len(entries) - 1}"
-        )
+        raise TranscoderFileError(f"{path}: no transcoder for layer(s) {missing}; it has layers 0..{len(entries) - 1}")
     ln_space = field(cfg, path, "input_space", str, "unfolded_ln")
     return [
-        _layer_source(_local_file(directory, str(entry)), layer, read_hook,
-                               write_hook, ln_space, field(cfg, path, "model_name", str, None), placement)
+        _layer_source(
+            _local_file(directory, str(entry)),
+            layer,
+            read_hook,
+            write_hook,
+            ln_space,
+            field(cfg, path, "model_name", str, None),
+            placement,
+        )
         for layer, entry in enumerate(entries)
         if layers is None or layer in layers
     ]
 
 
 def _layer_source(
-    path: Path, layer: int, read_hook: str, write_hook: str, ln_space: str, model_name: str | None,
+    path: Path,
+    layer: int,
+    read_hook: str,
+    write_hook: str,
+    ln_space: str,
+    model_name: str | None,
     placement: Placement,
 ) -> Source:
     """Layer `layer`'s transcoder in the safetensors file `path`; its shape, skip term and
@@ -94,14 +107,21 @@ def _layer_source(
     skip = "W_skip" in names
     activation = "jumprelu" if "activation_function.threshold" in names else "relu"
     config = placement.config(
-        path, d_in=d_model, d_out=d_model, d_latent=d_latent, activation=activation, skip=skip,
-        layer=layer, input_site=f"blocks.{{layer}}.{read_hook}",
-        output_site=f"blocks.{{layer}}.{write_hook}", ln_space=ln_space, model_name=model_name,
+        path,
+        d_in=d_model,
+        d_out=d_model,
+        d_latent=d_latent,
+        activation=activation,
+        skip=skip,
+        layer=layer,
+        input_site=f"blocks.{{layer}}.{read_hook}",
+        output_site=f"blocks.{{layer}}.{write_hook}",
+        ln_space=ln_space,
+        model_name=model_name,
     )
 
     def read() -> dict[str, Tensor]:
-        shapes = {"W_enc": (d_latent, d_model), "b_enc": (d_latent,), "W_dec": (d_latent, d_model),
-                  "b_dec": (d_model,)}
+        shapes = {"W_enc": (d_latent, d_model), "b_enc": (d_latent,), "W_dec": (d_latent, d_model), "b_dec": (d_model,)}
         if skip:
             shapes["W_skip"] = (d_model, d_model)
         if activation == "jumprelu":
@@ -150,7 +170,9 @@ def export_circuit_tracer(
             )
         prefix = f"blocks.{c.layer}."
         if not (c.input_site.startswith(prefix) and c.output_site.startswith(prefix)):
-            raise TranscoderFileError(f"layer {c.layer}: sites {c.input_site}, {c.output_site} are not in block {c.layer}")
+            raise TranscoderFileError(
+                f"layer {c.layer}: sites {c.input_site}, {c.output_site} are not in block {c.layer}"
+            )
         hooks.add((c.input_site.removeprefix(prefix), c.output_site.removeprefix(prefix), c.input_space))
     if len(hooks) != 1:
         raise TranscoderFileError(f"circuit-tracer needs the same hooks in every layer, got {sorted(hooks, key=str)}")

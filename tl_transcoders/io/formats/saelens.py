@@ -7,9 +7,9 @@ from typing import Any
 
 from torch import Tensor
 
-from tl_transcoders.io.formats.common import Placement, Source, field, fold_input_shift, read_json, tensor_names
 from tl_transcoders.core.config import layer_of
 from tl_transcoders.core.native import TranscoderFileError, read_tensors
+from tl_transcoders.io.formats.common import Placement, Source, field, fold_input_shift, read_json, tensor_names
 
 __all__ = ["ARCHITECTURES", "FILES", "source"]
 
@@ -43,8 +43,7 @@ def source(directory: Path, placement: Placement) -> Source:
     architecture = field(cfg, path, "architecture", str, "standard")
     if architecture not in ARCHITECTURES:
         raise TranscoderFileError(
-            f"{path}: SAELens architecture {architecture!r} is not supported; supported: "
-            f"{sorted(ARCHITECTURES)}"
+            f"{path}: SAELens architecture {architecture!r} is not supported; supported: {sorted(ARCHITECTURES)}"
         )
     activation, is_transcoder, skip = ARCHITECTURES[architecture]
     normalize = field(cfg, path, "normalize_activations", str, "none")
@@ -78,9 +77,18 @@ def source(directory: Path, placement: Placement) -> Source:
     kwargs = meta("model_from_pretrained_kwargs", dict, {})
     folded = kwargs.get("fold_ln", True) is not False
     config = placement.config(
-        path, d_in=d_in, d_out=d_out, d_latent=d_sae, activation=activation, k=k, skip=skip,
-        layer=layer, input_site=hook_name, output_site=hook_out,
-        ln_space="folded_ln" if folded else "unfolded_ln", model_name=meta("model_name", str),
+        path,
+        d_in=d_in,
+        d_out=d_out,
+        d_latent=d_sae,
+        activation=activation,
+        k=k,
+        skip=skip,
+        layer=layer,
+        input_site=hook_name,
+        output_site=hook_out,
+        ln_space="folded_ln" if folded else "unfolded_ln",
+        model_name=meta("model_name", str),
     )
 
     def read() -> dict[str, Tensor]:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from torch import Tensor
 
-from tl_transcoders.io.formats.common import Placement, Source, field, fold_input_shift, read_json
 from tl_transcoders.core.native import TranscoderFileError, read_tensors
+from tl_transcoders.io.formats.common import Placement, Source, field, fold_input_shift, read_json
 
 __all__ = ["FILES", "hookpoint_sites", "source"]
 
@@ -49,8 +49,7 @@ def source(directory: Path, placement: Placement) -> Source:
     activation = field(cfg, path, "activation", str, "topk")
     if activation != "topk":
         raise TranscoderFileError(
-            f"{path}: sparsify activation {activation!r} is not supported (only 'topk' has an "
-            "equivalent here)"
+            f"{path}: sparsify activation {activation!r} is not supported (only 'topk' has an equivalent here)"
         )
     d_in = field(cfg, path, "d_in", int)
     d_latent = field(cfg, path, "num_latents", int, 0) or d_in * field(cfg, path, "expansion_factor", int, 32)
@@ -58,19 +57,30 @@ def source(directory: Path, placement: Placement) -> Source:
     skip = field(cfg, path, "skip_connection", bool, False)
     if skip and not transcode:
         raise TranscoderFileError(
-            f"{path}: an SAE with a skip connection cannot be represented (an SAE here has "
-            "no skip term)"
+            f"{path}: an SAE with a skip connection cannot be represented (an SAE here has no skip term)"
         )
     layer, input_site, output_site = hookpoint_sites(directory.name, transcode)
     config = placement.config(
-        path, d_in=d_in, d_out=d_in, d_latent=d_latent, activation="topk",
-        k=field(cfg, path, "k", int), skip=skip, layer=layer, input_site=input_site,
-        output_site=output_site, ln_space="unfolded_ln",
+        path,
+        d_in=d_in,
+        d_out=d_in,
+        d_latent=d_latent,
+        activation="topk",
+        k=field(cfg, path, "k", int),
+        skip=skip,
+        layer=layer,
+        input_site=input_site,
+        output_site=output_site,
+        ln_space="unfolded_ln",
     )
 
     def read() -> dict[str, Tensor]:
-        shapes = {"encoder.weight": (d_latent, d_in), "encoder.bias": (d_latent,),
-                  "W_dec": (d_latent, d_in), "b_dec": (d_in,)}
+        shapes = {
+            "encoder.weight": (d_latent, d_in),
+            "encoder.bias": (d_latent,),
+            "W_dec": (d_latent, d_in),
+            "b_dec": (d_in,),
+        }
         if skip:
             shapes["W_skip"] = (d_in, d_in)
         t = read_tensors(directory / FILES[1], shapes)
