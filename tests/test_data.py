@@ -106,7 +106,12 @@ def test_explicit_special_tokens_and_tokenizer_defaults(tokenizer):
 
 
 def test_text_is_tokenized_without_the_tokenizers_special_tokens():
-    tokenizer = make_tokenizer(add_bos_token=True, add_eos_token=True)  # TransformerLens sets add_bos_token
+    from tokenizers import processors
+
+    tokenizer = make_tokenizer()  # a tokenizer that adds BOS and EOS itself, as TransformerLens sets one up
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", BOS), ("<eos>", EOS)]
+    )
     assert tokenizer("t3")["input_ids"] == [BOS, 3, EOS]
     dataset = Dataset.from_dict({"text": [text(d) for d in HAND_MADE]})
     assert as_lists(token_batches(dataset, tokenizer, 4, 1))[:2] == [[[BOS, 3, 4, 5]], [[BOS, EOS, 6, 7]]]

@@ -80,7 +80,7 @@ def test_logistic_fit_is_at_the_optimum():
     assert w.grad.abs().max() < 1e-6 and b.grad.abs() < 1e-6
 
 
-def test_selection_rules():
+def test_selection_rules(without_type_checker):
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(200) % 2 == 0
     big_weak = 100 * torch.randn(200, generator=g) + 55 * labels  # |mean diff| about 55, t about 0.55

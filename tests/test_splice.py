@@ -143,8 +143,12 @@ def test_sae_on_the_mlp_output(model, tokens):
 
 
 def test_transcoder_reading_ln2_normalized(model, tokens):
+    from tl_transcoders.hooks.sites import input_space_of, probe_norm
+
     transcoder = make_transcoder(model, 1, input_site="blocks.1.ln2.hook_normalized")
-    assert transcoder.cfg.input_space == "any"
+    # before the norm's weight in every space, except TransformerLens 2.x LayerNorm: after it
+    before_affine = probe_norm(model, "blocks.1.ln2").hook_before_affine
+    assert transcoder.cfg.input_space == ("any" if before_affine else input_space_of(model, "blocks.1.mlp.hook_in"))
     expected = run_with_hand_written_hooks(model, [transcoder], tokens)
     with torch.no_grad(), splice(model, [transcoder]):
         assert torch.allclose(model(tokens), expected, atol=1e-5)

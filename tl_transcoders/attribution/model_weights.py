@@ -28,7 +28,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from tl_transcoders.attribution.errors import AttributionError
-from tl_transcoders.hooks.sites import capture, model_device
+from tl_transcoders.hooks.sites import SiteError, capture, model_device, probe_norm
 
 __all__ = [
     "LayerNorms",
@@ -68,43 +68,23 @@ class NormAffine:
         return vectors * self.weight
 
 
-def _module(model: nn.Module, name: str) -> nn.Module | None:
-    module: nn.Module | None = model
-    for part in name.split("."):
-        module = getattr(module, part, None) if module is not None else None
-        if module is None:
-            return None
-    return module
-
-
 def norm_affine(model: nn.Module, name: str) -> NormAffine | None:
     """The affine step of the norm module `name` (e.g. `blocks.2.ln2`, `ln_final`), or
     None when the model has no such module. Measured by running it on random inputs
-    (exact to the model dtype's rounding: about 1e-7 relative in float32)."""
-    module = _module(model, name)
-    if module is None or isinstance(module, nn.Identity):
-        return None
-    hook = getattr(module, "hook_normalized", None)
-    if hook is None:
-        raise AttributionError(f"{name} of this {type(model).__name__} has no hook_normalized; not a norm module")
-    d_model = model.cfg.d_model
-    param = next(model.parameters())
-    generator = torch.Generator().manual_seed(0)
-    x = 1.0 + torch.randn(1, 2 * d_model + 2, d_model, generator=generator, dtype=torch.float64, device="cpu")
-    seen: dict[str, Tensor] = {}
-    handle = hook.register_forward_hook(lambda m, args, out: seen.update(n=out))
+    (`sites.probe_norm`; exact to the model dtype's rounding: about 1e-7 relative in
+    float32): the output regressed on the norm's own normalised vector."""
     try:
-        with torch.no_grad():
-            out = module(x.to(device=param.device, dtype=param.dtype))
-    finally:
-        handle.remove()
-    normalized, out = seen["n"][0].double(), out[0].double()
+        probe = probe_norm(model, name)
+    except SiteError as err:
+        raise AttributionError(str(err)) from err
+    if probe is None:
+        return None
+    normalized, out = probe.normalized.to(probe.output.device), probe.output
     n_centred = normalized - normalized.mean(0)
     weight = (n_centred * (out - out.mean(0))).sum(0) / n_centred.pow(2).sum(0)
     bias = (out - normalized * weight).mean(0)
-    centres = bool(normalized.mean(-1).abs().max() < 1e-3 * normalized.abs().max())
-    dtype = param.dtype
-    return NormAffine(centres=centres, weight=weight.to(dtype), bias=bias.to(dtype))
+    dtype = next(model.parameters()).dtype
+    return NormAffine(centres=probe.centres, weight=weight.to(dtype), bias=bias.to(dtype))
 
 
 def embedding_matrix(model: nn.Module) -> Float[Tensor, "d_vocab d_model"]:

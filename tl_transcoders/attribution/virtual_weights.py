@@ -57,6 +57,7 @@ from tl_transcoders.attribution.model_weights import (
     value_output_weights,
 )
 from tl_transcoders.core.transcoder import Transcoder
+from tl_transcoders.hooks.sites import probe_norm
 from tl_transcoders.hooks.splice import SpliceError, check_compatible, describe
 
 __all__ = [
@@ -151,14 +152,15 @@ def output_norm(model: nn.Module, transcoder: Transcoder) -> NormAffine | None:
 
 def input_norm(model: nn.Module, transcoder: Transcoder) -> NormAffine | None:
     """The norm between the residual stream and what `transcoder` reads, with its weight
-    and bias only where the input site is after them; None for a residual-stream site."""
+    and bias only where the input site is after them (`ln2.hook_normalized` is before
+    them, except in TransformerLens 2.x LayerNorm); None for a residual-stream site."""
     kind = _input_kind(transcoder)
     if kind == "residual":
         return None
     norm = norm_affine(model, f"blocks.{transcoder.cfg.layer}.ln2")
     if norm is None:
         return None
-    if kind == "normalized":
+    if kind == "normalized" and probe_norm(model, f"blocks.{transcoder.cfg.layer}.ln2").hook_before_affine:
         return NormAffine(norm.centres, torch.ones_like(norm.weight), torch.zeros_like(norm.bias))
     return norm
 

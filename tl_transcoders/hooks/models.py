@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from tl_transcoders.core.errors import TranscodersError, summary
+from tl_transcoders.hooks.sites import bridge_class
 
 __all__ = [
     "ModelLoadError",
@@ -222,12 +223,16 @@ def tiny_random_model(seed: int = 0) -> nn.Module:
 
 
 def _use_bridge(bridge: bool | None) -> bool:
+    """Whether to make a TransformerBridge: `bridge`, or where None the class this
+    TransformerLens has (HookedTransformer before 4.0)."""
     try:
         from transformer_lens import HookedTransformer  # noqa: F401
     except ImportError:
         if bridge is False:
             raise ModelLoadError("this TransformerLens (>= 4.0) has no HookedTransformer: use bridge=True") from None
         return True
+    if bridge and bridge_class() is None:
+        raise ModelLoadError("this TransformerLens (< 3.0) has no TransformerBridge: use bridge=False or upgrade")
     return bool(bridge)
 
 

@@ -6,9 +6,10 @@ knows how the two model classes differ:
 
 - `TransformerBridge` (TL 3.x-4.x) has every site as a hook point, including
   `blocks.L.mlp.hook_in` (the exact MLP input) and `blocks.L.mlp.hook_out`.
-- `HookedTransformer` (TL 2.16-3.x) has no `mlp.hook_in` / `mlp.hook_out`; here those two
-  names are served by temporary PyTorch hooks on `blocks[L].mlp` (the module's input
-  and output), so the model is never modified.
+- `HookedTransformer` (TL 2.16-3.x) has no `mlp.hook_in` / `mlp.hook_out` (and TL 2.x no
+  `unembed.hook_in` / `unembed.hook_out`); here those names are served by temporary
+  PyTorch hooks on `blocks[L].mlp` or `unembed` (the module's input and output), so the
+  model is never modified.
 
 `attach` runs functions at sites for the length of a `with` block and removes every
 hook on exit, also after an exception. `probe_sites` runs a tiny forward pass to check
@@ -57,7 +58,7 @@ __all__ = [
 SiteFn = Callable[[Tensor], "Tensor | None"]
 """Called with the activation at a site; a returned tensor replaces it."""
 
-_MLP_MODULE_SITE = re.compile(r"^blocks\.(\d+)\.mlp\.hook_(in|out)$")
+_MODULE_SITE = re.compile(r"^(blocks\.(\d+)\.mlp|unembed)\.hook_(in|out)$")
 
 
 class SiteError(TranscodersError, ValueError):
@@ -104,23 +105,26 @@ def _hook_names(model: nn.Module) -> set[str]:
     return set(model.hook_dict)
 
 
-def _mlp_module_site(model: nn.Module, site: str, names: set[str]) -> tuple[nn.Module, str] | None:
-    """For `blocks.L.mlp.hook_in|out` on a model without that hook point (`names`): the
-    MLP module and whether the site is its input or output. None otherwise."""
-    match = _MLP_MODULE_SITE.match(site)
+def _module_site(model: nn.Module, site: str, names: set[str]) -> tuple[nn.Module, str] | None:
+    """For `blocks.L.mlp.hook_in|out` or `unembed.hook_in|out` on a model without that
+    hook point (`names`): the module and whether the site is its input or output. None
+    otherwise."""
+    match = _MODULE_SITE.match(site)
     if match is None or site in names:
         return None
-    layer = int(match.group(1))
-    if layer >= len(model.blocks) or not hasattr(model.blocks[layer], "mlp"):
-        return None
-    return model.blocks[layer].mlp, match.group(2)
+    if match.group(2) is None:
+        module = getattr(model, "unembed", None)
+    else:
+        layer = int(match.group(2))
+        module = getattr(model.blocks[layer], "mlp", None) if layer < len(model.blocks) else None
+    return (module, match.group(3)) if isinstance(module, nn.Module) else None
 
 
 def site_exists(model: nn.Module, site: str, names: set[str] | None = None) -> bool:
-    """True if `site` names a hook point or an MLP module input/output of `model`
-    (`names`: the model's hook names, if already read)."""
+    """True if `site` names a hook point or a module input/output served by a module hook
+    (see `_module_site`) of `model` (`names`: the model's hook names, if already read)."""
     names = _hook_names(model) if names is None else names
-    return site in names or _mlp_module_site(model, site, names) is not None
+    return site in names or _module_site(model, site, names) is not None
 
 
 def check_site_exists(model: nn.Module, site: str, names: set[str] | None = None) -> None:
@@ -145,7 +149,7 @@ def attach(model: nn.Module, hooks: Sequence[tuple[str, SiteFn]]) -> Iterator[No
     handles = []
     try:
         for site, fn in hooks:
-            module_site = _mlp_module_site(model, site, names)
+            module_site = _module_site(model, site, names)
             if module_site is None:
                 hook_point_hooks.append((site, _hook_point_fn(fn)))
             elif module_site[1] == "in":
@@ -261,14 +265,79 @@ def probe_sites(model: nn.Module, sites: Sequence[str]) -> dict[str, SiteInfo]:
     return seen
 
 
+@dataclass(frozen=True)
+class NormProbe:
+    """A norm module of the model run on random rows `x` (float64 views of the results).
+
+    `centres` is True for LayerNorm (the output does not change when a constant is added
+    to a row), False for RMSNorm; `normalized` is the norm's own normalised vector,
+    `centre(x) / scale` or `x / scale`; `seen` what its `hook_normalized` saw, which
+    TransformerLens 3.x and later take before the affine step and TransformerLens 2.x
+    LayerNorm after it; `output` the module's output."""
+
+    x: Tensor
+    normalized: Tensor
+    seen: Tensor
+    output: Tensor
+    centres: bool
+
+    @property
+    def hook_before_affine(self) -> bool:
+        """True where `hook_normalized` sees the normalised vector itself."""
+        return torch.allclose(self.seen, self.normalized, rtol=1e-4, atol=1e-5)
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    module: nn.Module | None = model
+    for part in name.split("."):
+        module = getattr(module, part, None) if module is not None else None
+    return module
+
+
+def probe_norm(model: nn.Module, name: str) -> NormProbe | None:
+    """Run the norm module `name` (e.g. `blocks.2.ln2`, `ln_final`) on random rows and
+    read what it does (`NormProbe`); None when the model has no such module or it is an
+    identity."""
+    module = _submodule(model, name)
+    if module is None or isinstance(module, nn.Identity):
+        return None
+    hooks = {part: getattr(module, f"hook_{part}", None) for part in ("normalized", "scale")}
+    if None in hooks.values():
+        raise SiteError(f"{name} of this {type(model).__name__} has no hook_normalized / hook_scale; not a norm")
+    param = next(model.parameters())
+    d_model = model.cfg.d_model
+    generator = torch.Generator().manual_seed(0)
+    x = 1.0 + torch.randn(2 * d_model + 2, d_model, generator=generator, dtype=torch.float64, device="cpu")
+    seen: dict[str, Tensor] = {}
+    handles = [
+        hook.register_forward_hook(_post_hook_fn(store_hook(seen, part, lambda a: a.detach())))
+        for part, hook in hooks.items()
+    ]
+    try:
+        with torch.no_grad():
+            shifted = module((x + 3.0)[None].to(device=param.device, dtype=param.dtype))[0].double()
+            output = module(x[None].to(device=param.device, dtype=param.dtype))[0].double()
+    finally:
+        for handle in handles:
+            handle.remove()
+    centres = torch.allclose(output, shifted, rtol=1e-3, atol=1e-4)
+    scale = seen["scale"][0].double().reshape(-1, 1)
+    normalized = (x - x.mean(-1, keepdim=True) if centres else x).to(scale.device) / scale
+    return NormProbe(x, normalized, seen["normalized"][0].double(), output, centres)
+
+
 def input_space_of(model: nn.Module, site: str) -> str:
     """The input space a transcoder reading `site` of `model` is trained in.
 
-    Only the MLP's own input (`mlp.hook_in`, and `ln2.hook_out` on the Bridge) depends on
-    whether the layer-norm weights are folded: `ln2.hook_normalized` is taken before the
-    affine step and the residual stream is unaffected by folding, so those read the
-    same values in every space ("any")."""
-    if not site.endswith(("mlp.hook_in", "ln2.hook_out")):
+    The MLP's own input (`mlp.hook_in`, and `ln2.hook_out` on the Bridge) depends on
+    whether the layer-norm weights are folded; so does `ln2.hook_normalized` where it is
+    taken after the norm's affine step (TransformerLens 2.x LayerNorm). Taken before it,
+    and on the residual stream, every space reads the same values ("any")."""
+    if site.endswith("ln2.hook_normalized"):
+        probe = probe_norm(model, site.removesuffix(".hook_normalized"))
+        if probe is None or probe.hook_before_affine:
+            return "any"
+    elif not site.endswith(("mlp.hook_in", "ln2.hook_out")):
         return "any"
     if is_bridge(model):
         folded = getattr(model, "compatibility_mode", False) and getattr(model, "_weights_processed", False)
