@@ -28,6 +28,7 @@ from tl_transcoders.analysis.errors import AnalysisError
 from tl_transcoders.core.transcoder import Transcoder
 from tl_transcoders.evaluation import compute_ablation_baselines, evaluate_splice
 from tl_transcoders.hooks.sites import capture
+from tl_transcoders.hooks.tokens import TokenInput, check_tokens, token_batches_of
 from tl_transcoders.training import TrainConfig, Trainer, fit_together
 
 __all__ = [
@@ -81,12 +82,13 @@ def train_variants(
 
 
 def latent_frequencies(
-    model: nn.Module, transcoder: Transcoder, tokens: Int[Tensor, "batch pos"], batch_size: int = 8
+    model: nn.Module, transcoder: Transcoder, tokens: TokenInput, batch_size: int = 8
 ) -> Float[Tensor, " d_latent"]:
-    """The fraction of tokens (position 0 excluded: BOS) on which each latent fires."""
-    counts = torch.zeros(transcoder.cfg.d_latent, dtype=torch.float64)
+    """The fraction of tokens (position 0 excluded: BOS) on which each latent fires;
+    `tokens` is read once, `batch_size` rows at a time."""
+    counts = torch.zeros(transcoder.cfg.d_latent, dtype=torch.float64, device=transcoder.W_enc.device)
     n = 0
-    for batch in tokens.split(batch_size):
+    for batch in token_batches_of(model, tokens, batch_size):
         x = capture(model, batch, [transcoder.cfg.input_site])[transcoder.cfg.input_site]
         x = x.reshape(batch.shape[0], batch.shape[1], -1)[:, 1:].reshape(-1, x.shape[-1])
         with torch.no_grad():
@@ -100,10 +102,10 @@ def compare_variants(
 ) -> list[dict]:
     """One row per (variant, layer) measured on `tokens`, `batch_size` rows at a time:
     FVU, CE clean / spliced / zero-ablated, KL, CE recovered, L0, dead and dense
-    fractions. Each dictionary is spliced alone; the ablation baselines are computed
-    once for all."""
+    fractions. Each dictionary is spliced alone, each a pass over the tokens (so they are
+    a tensor, not a stream); the ablation baselines are computed once for all."""
     layers = sorted({t.cfg.layer for ts in variants.values() for t in ts})
-    batches = list(tokens.split(batch_size))  # one batch would hold [rows, pos, d_vocab] logits at once
+    batches = check_tokens(model, tokens, where="held-out tokens", min_positions=2).split(batch_size)
     baselines = compute_ablation_baselines(model, batches, layers)
     rows = []
     for name, transcoders in variants.items():

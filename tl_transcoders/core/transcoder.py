@@ -35,7 +35,7 @@ from tl_transcoders.core.activations import SparseLatents
 from tl_transcoders.core.config import ConfigError, TranscoderConfig
 from tl_transcoders.core.native import CONFIG_FILE, WEIGHTS_FILE, read_config, read_tensors, write_directory
 
-__all__ = ["Transcoder", "TranscoderOutput", "parameter_shapes"]
+__all__ = ["Transcoder", "TranscoderOutput", "Weights", "parameter_shapes"]
 
 
 def parameter_shapes(cfg: TranscoderConfig) -> dict[str, tuple[int, ...]]:
@@ -51,6 +51,18 @@ def parameter_shapes(cfg: TranscoderConfig) -> dict[str, tuple[int, ...]]:
     if cfg.activation in ("jumprelu", "batchtopk"):
         shapes["threshold"] = (cfg.d_latent,)
     return shapes
+
+
+class Weights(NamedTuple):
+    """A transcoder's tensors as the forward pass uses them (`Transcoder.weights`);
+    `W_skip` and `threshold` are None where the config has none."""
+
+    W_enc: Float[Tensor, "d_latent d_in"]
+    b_enc: Float[Tensor, " d_latent"]
+    W_dec: Float[Tensor, "d_latent d_out"]
+    b_dec: Float[Tensor, " d_out"]
+    W_skip: Float[Tensor, "d_out d_in"] | None
+    threshold: Float[Tensor, " d_latent"] | None
 
 
 class TranscoderOutput(NamedTuple):
@@ -118,26 +130,38 @@ class Transcoder(nn.Module):
                 "the transcoder was built? Build a new Transcoder from the config you want."
             )
 
-    def pre_activations(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_latent"]:
+    def weights(self, dtype: torch.dtype | None = None) -> Weights:
+        """The parameters as used by the forward pass; cast (differentiably, so gradients
+        reach the parameters in their own dtype) to `dtype` when given."""
+
+        def cast(p: Tensor | None) -> Tensor | None:
+            return p if p is None or dtype is None else p.to(dtype)
+
+        return Weights(*(cast(getattr(self, name, None)) for name in Weights._fields))
+
+    def pre_activations(
+        self, x: Float[Tensor, "*batch d_in"], weights: Weights | None = None
+    ) -> Float[Tensor, "*batch d_latent"]:
         """Encoder pre-activations `x @ W_enc.T + b_enc`."""
-        return torch.nn.functional.linear(x, self.W_enc, self.b_enc)
+        w = weights or self.weights()
+        return torch.nn.functional.linear(x, w.W_enc, w.b_enc)
 
     @property
     def _uses_sparse_kernels(self) -> bool:
         """TopK always, BatchTopK in training mode: encoded without dense latents."""
         return self.cfg.activation == "topk" or (self.cfg.activation == "batchtopk" and self.training)
 
-    def _sparse_encode(self, x: Tensor) -> SparseLatents:
+    def _sparse_encode(self, x: Tensor, w: Weights) -> SparseLatents:
         encode = kernels.topk_encode if self.cfg.activation == "topk" else kernels.batchtopk_encode
-        return encode(x, self.W_enc, self.b_enc, self.cfg.k)
+        return encode(x, w.W_enc, w.b_enc, self.cfg.k)
 
-    def _dense_activation(self, pre: Tensor, jumprelu_bandwidth: float | None) -> Tensor:
+    def _dense_activation(self, pre: Tensor, w: Weights, jumprelu_bandwidth: float | None) -> Tensor:
         """ReLU, JumpReLU (straight-through threshold gradient with a bandwidth) or the
         BatchTopK inference threshold, on dense pre-activations."""
         if self.cfg.activation == "relu":
             return activations.relu(pre)
         bandwidth = jumprelu_bandwidth if self.cfg.activation == "jumprelu" else None
-        return activations.jumprelu(pre, self.threshold, bandwidth)
+        return activations.jumprelu(pre, w.threshold, bandwidth)
 
     def run(
         self,
@@ -146,23 +170,29 @@ class Transcoder(nn.Module):
         return_latents: bool = True,
         return_pre_activations: bool = False,
         jumprelu_bandwidth: float | None = None,
+        compute_dtype: torch.dtype | None = None,
     ) -> TranscoderOutput:
         """The forward pass (see the module docstring): the reconstruction of the output
         site from `x`, with the active latents (`return_latents`) and the dense
         pre-activations (`return_pre_activations`, or wherever they are computed anyway).
         `jumprelu_bandwidth` turns on JumpReLU's straight-through threshold gradient
-        (training)."""
+        (training). With `compute_dtype` (e.g. bfloat16) the arithmetic runs in that dtype
+        on cast copies of `x` and the parameters, whose gradients still reach the
+        parameters in their own dtype (mixed precision with full-precision weights)."""
+        w = self.weights(compute_dtype)
+        if compute_dtype is not None:
+            x = x.to(compute_dtype)
         if self._uses_sparse_kernels:
-            latents = self._sparse_encode(x)
-            output = self.decode_sparse(latents)
-            pre = self.pre_activations(x) if return_pre_activations else None
+            latents = self._sparse_encode(x, w)
+            output = self.decode_sparse(latents, w)
+            pre = self.pre_activations(x, w) if return_pre_activations else None
         else:
-            pre = self.pre_activations(x)
-            dense = self._dense_activation(pre, jumprelu_bandwidth)
-            output = self.decode(dense)
+            pre = self.pre_activations(x, w)
+            dense = self._dense_activation(pre, w, jumprelu_bandwidth)
+            output = self.decode(dense, w)
             latents = activations.sparsify_dense(dense) if return_latents else None
         if self.cfg.skip:
-            output = output + x @ self.W_skip.T
+            output = output + x @ w.W_skip.T
         return TranscoderOutput(output, latents if return_latents else None, pre)
 
     def forward(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_out"]:
@@ -179,25 +209,30 @@ class Transcoder(nn.Module):
 
     def encode(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_latent"]:
         """Dense latent activations (mostly zeros)."""
+        w = self.weights()
         if self._uses_sparse_kernels:
-            return self._sparse_encode(x).to_dense(self.cfg.d_latent)
-        return self._dense_activation(self.pre_activations(x), None)
+            return self._sparse_encode(x, w).to_dense(self.cfg.d_latent)
+        return self._dense_activation(self.pre_activations(x, w), w, None)
 
     def encode_sparse(self, x: Float[Tensor, "*batch d_in"]) -> SparseLatents:
         """Values and indices of each token's active latents: exactly k per token for
         TopK; for the other activations padded with zeros to the largest number of
         active latents of any token."""
         if self._uses_sparse_kernels:
-            return self._sparse_encode(x)
+            return self._sparse_encode(x, self.weights())
         return activations.sparsify_dense(self.encode(x))
 
-    def decode(self, latents: Float[Tensor, "*batch d_latent"]) -> Float[Tensor, "*batch d_out"]:
+    def decode(
+        self, latents: Float[Tensor, "*batch d_latent"], weights: Weights | None = None
+    ) -> Float[Tensor, "*batch d_out"]:
         """`latents @ W_dec + b_dec` (without the skip term, which needs the input)."""
-        return latents @ self.W_dec + self.b_dec
+        w = weights or self.weights()
+        return latents @ w.W_dec + w.b_dec
 
-    def decode_sparse(self, latents: SparseLatents) -> Float[Tensor, "*batch d_out"]:
+    def decode_sparse(self, latents: SparseLatents, weights: Weights | None = None) -> Float[Tensor, "*batch d_out"]:
         """Decode from the sparse form: a gather-and-sum of the active decoder rows."""
-        return kernels.sparse_decode(latents.values.to(self.W_dec.dtype), latents.indices, self.W_dec, self.b_dec)
+        w = weights or self.weights()
+        return kernels.sparse_decode(latents.values.to(w.W_dec.dtype), latents.indices, w.W_dec, w.b_dec)
 
     def extra_repr(self) -> str:
         c = self.cfg

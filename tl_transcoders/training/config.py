@@ -87,6 +87,12 @@ class TrainConfig:
     process a share of the layers."""
     dtype: Dtype = "float32"
     """Parameter dtype of the transcoders (the optimiser state has the same dtype)."""
+    compute_dtype: Literal["bfloat16"] | None = None
+    """Mixed precision: run the transcoders' arithmetic in bfloat16 while the parameters and
+    Adam's state stay in `dtype` (None: all in `dtype`)."""
+    tf32: bool = False
+    """Allow TF32 matrix products on CUDA for the run (faster on Ampere and later GPUs, about
+    1e-3 relative precision); the setting before the run is restored after it."""
     seed: int = 0
     """Seed of the initialisation and of the shuffle buffer."""
 

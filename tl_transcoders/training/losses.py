@@ -22,6 +22,7 @@ from tl_transcoders.core import activations
 from tl_transcoders.core.activations import SparseLatents
 from tl_transcoders.core.transcoder import Transcoder
 from tl_transcoders.evaluation.statistics import SumRanks, fvu, no_ranks
+from tl_transcoders.training.config import TrainConfig
 
 __all__ = ["StepOutput", "training_step"]
 
@@ -38,31 +39,34 @@ def training_step(
     x: Tensor,
     y: Tensor,
     dead: Tensor,
-    auxk_alpha: float,
-    l1_coefficient: float,
-    l0_coefficient: float,
-    bandwidth: float,
+    cfg: TrainConfig,
     sum_ranks: SumRanks = no_ranks,
 ) -> StepOutput:
     """Loss for one batch: `x` [n, d_in] -> `y` [n, d_out]; `dead` [d_latent] marks
-    latents that have not fired recently (the targets of AuxK). `fvu` in the result is
-    the global batch's."""
-    cfg = transcoder.cfg
+    latents that have not fired recently (the targets of AuxK); the coefficients, the
+    JumpReLU bandwidth and the compute dtype come from `cfg`. `fvu` in the result is the
+    global batch's."""
+    activation = transcoder.cfg.activation
     n_tokens = sum_ranks(x.new_tensor(float(x.shape[0])))
-    auxk = cfg.activation == "topk" and auxk_alpha > 0 and bool(dead.any())
-    out = transcoder.run(x, return_pre_activations=auxk, jumprelu_bandwidth=bandwidth)
+    auxk = activation == "topk" and cfg.auxk_alpha > 0 and bool(dead.any())
+    compute_dtype = getattr(torch, cfg.compute_dtype) if cfg.compute_dtype else None
+    out = transcoder.run(
+        x, return_pre_activations=auxk, jumprelu_bandwidth=cfg.jumprelu_bandwidth, compute_dtype=compute_dtype
+    )
+    output = out.output.to(y.dtype)
     latents = out.latents
     sparsity = x.new_zeros(())
     if auxk:
-        residual = (y - out.output).detach()
-        sparsity = auxk_alpha * _auxk(transcoder, out.pre_activations, dead, residual, x.shape[-1] // 2, sum_ranks)
-    elif cfg.activation == "relu":
+        residual = (y - output).detach()
+        pre = out.pre_activations.to(y.dtype)
+        sparsity = cfg.auxk_alpha * _auxk(transcoder, pre, dead, residual, x.shape[-1] // 2, sum_ranks)
+    elif activation == "relu":
         norms = transcoder.W_dec.norm(dim=-1)[latents.indices]
-        sparsity = l1_coefficient * (latents.values * norms).sum() / n_tokens
-    elif cfg.activation == "jumprelu":
-        active = activations.step(out.pre_activations, transcoder.threshold, bandwidth)
-        sparsity = l0_coefficient * active.sum() / n_tokens
-    error = fvu(y, out.output, sum_ranks)
+        sparsity = cfg.l1_coefficient * (latents.values * norms).sum() / n_tokens
+    elif activation == "jumprelu":
+        active = activations.step(out.pre_activations, transcoder.threshold, cfg.jumprelu_bandwidth)
+        sparsity = cfg.l0_coefficient * active.sum() / n_tokens
+    error = fvu(y, output, sum_ranks)
     detached = SparseLatents(latents.values.detach(), latents.indices)
     return StepOutput(loss=error + sparsity, fvu=sum_ranks(error.detach()), latents=detached)
 

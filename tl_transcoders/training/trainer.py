@@ -25,10 +25,11 @@ every batch and gradients are summed across processes before each step; with
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -350,17 +351,7 @@ class Trainer:
         for layer, transcoder in self.transcoders.items():
             x, y = self._inputs(layer, activations)
             dead = self.since_fired[layer] >= cfg.dead_tokens
-            out = training_step(
-                transcoder,
-                x,
-                y,
-                dead,
-                cfg.auxk_alpha,
-                cfg.l1_coefficient,
-                cfg.l0_coefficient,
-                cfg.jumprelu_bandwidth,
-                self.sum_ranks,
-            )
+            out = training_step(transcoder, x, y, dead, cfg, self.sum_ranks)
             if not torch.isfinite(out.loss):
                 raise NonFiniteError(
                     f"the loss of layer {layer}'s transcoder is {out.loss.item()} at step {self.step + 1}: the run "
@@ -594,8 +585,13 @@ class TrainerGroup:
                 f"the trainers' checkpoints consumed different numbers of batches ({sorted(resumed)}); "
                 "resume them separately or start again"
             )
-        skip = resumed.pop()
-        first = trainers[0]
+        with _tf32(any(t.cfg.tf32 for t in trainers)):
+            self._loop(batches, skip=resumed.pop())
+        return [trainer.finish() for trainer in trainers]
+
+    def _loop(self, batches: Iterable[Tensor], skip: int) -> None:
+        """Feed every batch after the first `skip` to the trainers still running."""
+        trainers, first = self.trainers, self.trainers[0]
         progress = tqdm(
             total=max(t.cfg.total_steps for t in trainers), initial=first.step, desc="training", unit="step"
         )
@@ -627,7 +623,20 @@ class TrainerGroup:
             raise
         finally:
             progress.close()
-        return [trainer.finish() for trainer in trainers]
+
+
+@contextlib.contextmanager
+def _tf32(allow: bool) -> Iterator[None]:
+    """TF32 matrix products on CUDA for the block when `allow`; the previous setting after."""
+    if not allow:
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
 
 
 def fit_together(
