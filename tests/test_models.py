@@ -3,9 +3,7 @@ Hugging Face model's own log-probs."""
 
 from __future__ import annotations
 
-import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -40,7 +38,7 @@ def vocabulary() -> list[str]:
 
 def tiny_llama(seed: int = 0):
     """A random LLaMA-architecture HF model with a byte-level BPE tokenizer."""
-    from transformers import GPT2Tokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     tokens = vocabulary()
     torch.manual_seed(seed)
@@ -50,16 +48,15 @@ def tiny_llama(seed: int = 0):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1 + 0.3 * torch.randn_like(p))
-    files = Path(tempfile.mkdtemp(prefix="tiny-bpe-"))  # vocabulary files: transformers 4 and 5 both read them
-    (files / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (files / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in MERGES))
-    tokenizer = GPT2Tokenizer(
-        vocab_file=str(files / "vocab.json"),
-        merges_file=str(files / "merges.txt"),
-        bos_token="<|endoftext|>",
-        eos_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-    )
+    # A byte-level BPE built with `tokenizers`, which transformers 4 and 5 both wrap the same way
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=MERGES))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    special = "<|endoftext|>"
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=special, eos_token=special, unk_token=special)
     return model, tokenizer
 
 
