@@ -35,7 +35,7 @@ def test_eval_prints_the_report(monkeypatch, tmp_path, capsys):
         ]
     )
     printed = json.loads(capsys.readouterr().out)
-    expected = evaluate_splice(model, transcoders, list(tokens.split(2))).to_dict()
+    expected = evaluate_splice(model, transcoders, tokens, batch_size=2).to_dict()  # as --batch-size 2
     assert printed.keys() == expected.keys() and printed["layers"].keys() == {"0", "1"}
     assert printed["ce_all_spliced"] == expected["ce_all_spliced"]
     assert printed["layers"]["1"]["fvu"] == expected["layers"]["1"]["fvu"]
