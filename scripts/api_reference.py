@@ -127,7 +127,14 @@ def format_annotation(annotation: object) -> str:
     return re.sub(r"""ForwardRef\((['"])(.*?)\1\)""", r"\2", text)  # a NamedTuple's string annotations
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
 def format_default(value: object) -> str:
+    """The value's repr without memory addresses; a path inside the checkout relative
+    to it, so the reference reads the same wherever the project is cloned."""
+    if isinstance(value, Path) and value.is_absolute() and value.is_relative_to(ROOT):
+        return f"{type(value).__name__}('{value.relative_to(ROOT).as_posix()}')"
     return re.sub(r" at 0x[0-9a-f]+", "", repr(value))
 
 
