@@ -27,6 +27,7 @@ supported.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
@@ -97,7 +98,7 @@ def sparse_decode(
     `latents @ W_dec + b_dec` without forming the dense latents. Gradients flow to
     `values`, `W_dec` and `b_dec`."""
     k = indices.shape[-1]
-    out = F.embedding_bag(indices.reshape(-1, k), W_dec, per_sample_weights=values.reshape(-1, k), mode="sum")
+    out = _SparseDecode.apply(values.reshape(-1, k), indices.reshape(-1, k), W_dec)
     return out.view(*indices.shape[:-1], W_dec.shape[1]) + b_dec
 
 
@@ -140,25 +141,66 @@ def _encoder_backward(needs_grad, x, W_enc, values, indices, grad_values):
     g = grad_values.masked_fill(values <= 0, 0).contiguous()
     if needs_grad[0]:
         grad_x = F.embedding_bag(indices, W_enc, per_sample_weights=g, mode="sum")
-    if needs_grad[1] or needs_grad[2]:
-        flat = indices.reshape(-1)
-        g_flat = g.reshape(-1)
-        if needs_grad[1]:
-            # Row i of grad_W_enc is the bag of tokens that kept latent i, weighted by g.
-            _, order = torch.sort(flat)
-            counts = torch.bincount(flat, minlength=n_latents)
-            offsets = torch.zeros(n_latents, dtype=torch.long, device=flat.device)
-            torch.cumsum(counts[:-1], 0, out=offsets[1:])
-            grad_W = F.embedding_bag(
-                torch.div(order, k, rounding_mode="floor"),
-                x,
-                offsets,
-                per_sample_weights=g_flat[order],
-                mode="sum",
-            )
-        if needs_grad[2]:
-            grad_b = g.new_zeros(n_latents).index_add_(0, flat, g_flat)
+    if needs_grad[1]:
+        grad_W = _bags_by_latent(indices, g, x, n_latents)
+    if needs_grad[2]:
+        grad_b = g.new_zeros(n_latents).index_add_(0, indices.reshape(-1), g.reshape(-1))
     return grad_x, grad_W, grad_b
+
+
+def _stable_order(keys):
+    """A stable argsort of 1-D integer `keys`: numpy's radix sort on the CPU (about 10x
+    faster there than torch.sort), torch.sort elsewhere."""
+    if keys.device.type == "cpu":
+        return torch.from_numpy(np.argsort(keys.numpy(), kind="stable"))
+    return torch.sort(keys, stable=True).indices
+
+
+def _bags_by_latent(indices, weights, rows, n_latents):
+    """For every latent i, the sum over the slots (n, j) with `indices[n, j] == i` of
+    `weights[n, j] * rows[n]`: `[n_latents, rows.shape[1]]`. One embedding bag per
+    latent over `rows`, the (token, slot) pairs sorted by latent, so the work grows with
+    the active latents, not with all of them."""
+    k = indices.shape[1]
+    flat = indices.reshape(-1)
+    order = _stable_order(flat)
+    counts = torch.bincount(flat, minlength=n_latents)
+    offsets = torch.zeros(n_latents, dtype=torch.long, device=flat.device)
+    torch.cumsum(counts[:-1], 0, out=offsets[1:])
+    tokens = torch.div(order, k, rounding_mode="floor")
+    return F.embedding_bag(tokens, rows, offsets, per_sample_weights=weights.reshape(-1)[order], mode="sum")
+
+
+class _SparseDecode(torch.autograd.Function):
+    """`sum_j values[n, j] * W_dec[indices[n, j]]` (an embedding bag) whose backward
+    touches only the decoder rows of the active latents: the weight gradient is one
+    bag per latent over the output gradient (`_bags_by_latent`; 4x faster on the CPU
+    than the embedding bag's own weight gradient, which fills a dense matrix), the
+    values' gradient the embedding bag's own per-sample-weight gradient."""
+
+    @staticmethod
+    def forward(ctx, values, indices, W_dec):
+        ctx.mark_non_differentiable(indices)
+        ctx.save_for_backward(values, indices, W_dec)
+        return F.embedding_bag(indices, W_dec, per_sample_weights=values, mode="sum")
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        values, indices, W_dec = ctx.saved_tensors
+        grad_values = grad_W = None
+        grad_out = grad_out.contiguous()
+        if ctx.needs_input_grad[0]:
+            n, k = indices.shape
+            offsets = torch.arange(0, n * k, k, device=indices.device)
+            bags = torch.arange(n, device=indices.device).repeat_interleave(k)
+            flat = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                grad_out, W_dec, indices.reshape(-1), offsets, bags, 0, -1
+            )
+            grad_values = flat.view(n, k).to(values.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_W = _bags_by_latent(indices, values.to(grad_out.dtype), grad_out, W_dec.shape[0])
+        return grad_values, None, grad_W
 
 
 class _SparseEncode(torch.autograd.Function):
@@ -219,7 +261,7 @@ def _batchtopk_select(x, W_enc, b_enc, k):
     pool_v, pool_t, pool_l = torch.cat(pool_v), torch.cat(pool_t), torch.cat(pool_l)
     top_v, top = torch.topk(pool_v, budget, sorted=False)
     tokens, latents = pool_t[top], pool_l[top]
-    _, order = torch.sort(tokens * n_latents + latents)
+    order = _stable_order(tokens * n_latents + latents)
     return tokens[order], latents[order], top_v[order]
 
 
