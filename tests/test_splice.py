@@ -321,7 +321,7 @@ def test_a_transcoder_from_a_dict_config(model, without_type_checker):
     original = make_transcoder(model, 1)
     rebuilt = Transcoder(original.cfg.to_dict())
     assert rebuilt.cfg == original.cfg
-    with pytest.raises(SpliceError, match="expected Transcoder objects, got a dict"):
+    with pytest.raises(SpliceError, match="expected Transcoder or CrossLayerTranscoder objects, got a dict"):
         with splice(model, [original.cfg.to_dict()]):
             pass
     with pytest.raises(SpliceError, match="got the path"):

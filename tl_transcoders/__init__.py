@@ -3,7 +3,8 @@
 The names here are the everyday API; each lives in one layer of the package, and the
 layers depend only downward (docs/concepts.md has the module map):
 
-    core        config, activations, sparse kernels, the Transcoder and its own file format
+    core        config, activations, sparse kernels, the Transcoder, the cross-layer
+                transcoder and their own file format
     io          other libraries' formats, loading by name or from the Hub, corpora
     hooks       hook sites, splice, loading models, token input checks
     evaluation  spliced CE / KL / FVU reports with error bars
@@ -15,7 +16,8 @@ layers depend only downward (docs/concepts.md has the module map):
 
 from tl_transcoders import _compat
 from tl_transcoders.core.activations import SparseLatents
-from tl_transcoders.core.config import ConfigError, TranscoderConfig
+from tl_transcoders.core.clt import CrossLayerTranscoder
+from tl_transcoders.core.config import ConfigError, CrossLayerConfig, TranscoderConfig
 from tl_transcoders.core.native import TranscoderFileError
 from tl_transcoders.core.transcoder import Transcoder
 from tl_transcoders.evaluation import (
@@ -27,13 +29,15 @@ from tl_transcoders.evaluation import (
     format_table,
 )
 from tl_transcoders.hooks.models import load_model
-from tl_transcoders.hooks.sites import SiteError, transcoder_config
+from tl_transcoders.hooks.sites import SiteError, cross_layer_config, transcoder_config
 from tl_transcoders.hooks.splice import SpliceError, check_compatible, splice
 from tl_transcoders.io.loading import export_circuit_tracer, load_pretrained
 
 __all__ = [
     "AblationBaselines",
     "ConfigError",
+    "CrossLayerConfig",
+    "CrossLayerTranscoder",
     "LayerReport",
     "SiteError",
     "SparseLatents",
@@ -44,6 +48,7 @@ __all__ = [
     "TranscoderFileError",
     "check_compatible",
     "compute_ablation_baselines",
+    "cross_layer_config",
     "evaluate_splice",
     "export_circuit_tracer",
     "format_table",

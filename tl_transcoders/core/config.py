@@ -32,6 +32,7 @@ __all__ = [
     "DTYPES",
     "INPUT_SPACES",
     "ConfigError",
+    "CrossLayerConfig",
     "TranscoderConfig",
     "check_field_types",
     "config_from_dict",
@@ -182,6 +183,24 @@ def config_from_dict(cls: type, data: Any, what: str = "config"):
     return config
 
 
+def check_positive(config: Any, least: dict[str, int]) -> None:
+    """Raise `ConfigError` unless each named integer field is at least its bound."""
+    for name, bound in least.items():
+        value = getattr(config, name)
+        if not _matches(value, int) or value < bound:
+            kind = "a positive" if bound else "a non-negative"
+            raise ConfigError(f"{name} must be {kind} integer, got {value!r}")
+
+
+def check_k(config: Any) -> None:
+    """Raise `ConfigError` unless a TopK-style config's `k` is in 1..d_latent."""
+    if config.activation in ("topk", "batchtopk"):
+        if config.k is None or config.k <= 0:
+            raise ConfigError(f"activation {config.activation!r} needs k, a positive integer; got {config.k!r}")
+        if config.k > config.d_latent:
+            raise ConfigError(f"k={config.k} is larger than d_latent={config.d_latent}")
+
+
 # --- the transcoder's config ------------------------------------------------------------
 
 
@@ -235,17 +254,9 @@ class TranscoderConfig:
 
     def validate(self) -> None:
         """Raise `ConfigError` naming the first field of the wrong type or out of range."""
-        for name, least in (("d_in", 1), ("d_out", 1), ("d_latent", 1), ("layer", 0)):
-            value = getattr(self, name)
-            if not _matches(value, int) or value < least:
-                kind = "a positive" if least else "a non-negative"
-                raise ConfigError(f"{name} must be {kind} integer, got {value!r}")
+        check_positive(self, {"d_in": 1, "d_out": 1, "d_latent": 1, "layer": 0})
         check_field_types(self)
-        if self.uses_k:
-            if self.k is None or self.k <= 0:
-                raise ConfigError(f"activation {self.activation!r} needs k, a positive integer; got {self.k!r}")
-            if self.k > self.d_latent:
-                raise ConfigError(f"k={self.k} is larger than d_latent={self.d_latent}")
+        check_k(self)
         for name in ("input_site", "output_site"):
             if not getattr(self, name):
                 raise ConfigError(f"{name} must be a non-empty hook name, got {getattr(self, name)!r}")
@@ -262,3 +273,71 @@ class TranscoderConfig:
     def from_dict(cls, data: dict[str, Any]) -> TranscoderConfig:
         """Build a config from `to_dict()` output, refusing unknown or missing fields."""
         return config_from_dict(cls, data, "transcoder config")
+
+
+# --- the cross-layer transcoder's config ------------------------------------------------
+
+
+@dataclass
+class CrossLayerConfig:
+    """Shape, sparsity rule and placement of a cross-layer transcoder (CLT): one encoder
+    per covered layer reading that layer's MLP input, and from each layer's latents one
+    decoder into the MLP output of that layer and of every later covered layer."""
+
+    d_model: int
+    """Width of the residual stream (the MLP input and output)."""
+    d_latent: int
+    """Latents per layer."""
+    n_layers: int
+    """Number of consecutive layers covered, from `first_layer`."""
+    first_layer: int = 0
+    """The first layer covered."""
+    activation: Activation = "topk"
+    """The sparsifying activation of every layer's encoder (`ACTIVATIONS`)."""
+    k: int | None = 32
+    """Active latents per token and layer for `topk` (exactly) and `batchtopk` (on
+    average over a batch); ignored by `relu` and `jumprelu`."""
+    skip: bool = False
+    """Add an affine skip term `x_l @ W_skip[l].T` to each layer's reconstruction."""
+    input_space: InputSpace | None = None
+    """The input space it was trained in (`INPUT_SPACES`), or None when unknown."""
+    model_name: str | None = None
+    """The model it was trained on, or None when unknown."""
+    dtype: Dtype = "float32"
+    """Parameter dtype."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def layers(self) -> range:
+        """The covered layers, in order."""
+        return range(self.first_layer, self.first_layer + self.n_layers)
+
+    @property
+    def uses_k(self) -> bool:
+        """True for the TopK-style activations, whose sparsity is set by `k`."""
+        return self.activation in ("topk", "batchtopk")
+
+    def input_site(self, layer: int) -> str:
+        """The hook read by layer `layer`'s encoder: the exact input of its MLP."""
+        return default_input_site(layer)
+
+    def output_site(self, layer: int) -> str:
+        """The hook layer `layer`'s reconstruction replaces: its `hook_mlp_out`."""
+        return default_output_site(layer)
+
+    def validate(self) -> None:
+        """Raise `ConfigError` naming the first field of the wrong type or out of range."""
+        check_positive(self, {"d_model": 1, "d_latent": 1, "n_layers": 1, "first_layer": 0})
+        check_field_types(self)
+        check_k(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CrossLayerConfig:
+        """Build a config from `to_dict()` output, refusing unknown or missing fields."""
+        return config_from_dict(cls, data, "cross-layer transcoder config")

@@ -92,14 +92,15 @@ def sparse_decode(
     values: Float[Tensor, "*batch k"],
     indices: Int[Tensor, "*batch k"],
     W_dec: Float[Tensor, "d_latent d_out"],
-    b_dec: Float[Tensor, " d_out"],
+    b_dec: Float[Tensor, " d_out"] | None,
 ) -> Float[Tensor, "*batch d_out"]:
     """`sum_j values[..., j] * W_dec[indices[..., j]] + b_dec`, i.e. the dense
-    `latents @ W_dec + b_dec` without forming the dense latents. Gradients flow to
-    `values`, `W_dec` and `b_dec`."""
+    `latents @ W_dec + b_dec` without forming the dense latents (no bias where `b_dec`
+    is None). Gradients flow to `values`, `W_dec` and `b_dec`."""
     k = indices.shape[-1]
     out = _SparseDecode.apply(values.reshape(-1, k), indices.reshape(-1, k), W_dec)
-    return out.view(*indices.shape[:-1], W_dec.shape[1]) + b_dec
+    out = out.view(*indices.shape[:-1], W_dec.shape[1])
+    return out if b_dec is None else out + b_dec
 
 
 def _check_encoder(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> None:

@@ -1,6 +1,7 @@
 """The native file format of a transcoder: a directory holding `config.json` (a format
-tag, a version, the config and the SHA-256 of the weights file) and
-`transcoder.safetensors` (the tensors).
+tag, a version, the kind of module, its config and the SHA-256 of the weights file) and
+`transcoder.safetensors` (the tensors). The kind is `transcoder` (`TranscoderConfig`)
+or `cross_layer_transcoder` (`CrossLayerConfig`); files without one are transcoders.
 
 `write_directory` replaces the directory as a whole (`files.atomic_directory`), so an
 interrupted save leaves the previous transcoder loadable. `read_config` and
@@ -22,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from tl_transcoders.core.config import ConfigError, TranscoderConfig
+from tl_transcoders.core.config import ConfigError, CrossLayerConfig, TranscoderConfig
 from tl_transcoders.core.errors import TranscodersError
 from tl_transcoders.core.files import atomic_directory
 
@@ -30,6 +31,7 @@ __all__ = [
     "CONFIG_FILE",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "KINDS",
     "WEIGHTS_FILE",
     "SavedConfig",
     "TranscoderFileError",
@@ -42,6 +44,9 @@ FORMAT_NAME = "tl-transcoders"
 FORMAT_VERSION = 2
 """Version 2 added `weights_sha256`; version 1 files are read without it."""
 READABLE_VERSIONS = (1, 2)
+KINDS: dict[str, type] = {"transcoder": TranscoderConfig, "cross_layer_transcoder": CrossLayerConfig}
+"""The modules a native directory can hold, by the `kind` written in its header."""
+LOADERS = {"transcoder": "Transcoder.load", "cross_layer_transcoder": "CrossLayerTranscoder.load"}
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "transcoder.safetensors"
 
@@ -59,10 +64,13 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_directory(directory: str | os.PathLike, config: dict[str, Any], tensors: dict[str, Tensor]) -> Path:
-    """Write `tensors` (CPU, contiguous) and `config` to `directory` in the native format,
-    replacing an earlier transcoder there as a whole. Refuses non-finite tensors and a
-    directory that holds anything but a transcoder's files."""
+def write_directory(
+    directory: str | os.PathLike, config: dict[str, Any], tensors: dict[str, Tensor], kind: str = "transcoder"
+) -> Path:
+    """Write `tensors` (CPU, contiguous) and `config` (of a module of `kind`, one of
+    `KINDS`) to `directory` in the native format, replacing an earlier transcoder there
+    as a whole. Refuses non-finite tensors and a directory that holds anything but a
+    transcoder's files."""
     directory = Path(directory)
     bad = sorted(name for name, t in tensors.items() if not torch.isfinite(t).all())
     if bad:
@@ -85,6 +93,7 @@ def write_directory(directory: str | os.PathLike, config: dict[str, Any], tensor
             header = {
                 "format": FORMAT_NAME,
                 "format_version": FORMAT_VERSION,
+                "kind": kind,
                 "config": config,
                 "weights_sha256": file_sha256(tmp / WEIGHTS_FILE),
             }
@@ -124,15 +133,24 @@ class SavedConfig(NamedTuple):
     """A saved transcoder's config and the checksum of its weights file (None in
     version 1 files)."""
 
-    config: TranscoderConfig
+    config: TranscoderConfig | CrossLayerConfig
     weights_sha256: str | None
 
 
-def read_config(path: Path) -> SavedConfig:
-    """Parse and validate a `config.json` written by `Transcoder.save`."""
+def read_config(path: Path, kind: str = "transcoder") -> SavedConfig:
+    """Parse and validate a `config.json` written by `save` of a module of `kind`;
+    a directory holding another kind is refused, naming the loader that reads it."""
     header = _read_header(path)
+    found = header.get("kind", "transcoder")
+    if found not in KINDS:
+        raise TranscoderFileError(f"{path}: unknown kind {found!r}; this version reads {sorted(KINDS)}")
+    if found != kind:
+        raise TranscoderFileError(
+            f"{path}: this directory holds a {found.replace('_', ' ')}, not a {kind.replace('_', ' ')}; "
+            f"load it with {LOADERS[found]}"
+        )
     try:
-        config = TranscoderConfig.from_dict(header.get("config"))
+        config = KINDS[kind].from_dict(header.get("config"))
     except ConfigError as err:
         raise TranscoderFileError(f"{path}: {err}") from err
     return SavedConfig(config, header.get("weights_sha256"))

@@ -7,10 +7,10 @@ An SAE is the same module with input site == output site and no skip term.
 
 `Transcoder.run` is the one forward pass, for training and inference alike: it returns
 the output, the active latents and, where the loss needs them, the dense
-pre-activations (`TranscoderOutput`). TopK, and BatchTopK in training mode, go through
-the sparse kernels (`kernels.py`: no dense latents, a backward pass that touches only
-the selected latents); ReLU, JumpReLU and BatchTopK at inference are computed densely.
-`forward` is `run(x).output`.
+pre-activations (`TranscoderOutput`). It encodes and decodes through `encoder.py`
+(shared with the cross-layer transcoder): TopK, and BatchTopK in training mode, go
+through the sparse kernels; ReLU, JumpReLU and BatchTopK at inference are computed
+densely. `forward` is `run(x).output`.
 
 Weights are saved in the native format (`native.py`): a directory with safetensors and a
 JSON config carrying a format version and a checksum, replaced atomically as a whole;
@@ -19,21 +19,19 @@ JSON config carrying a format version and a checksum, replaced atomically as a w
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from tl_transcoders.core import activations, kernels
+from tl_transcoders.core import encoder
 from tl_transcoders.core.activations import SparseLatents
 from tl_transcoders.core.config import ConfigError, TranscoderConfig
-from tl_transcoders.core.native import CONFIG_FILE, WEIGHTS_FILE, read_config, read_tensors, write_directory
+from tl_transcoders.core.encoder import EncoderWeights
+from tl_transcoders.core.module import NativeModule
 
 __all__ = ["Transcoder", "TranscoderOutput", "Weights", "parameter_shapes"]
 
@@ -78,7 +76,7 @@ class TranscoderOutput(NamedTuple):
     pre_activations: Float[Tensor, "*batch d_latent"] | None
 
 
-class Transcoder(nn.Module):
+class Transcoder(NativeModule):
     """Maps the activation at `cfg.input_site` to the activation at `cfg.output_site`.
 
     Parameters: `W_enc` [d_latent, d_in], `b_enc` [d_latent], `W_dec` [d_latent, d_out],
@@ -93,6 +91,9 @@ class Transcoder(nn.Module):
     BatchTopK selects across the batch in training mode and thresholds each token
     independently in eval mode (`transcoder.eval()`).
     """
+
+    KIND = "transcoder"
+    shapes_of = staticmethod(parameter_shapes)
 
     def __init__(self, cfg: TranscoderConfig | Mapping[str, Any], device: str | torch.device | None = None):
         super().__init__()
@@ -116,20 +117,6 @@ class Transcoder(nn.Module):
         if "threshold" in parameter_shapes(cfg):
             self.threshold = nn.Parameter(torch.zeros(cfg.d_latent, **factory))
 
-    def validate(self) -> None:
-        """Raise `ConfigError` if the config is invalid or the parameters do not have the
-        shapes it implies (a config or a tensor changed after construction)."""
-        self.cfg.validate()
-        expected = parameter_shapes(self.cfg)
-        found = {name: tuple(p.shape) for name, p in self.named_parameters()}
-        if found != expected:
-            wrong = sorted(name for name in expected.keys() | found.keys() if expected.get(name) != found.get(name))
-            details = ", ".join(f"{name}: {found.get(name)} (config needs {expected.get(name)})" for name in wrong)
-            raise ConfigError(
-                f"the parameters do not match the config: {details}. Was cfg or a weight changed after "
-                "the transcoder was built? Build a new Transcoder from the config you want."
-            )
-
     def weights(self, dtype: torch.dtype | None = None) -> Weights:
         """The parameters as used by the forward pass; cast (differentiably, so gradients
         reach the parameters in their own dtype) to `dtype` when given."""
@@ -139,29 +126,23 @@ class Transcoder(nn.Module):
 
         return Weights(*(cast(getattr(self, name, None)) for name in Weights._fields))
 
+    def encoder_weights(self, w: Weights | None = None) -> EncoderWeights:
+        """The encoder's tensors (of `w`, default the parameters)."""
+        w = w or self.weights()
+        return EncoderWeights(w.W_enc, w.b_enc, w.threshold)
+
     def pre_activations(
         self, x: Float[Tensor, "*batch d_in"], weights: Weights | None = None
     ) -> Float[Tensor, "*batch d_latent"]:
         """Encoder pre-activations `x @ W_enc.T + b_enc`."""
-        w = weights or self.weights()
-        return torch.nn.functional.linear(x, w.W_enc, w.b_enc)
+        return encoder.pre_activations(x, self.encoder_weights(weights))
 
-    @property
-    def _uses_sparse_kernels(self) -> bool:
-        """TopK always, BatchTopK in training mode: encoded without dense latents."""
-        return self.cfg.activation == "topk" or (self.cfg.activation == "batchtopk" and self.training)
-
-    def _sparse_encode(self, x: Tensor, w: Weights) -> SparseLatents:
-        encode = kernels.topk_encode if self.cfg.activation == "topk" else kernels.batchtopk_encode
-        return encode(x, w.W_enc, w.b_enc, self.cfg.k)
-
-    def _dense_activation(self, pre: Tensor, w: Weights, jumprelu_bandwidth: float | None) -> Tensor:
-        """ReLU, JumpReLU (straight-through threshold gradient with a bandwidth) or the
-        BatchTopK inference threshold, on dense pre-activations."""
-        if self.cfg.activation == "relu":
-            return activations.relu(pre)
-        bandwidth = jumprelu_bandwidth if self.cfg.activation == "jumprelu" else None
-        return activations.jumprelu(pre, w.threshold, bandwidth)
+    def _encode(self, x: Tensor, w: Weights, **options) -> encoder.Encoded:
+        """`encoder.encode` with this transcoder's activation; BatchTopK selects across
+        the batch in training mode."""
+        return encoder.encode(
+            x, self.encoder_weights(w), self.cfg.activation, self.cfg.k, batch_wide=self.training, **options
+        )
 
     def run(
         self,
@@ -182,18 +163,17 @@ class Transcoder(nn.Module):
         w = self.weights(compute_dtype)
         if compute_dtype is not None:
             x = x.to(compute_dtype)
-        if self._uses_sparse_kernels:
-            latents = self._sparse_encode(x, w)
-            output = self.decode_sparse(latents, w)
-            pre = self.pre_activations(x, w) if return_pre_activations else None
-        else:
-            pre = self.pre_activations(x, w)
-            dense = self._dense_activation(pre, w, jumprelu_bandwidth)
-            output = self.decode(dense, w)
-            latents = activations.sparsify_dense(dense) if return_latents else None
+        encoded = self._encode(
+            x,
+            w,
+            jumprelu_bandwidth=jumprelu_bandwidth,
+            return_latents=return_latents,
+            return_pre_activations=return_pre_activations,
+        )
+        output = encoder.decode(encoded, w.W_dec, w.b_dec)
         if self.cfg.skip:
             output = output + x @ w.W_skip.T
-        return TranscoderOutput(output, latents if return_latents else None, pre)
+        return TranscoderOutput(output, encoded.latents if return_latents else None, encoded.pre_activations)
 
     def forward(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_out"]:
         """The transcoder's reconstruction of the output site from the input site."""
@@ -209,30 +189,26 @@ class Transcoder(nn.Module):
 
     def encode(self, x: Float[Tensor, "*batch d_in"]) -> Float[Tensor, "*batch d_latent"]:
         """Dense latent activations (mostly zeros)."""
-        w = self.weights()
-        if self._uses_sparse_kernels:
-            return self._sparse_encode(x, w).to_dense(self.cfg.d_latent)
-        return self._dense_activation(self.pre_activations(x, w), w, None)
+        encoded = self._encode(x, self.weights(), return_latents=False)
+        return encoded.dense if encoded.dense is not None else encoded.latents.to_dense(self.cfg.d_latent)
 
     def encode_sparse(self, x: Float[Tensor, "*batch d_in"]) -> SparseLatents:
         """Values and indices of each token's active latents: exactly k per token for
         TopK; for the other activations padded with zeros to the largest number of
         active latents of any token."""
-        if self._uses_sparse_kernels:
-            return self._sparse_encode(x, self.weights())
-        return activations.sparsify_dense(self.encode(x))
+        return self._encode(x, self.weights()).latents
 
     def decode(
         self, latents: Float[Tensor, "*batch d_latent"], weights: Weights | None = None
     ) -> Float[Tensor, "*batch d_out"]:
         """`latents @ W_dec + b_dec` (without the skip term, which needs the input)."""
         w = weights or self.weights()
-        return latents @ w.W_dec + w.b_dec
+        return encoder.decode(encoder.Encoded(None, latents, None), w.W_dec, w.b_dec)
 
     def decode_sparse(self, latents: SparseLatents, weights: Weights | None = None) -> Float[Tensor, "*batch d_out"]:
         """Decode from the sparse form: a gather-and-sum of the active decoder rows."""
         w = weights or self.weights()
-        return kernels.sparse_decode(latents.values.to(w.W_dec.dtype), latents.indices, w.W_dec, w.b_dec)
+        return encoder.decode(encoder.Encoded(latents, None, None), w.W_dec, w.b_dec)
 
     def extra_repr(self) -> str:
         c = self.cfg
@@ -241,53 +217,3 @@ class Transcoder(nn.Module):
             f"layer={c.layer}, {c.input_site} -> {c.output_site}, d_in={c.d_in}, "
             f"d_latent={c.d_latent}, d_out={c.d_out}, {c.activation}{k}, skip={c.skip}"
         )
-
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write `config.json` and `transcoder.safetensors` into `directory`, replacing a
-        transcoder saved there before as a whole (an interrupted save leaves the old one
-        loadable). Refuses NaN or inf weights and a directory holding other files."""
-        self.validate()
-        tensors = {name: p.detach().cpu().contiguous() for name, p in self.state_dict().items()}
-        config = self.cfg.to_dict()
-        config["dtype"] = str(self.W_enc.dtype).removeprefix("torch.")
-        return write_directory(directory, config, tensors)
-
-    @classmethod
-    def load(
-        cls,
-        directory: str | os.PathLike,
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> Transcoder:
-        """Read a transcoder written by `save`, checking every field, the weights'
-        checksum and every tensor; the transcoder is returned in eval mode.
-
-        Raises `TranscoderFileError` naming the file and the problem for a missing or
-        corrupt file, an unknown format or version, a bad config field, a checksum that
-        does not match, or a tensor that is missing, unexpected, of the wrong shape or not
-        finite."""
-        directory = Path(directory)
-        cfg, checksum = read_config(directory / CONFIG_FILE)
-        tensors = read_tensors(directory / WEIGHTS_FILE, parameter_shapes(cfg), checksum)
-        return cls.from_tensors(cfg, tensors, device, dtype)
-
-    @classmethod
-    def from_tensors(
-        cls,
-        cfg: TranscoderConfig,
-        tensors: dict[str, Tensor],
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> Transcoder:
-        """A transcoder holding `tensors` (named and shaped as `parameter_shapes(cfg)`),
-        in `dtype` (default: that of `W_enc`) on `device` (default: the tensors'), in
-        eval mode; built without a wasted random initialisation."""
-        cfg = dataclasses.replace(cfg, dtype=str(dtype or tensors["W_enc"].dtype).removeprefix("torch."))
-        with torch.device("meta"):
-            transcoder = cls(cfg)
-        target = getattr(torch, cfg.dtype)
-        transcoder.load_state_dict(
-            {k: v.to(device=device, dtype=target).contiguous() for k, v in tensors.items()}, assign=True
-        )
-        transcoder.validate()
-        return transcoder.eval()

@@ -24,9 +24,9 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from tl_transcoders.core.config import default_output_site, layer_of
-from tl_transcoders.core.transcoder import Transcoder
+from tl_transcoders.core.placement import AnyTranscoder
 from tl_transcoders.hooks.sites import attach, check_resume, resumable_pass, store_hook
-from tl_transcoders.hooks.splice import transcoder_hooks
+from tl_transcoders.hooks.splice import placements_of, transcoder_hooks
 
 __all__ = ["CleanPass", "head_input"]
 
@@ -68,7 +68,7 @@ class CleanPass:
         model: nn.Module,
         batch: Int[Tensor, "batch pos"],
         sites: Sequence[str],
-        transcoders: Sequence[Transcoder],
+        transcoders: Sequence[AnyTranscoder],
         resumable: bool,
         verify: bool = False,
         logits: bool = True,
@@ -122,7 +122,7 @@ class CleanPass:
 
     def _first_spliced_layer(self) -> int | None:
         """The block the all-spliced variant can start at, or None for a full pass."""
-        sites = [s for t in self.transcoders for s in (t.cfg.input_site, t.cfg.output_site)]
+        sites = [s for p in placements_of(self.transcoders) for s in (p.input_site, p.output_site)]
         layers = [layer_of(s) for s in sites]
         if not sites or not self.resumable or None in layers:
             return None

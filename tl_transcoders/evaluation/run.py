@@ -33,13 +33,20 @@ from torch import Tensor, nn
 from tl_transcoders.core.activations import SparseLatents
 from tl_transcoders.core.config import default_output_site
 from tl_transcoders.core.errors import TranscodersError
+from tl_transcoders.core.placement import AnyTranscoder, Placement, describe, placements
 from tl_transcoders.core.transcoder import Transcoder
 from tl_transcoders.evaluation.baselines import AblationBaselines, TokenFingerprint
 from tl_transcoders.evaluation.clean_pass import CleanPass, head_input
 from tl_transcoders.evaluation.report import LayerReport, SpliceReport
 from tl_transcoders.evaluation.statistics import RunningFVU, difference_estimate, mean_estimate, ratio_estimate
 from tl_transcoders.hooks.sites import is_bridge
-from tl_transcoders.hooks.splice import check_compatible, check_not_spliced, describe, eval_mode, transcoder_list
+from tl_transcoders.hooks.splice import (
+    check_compatible,
+    check_not_spliced,
+    eval_mode,
+    placements_of,
+    transcoder_list,
+)
 from tl_transcoders.hooks.tokens import TokenInput, token_batches_of
 
 __all__ = [
@@ -67,7 +74,7 @@ def default_batch_size(model: nn.Module, n_pos: int) -> int:
 
 def evaluate_splice(
     model: nn.Module,
-    transcoders: Transcoder | Sequence[Transcoder],
+    transcoders: AnyTranscoder | Sequence[AnyTranscoder],
     tokens: TokenInput,
     baselines: AblationBaselines | None = None,
     *,
@@ -82,7 +89,8 @@ def evaluate_splice(
 
     Args:
         model: a `HookedTransformer` or `TransformerBridge`.
-        transcoders: one transcoder or several, at most one per layer.
+        transcoders: one transcoder or several, per-layer or cross-layer, at most one
+            per layer.
         tokens: token ids, `[n_rows, pos]` or an iterable of `[batch, pos]` batches, all
             rows of one length (at least 2).
         baselines: from `compute_ablation_baselines` on the same tokens, to skip the
@@ -93,12 +101,12 @@ def evaluate_splice(
     transcoders = transcoder_list(transcoders)
     if not transcoders:
         raise EvaluationError("evaluate_splice needs at least one transcoder")
-    layers = [t.cfg.layer for t in transcoders]
+    layers = [p.layer for p in placements_of(transcoders)]
     if len(set(layers)) != len(layers):
         raise EvaluationError(f"evaluate_splice takes at most one transcoder per layer, got layers {layers}")
     check_compatible(model, transcoders)
     check_not_spliced(model, "evaluate_splice")
-    sites = [t.cfg.output_site for t in transcoders]
+    sites = [p.output_site for p in placements_of(transcoders)]
     if baselines is not None:
         baselines.check_sites(sites)
     batches = token_batches_of(model, tokens, _rows_per_batch(model, batch_size))
@@ -151,15 +159,15 @@ class _Rows:
         return {name: torch.cat(values) for name, values in self.tokens.items()}
 
 
-class _TranscoderStats:
-    """Running FVU, L0 and fired-latent tracking of one transcoder over batches (device
-    tensors, read once at the end)."""
+class _LayerStats:
+    """Running FVU, L0 and fired-latent tracking of one replaced layer over batches
+    (device tensors, read once at the end)."""
 
-    def __init__(self, transcoder: Transcoder):
-        device = transcoder.W_enc.device
+    def __init__(self, place: Placement):
+        device = place.module.W_enc.device
         self.running_fvu = RunningFVU()
         self.active = torch.zeros((), dtype=torch.float64, device=device)
-        self.fired = torch.zeros(transcoder.cfg.d_latent, dtype=torch.bool, device=device)
+        self.fired = torch.zeros(place.module.cfg.d_latent, dtype=torch.bool, device=device)
         self.n = 0
 
     def update(self, output: Tensor, target: Tensor, latents: SparseLatents) -> None:
@@ -177,6 +185,30 @@ class _TranscoderStats:
 
     def dead_fraction(self) -> float:
         return 1.0 - self.fired.float().mean().item()
+
+
+def clean_reconstructions(
+    transcoder: AnyTranscoder, cache: dict[str, Tensor]
+) -> Iterator[tuple[Placement, Tensor, SparseLatents]]:
+    """For each layer `transcoder` replaces: its placement, its reconstruction of the
+    output site from the clean activations in `cache` (in the site's dtype) and the
+    latents it was decoded from (a cross-layer transcoder's layer l reads the clean
+    inputs of its layers up to l)."""
+    dtype = transcoder.W_enc.dtype
+    every = placements(transcoder)
+    if isinstance(transcoder, Transcoder):
+        out, latents = transcoder.forward_with_latents(cache[every[0].input_site].to(dtype))
+        results = [(out, latents)]
+    else:
+        run = transcoder.run(torch.stack([cache[p.input_site].to(dtype) for p in every]))
+        results = list(zip(run.outputs, run.latents))
+    for place, (out, latents) in zip(every, results):
+        if not torch.isfinite(out).all():
+            raise EvaluationError(
+                f"{describe(transcoder)} produced NaN or inf outputs for layer {place.layer} on the clean "
+                "activations; check its weights and dtype"
+            )
+        yield place, out.to(cache[place.output_site].dtype), latents
 
 
 T = TypeVar("T")
@@ -200,7 +232,7 @@ class _Sweep:
     """What one sweep over a token set measured."""
 
     rows: _Rows
-    stats: dict[int, _TranscoderStats]
+    stats: dict[int, _LayerStats]
     baselines: AblationBaselines
     fingerprint: TokenFingerprint
     n_predicted: int
@@ -209,15 +241,16 @@ class _Sweep:
 def _sweep(
     model: nn.Module,
     batches: Iterable[Tensor],
-    transcoders: list[Transcoder],
+    transcoders: list[AnyTranscoder],
     ablation_sites: list[str],
     keep_per_token: bool,
 ) -> _Sweep:
     """Read every batch once: clean pass, zero ablations, all-spliced and per-layer
     variants; then the mean-ablation sweep (see the module docstring)."""
     rows = _Rows(keep_per_token)
-    stats = {t.cfg.layer: _TranscoderStats(t) for t in transcoders}
-    sites = sorted({s for t in transcoders for s in (t.cfg.input_site, t.cfg.output_site)} | set(ablation_sites))
+    every = placements_of(transcoders)
+    stats = {p.layer: _LayerStats(p) for p in every}
+    sites = sorted({s for p in every for s in (p.input_site, p.output_site)} | set(ablation_sites))
     fingerprint = TokenFingerprint()
     site_sums: dict[str, Tensor] = {}
     kept: list[Tensor] = []
@@ -256,7 +289,7 @@ def _sweep(
 def _measure_batch(
     clean: CleanPass,
     rows: _Rows,
-    stats: dict[int, _TranscoderStats],
+    stats: dict[int, _LayerStats],
     site_sums: dict[str, Tensor],
     ablation_sites: list[str],
 ) -> None:
@@ -271,19 +304,11 @@ def _measure_batch(
             logits = clean.all_spliced_logits()
         _add_ce_and_kl(rows, "all_spliced", *clean.ce_and_kl_of(logits, head.get("x")))
     for transcoder in clean.transcoders:
-        c = transcoder.cfg
-        target = clean.cache[c.output_site]
-        out, latents = transcoder.forward_with_latents(clean.cache[c.input_site].to(transcoder.W_enc.dtype))
-        if not torch.isfinite(out).all():
-            raise EvaluationError(
-                f"{describe(transcoder)} produced NaN or inf outputs on the clean activations; "
-                "check its weights and dtype"
-            )
-        out = out.to(target.dtype)
-        stats[c.layer].update(out, target, latents)
-        with head_input(clean.model) as head:
-            logits = clean.variant_logits(c.output_site, out)
-        _add_ce_and_kl(rows, f"layer{c.layer}.spliced", *clean.ce_and_kl_of(logits, head.get("x")))
+        for place, out, latents in clean_reconstructions(transcoder, clean.cache):
+            stats[place.layer].update(out, clean.cache[place.output_site], latents)
+            with head_input(clean.model) as head:
+                logits = clean.variant_logits(place.output_site, out)
+            _add_ce_and_kl(rows, f"layer{place.layer}.spliced", *clean.ce_and_kl_of(logits, head.get("x")))
 
 
 def _add_ce_and_kl(rows: _Rows, name: str, ce: Tensor, kl: Tensor) -> None:
@@ -291,14 +316,14 @@ def _add_ce_and_kl(rows: _Rows, name: str, ce: Tensor, kl: Tensor) -> None:
     rows.add(f"kl.{name}", kl)
 
 
-def _report(sweep: _Sweep, transcoders: list[Transcoder], baselines: AblationBaselines) -> SpliceReport:
+def _report(sweep: _Sweep, transcoders: list[AnyTranscoder], baselines: AblationBaselines) -> SpliceReport:
     """The report from a sweep's rows and the (computed or reused) baselines."""
     per_row = sweep.rows.row_means()
     per_token = sweep.rows.per_token()
     clean = per_row["clean"]
     layers = {}
-    for transcoder in transcoders:
-        layer, site = transcoder.cfg.layer, transcoder.cfg.output_site
+    for place in placements_of(transcoders):
+        layer, site = place.layer, place.output_site
         zero, mean = baselines.per_row[site]
         per_row[f"layer{layer}.zero_ablated"], per_row[f"layer{layer}.mean_ablated"] = zero, mean
         for variant in ("zero_ablated", "mean_ablated"):

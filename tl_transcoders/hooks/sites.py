@@ -29,12 +29,19 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from tl_transcoders.core.config import TranscoderConfig, default_input_site, default_output_site, layer_of
+from tl_transcoders.core.config import (
+    CrossLayerConfig,
+    TranscoderConfig,
+    default_input_site,
+    default_output_site,
+    layer_of,
+)
 from tl_transcoders.core.errors import TranscodersError
 
 __all__ = [
     "ModelError",
     "Resume",
+    "cross_layer_config",
     "SiteError",
     "SiteFn",
     "SiteInfo",
@@ -382,6 +389,40 @@ def transcoder_config(
         input_site=input_site,
         output_site=output_site,
         input_space=input_space_of(model, input_site),
+        model_name=model_name(model),
+        **fields,
+    )
+
+
+def cross_layer_config(
+    model: nn.Module,
+    layers: Sequence[int] | range | None = None,
+    d_latent: int | None = None,
+    *,
+    expansion: int | None = None,
+    **fields: Any,
+) -> CrossLayerConfig:
+    """A `CrossLayerConfig` over `layers` of `model` (consecutive; default all): `d_model`
+    read from the MLP sites (probed as `transcoder_config` does), `input_space` and
+    `model_name` from the model. `d_latent` latents per layer, or `expansion * d_model`.
+    Other fields (`activation`, `k`, `skip`, ...) are passed through."""
+    if (d_latent is None) == (expansion is None):
+        raise SiteError("cross_layer_config: give exactly one of d_latent= and expansion=")
+    layers = list(range(model.cfg.n_layers) if layers is None else layers)
+    if not layers or layers != list(range(layers[0], layers[0] + len(layers))):
+        raise SiteError(f"a cross-layer transcoder covers consecutive layers in order, got {layers}")
+    sites = [s for layer in layers for s in (default_input_site(layer), default_output_site(layer))]
+    info = probe_sites(model, sites)
+    widths = {info[site].width for site in sites}
+    if len(widths) != 1:
+        raise SiteError(f"the MLP inputs and outputs of layers {layers} differ in width ({sorted(widths)})")
+    (d_model,) = widths
+    return CrossLayerConfig(
+        d_model=d_model,
+        d_latent=d_latent if d_latent is not None else expansion * d_model,
+        n_layers=len(layers),
+        first_layer=layers[0],
+        input_space=input_space_of(model, sites[0]),
         model_name=model_name(model),
         **fields,
     )

@@ -25,8 +25,10 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from tl_transcoders.core.clt import CrossLayerTranscoder, LayerTargets
 from tl_transcoders.core.config import ConfigError, layer_of
 from tl_transcoders.core.errors import TranscodersError
+from tl_transcoders.core.placement import AnyTranscoder, Placement, describe, placements
 from tl_transcoders.core.transcoder import Transcoder
 from tl_transcoders.hooks.sites import (
     SiteError,
@@ -45,6 +47,7 @@ __all__ = [
     "check_not_spliced",
     "describe",
     "eval_mode",
+    "placements_of",
     "splice",
     "spliced_sites",
     "transcoder_hooks",
@@ -60,9 +63,9 @@ _ACTIVE: weakref.WeakKeyDictionary[nn.Module, dict[str, str]] = weakref.WeakKeyD
 """For each model inside `splice`, the sites its active splices write (and by what)."""
 
 
-def transcoder_list(transcoders: Transcoder | Sequence[Transcoder]) -> list[Transcoder]:
+def transcoder_list(transcoders: AnyTranscoder | Sequence[AnyTranscoder]) -> list[AnyTranscoder]:
     """`transcoders` as a list (one transcoder is a list of one); `SpliceError` for
-    anything that is not a transcoder."""
+    anything that is not a `Transcoder` or a `CrossLayerTranscoder`."""
     if isinstance(transcoders, (str, bytes, os.PathLike)):
         raise SpliceError(f"expected Transcoder objects, got the path {transcoders!r}: load it with Transcoder.load")
     if isinstance(transcoders, nn.Module):
@@ -72,10 +75,18 @@ def transcoder_list(transcoders: Transcoder | Sequence[Transcoder]) -> list[Tran
             items = list(transcoders)
         except TypeError:
             raise SpliceError(f"expected a Transcoder or a list of them, got {type(transcoders).__name__}") from None
-    bad = [type(t).__name__ for t in items if not isinstance(t, Transcoder)]
+    bad = [type(t).__name__ for t in items if not isinstance(t, (Transcoder, CrossLayerTranscoder))]
     if bad:
-        raise SpliceError(f"expected Transcoder objects, got a {bad[0]} (load a saved one with Transcoder.load)")
+        raise SpliceError(
+            f"expected Transcoder or CrossLayerTranscoder objects, got a {bad[0]} (load a saved one with "
+            "Transcoder.load or CrossLayerTranscoder.load)"
+        )
     return items
+
+
+def placements_of(transcoders: Sequence[AnyTranscoder]) -> list[Placement]:
+    """Every layer the transcoders replace, in the order given."""
+    return [p for t in transcoders for p in placements(t)]
 
 
 def spliced_sites(model: nn.Module) -> dict[str, str]:
@@ -96,7 +107,7 @@ def check_not_spliced(model: nn.Module, what: str) -> None:
 
 
 @contextlib.contextmanager
-def eval_mode(transcoders: Sequence[Transcoder]) -> Iterator[None]:
+def eval_mode(transcoders: Sequence[AnyTranscoder]) -> Iterator[None]:
     """Run the block with every BatchTopK transcoder that is in training mode switched
     to eval mode (its per-token inference threshold), with a warning, and restore its
     mode after. In training mode BatchTopK selects latents across the whole batch, so a
@@ -117,94 +128,97 @@ def eval_mode(transcoders: Sequence[Transcoder]) -> Iterator[None]:
             transcoder.train()
 
 
-def describe(transcoder: Transcoder) -> str:
-    """A short name for error messages: layer and sites."""
-    c = transcoder.cfg
-    return f"transcoder for layer {c.layer} ({c.input_site} -> {c.output_site})"
-
-
-def check_compatible(model: nn.Module, transcoders: Transcoder | Sequence[Transcoder]) -> None:
+def check_compatible(model: nn.Module, transcoders: AnyTranscoder | Sequence[AnyTranscoder]) -> None:
     """Raise `SpliceError`, saying what is wrong and what to do, unless every transcoder
     fits `model`: its config is valid and matches its parameters (also after a change),
-    its layer is in range, its sites exist and fire (input no later than output), its
+    its layers are in range, its sites exist and fire (input no later than output), its
     widths match theirs, its input space and model name match the model's, its weights
     are finite, it is on the model's device, and no two transcoders write one site."""
     check_model(model)
     transcoders = transcoder_list(transcoders)
     for transcoder in transcoders:
-        try:
-            transcoder.validate()
-        except ConfigError as err:
-            raise SpliceError(f"{describe(transcoder)}: {err}") from err
-    seen_outputs: dict[str, Transcoder] = {}
+        _check_module(model, transcoder)
+    seen_outputs: dict[str, AnyTranscoder] = {}
     n_layers = model.cfg.n_layers
-    for transcoder in transcoders:
-        c = transcoder.cfg
-        if not 0 <= c.layer < n_layers:
+    for place in placements_of(transcoders):
+        name = describe(place.module)
+        if not 0 <= place.layer < n_layers:
             raise SpliceError(
-                f"{describe(transcoder)}: layer {c.layer} is out of range, "
-                f"the model has {n_layers} layers (0..{n_layers - 1})"
+                f"{name}: layer {place.layer} is out of range, the model has {n_layers} layers (0..{n_layers - 1})"
             )
-        for site in (c.input_site, c.output_site):
+        for site in (place.input_site, place.output_site):
             site_layer = layer_of(site)
-            if site_layer is not None and site_layer != c.layer:
+            if site_layer is not None and site_layer != place.layer:
                 raise SpliceError(
-                    f"{describe(transcoder)}: site {site} is in block {site_layer}, "
-                    f"not in the transcoder's layer {c.layer}"
+                    f"{name}: site {site} is in block {site_layer}, not in the transcoder's layer {place.layer}"
                 )
-        if c.output_site in seen_outputs:
+        if place.output_site in seen_outputs:
             raise SpliceError(
-                f"{describe(transcoder)} and {describe(seen_outputs[c.output_site])} both "
-                f"write {c.output_site}; splice at most one transcoder per site"
+                f"{name} and {describe(seen_outputs[place.output_site])} both "
+                f"write {place.output_site}; splice at most one transcoder per site"
             )
-        seen_outputs[c.output_site] = transcoder
-        trained_on, this_model = c.model_name, model_name(model)
-        if trained_on and this_model and trained_on != this_model:
-            raise SpliceError(
-                f"{describe(transcoder)} was trained on model {trained_on!r}, not on "
-                f"{this_model!r}. If this is the same model under another name, set "
-                "transcoder.cfg.model_name = None to skip this check."
-            )
-        bad = [name for name, p in transcoder.named_parameters() if not p.is_meta and not torch.isfinite(p).all()]
-        if bad:
-            raise SpliceError(
-                f"{describe(transcoder)} has NaN or inf in {bad}; a training run diverged "
-                "or the weights were damaged: load a good checkpoint"
-            )
-        device = transcoder.W_enc.device
-        if device != model_device(model):
-            raise SpliceError(
-                f"{describe(transcoder)} is on {device} but the model is on "
-                f"{model_device(model)}: call transcoder.to({str(model_device(model))!r})"
-            )
+        seen_outputs[place.output_site] = place.module
 
-    sites = [s for t in transcoders for s in (t.cfg.input_site, t.cfg.output_site)]
+    every = placements_of(transcoders)
     try:
-        info = probe_sites(model, sites)
+        info = probe_sites(model, [s for p in every for s in (p.input_site, p.output_site)])
     except SiteError as err:
         raise SpliceError(str(err)) from err
-    for transcoder in transcoders:
-        c = transcoder.cfg
-        read, write = info[c.input_site], info[c.output_site]
+    for place in every:
+        name = describe(place.module)
+        read, write = info[place.input_site], info[place.output_site]
         if read.order > write.order:
             raise SpliceError(
-                f"{describe(transcoder)}: the input site fires after the output site, "
+                f"{name}: the input site {place.input_site} fires after the output site, "
                 "so the output cannot be computed from the input"
             )
-        for name, width, site in (("d_in", read.width, c.input_site), ("d_out", write.width, c.output_site)):
-            expected = getattr(c, name)
+        widths = ("d_in", "d_out") if isinstance(place.module, Transcoder) else ("d_model", "d_model")
+        for what, width, site, expected in (
+            (widths[0], read.width, place.input_site, place.d_in),
+            (widths[1], write.width, place.output_site, place.d_out),
+        ):
             if width != expected:
                 raise SpliceError(
-                    f"{describe(transcoder)}: {name}={expected} but {site} has width "
+                    f"{name}: {what}={expected} but {site} has width "
                     f"{width} on this model; the transcoder was made for another model "
                     "or another site"
                 )
-        _check_input_space(model, transcoder)
+        _check_input_space(model, place)
 
 
-def _check_input_space(model: nn.Module, transcoder: Transcoder) -> None:
+def _check_module(model: nn.Module, transcoder: AnyTranscoder) -> None:
+    """The checks of `check_compatible` that concern the module as a whole: config and
+    shapes, model name, finite weights, device."""
+    name = describe(transcoder)
+    try:
+        transcoder.validate()
+    except ConfigError as err:
+        raise SpliceError(f"{name}: {err}") from err
+    trained_on, this_model = transcoder.cfg.model_name, model_name(model)
+    if trained_on and this_model and trained_on != this_model:
+        raise SpliceError(
+            f"{name} was trained on model {trained_on!r}, not on "
+            f"{this_model!r}. If this is the same model under another name, set "
+            "transcoder.cfg.model_name = None to skip this check."
+        )
+    bad = [n for n, p in transcoder.named_parameters() if not p.is_meta and not torch.isfinite(p).all()]
+    if bad:
+        raise SpliceError(
+            f"{name} has NaN or inf in {bad}; a training run diverged or the weights were damaged: "
+            "load a good checkpoint"
+        )
+    device = transcoder.W_enc.device
+    if device != model_device(model):
+        raise SpliceError(
+            f"{name} is on {device} but the model is on "
+            f"{model_device(model)}: call transcoder.to({str(model_device(model))!r})"
+        )
+
+
+def _check_input_space(model: nn.Module, place: Placement) -> None:
+    transcoder = place.module
     trained_in = transcoder.cfg.input_space
-    here = input_space_of(model, transcoder.cfg.input_site)
+    here = input_space_of(model, place.input_site)
     if trained_in is None:
         warnings.warn(
             f"{describe(transcoder)} does not record its input space, so splice cannot "
@@ -222,39 +236,59 @@ def _check_input_space(model: nn.Module, transcoder: Transcoder) -> None:
         }.get(trained_in, "use a model with the same normalisation")
         raise SpliceError(
             f"{describe(transcoder)} was trained in input space {trained_in!r} but "
-            f"{transcoder.cfg.input_site} of this model is in {here!r}: {fix}"
+            f"{place.input_site} of this model is in {here!r}: {fix}"
         )
 
 
-def transcoder_hooks(transcoders: Sequence[Transcoder], error_term: bool = False) -> list[tuple[str, SiteFn]]:
-    """The (site, fn) pairs that splice `transcoders`: for each, one that captures its
-    input and one that replaces its output."""
+def transcoder_hooks(transcoders: Sequence[AnyTranscoder], error_term: bool = False) -> list[tuple[str, SiteFn]]:
+    """The (site, fn) pairs that splice `transcoders`: for each layer a transcoder
+    replaces, one that captures its input and one that replaces its output. A
+    cross-layer transcoder's layer l is computed from the inputs of layer l and of the
+    covered layers before it, as they occur in the spliced forward pass."""
     hooks: list[tuple[str, SiteFn]] = []
     for transcoder in transcoders:
-        captured: dict[str, Tensor] = {}
-        hooks.append((transcoder.cfg.input_site, _capture(captured)))
-        hooks.append((transcoder.cfg.output_site, _replace(transcoder, captured, error_term)))
+        state: dict = {}
+        for place in placements(transcoder):
+            hooks.append((place.input_site, _capture(state, place.index)))
+            hooks.append((place.output_site, _replace(place, state, error_term)))
     return hooks
 
 
-def _capture(captured: dict[str, Tensor]) -> SiteFn:
+def _capture(state: dict, index: int) -> SiteFn:
     def capture(activation: Tensor) -> None:
-        captured["x"] = activation
+        state[index] = activation
 
     return capture
 
 
-def _replace(transcoder: Transcoder, captured: dict[str, Tensor], error_term: bool) -> SiteFn:
-    dtype = transcoder.W_enc.dtype
+def _reconstruct(place: Placement, state: dict, x: Tensor) -> Tensor:
+    """The module's reconstruction of `place`'s output from its input `x`: a
+    cross-layer transcoder adds its layer's decoders to the contributions of the
+    layers before it (kept in `state`, started afresh at its first layer)."""
+    module = place.module
+    if isinstance(module, Transcoder):
+        return module(x)
+    if place.index == 0:
+        state["targets"] = LayerTargets(module.cfg.n_layers)
+    if "targets" not in state:
+        raise RuntimeError(f"{describe(module)}: layer {place.layer} fired before its first layer in this forward pass")
+    output, _ = module.step(place.index, x, state["targets"], return_latents=False)
+    if place.index == module.cfg.n_layers - 1:
+        del state["targets"]
+    return output
+
+
+def _replace(place: Placement, state: dict, error_term: bool) -> SiteFn:
+    dtype = place.module.W_enc.dtype
 
     def replace(activation: Tensor) -> Tensor:
-        x = captured.pop("x", None)
+        x = state.pop(place.index, None)
         if x is None:
             raise RuntimeError(
-                f"{describe(transcoder)}: the output site fired without its input site "
+                f"{describe(place.module)}: the output site {place.output_site} fired without its input site "
                 "firing first in this forward pass"
             )
-        out = transcoder(x.to(dtype)).to(activation.dtype)
+        out = _reconstruct(place, state, x.to(dtype)).to(activation.dtype)
         if error_term:
             # Equal to `out + (activation - out).detach()` in value and gradient, but
             # bit-exact: the value is `activation` plus an exact zero.
@@ -266,15 +300,15 @@ def _replace(transcoder: Transcoder, captured: dict[str, Tensor], error_term: bo
 
 @contextlib.contextmanager
 def splice(
-    model: nn.Module, transcoders: Transcoder | Sequence[Transcoder], error_term: bool = False
+    model: nn.Module, transcoders: AnyTranscoder | Sequence[AnyTranscoder], error_term: bool = False
 ) -> Iterator[nn.Module]:
     """Replace the output of each transcoder's MLP with the transcoder's output for the
     length of the `with` block (yields the model).
 
     Args:
         model: a `HookedTransformer` or `TransformerBridge`.
-        transcoders: one transcoder or several, at most one per output site; each knows
-            its layer and sites.
+        transcoders: one transcoder or several (per-layer or cross-layer), at most one
+            per output site; each knows its layers and sites.
         error_term: add back the detached error `original - transcoder(x)`, so outputs
             equal the clean model's while gradients flow through the transcoders.
 
@@ -284,14 +318,15 @@ def splice(
     transcoders = transcoder_list(transcoders)
     check_compatible(model, transcoders)
     active = _ACTIVE.setdefault(model, {})
-    for transcoder in transcoders:
-        site = transcoder.cfg.output_site
-        if site in active:
+    every = placements_of(transcoders)
+    for place in every:
+        if place.output_site in active:
             raise SpliceError(
-                f"{describe(transcoder)} writes {site}, which the enclosing splice() already replaces "
-                f"with its {active[site]}; splice both in one call, or leave the outer splice first"
+                f"{describe(place.module)} writes {place.output_site}, which the enclosing splice() already "
+                f"replaces with its {active[place.output_site]}; splice both in one call, or leave the outer "
+                "splice first"
             )
-    written = {t.cfg.output_site: describe(t) for t in transcoders}
+    written = {p.output_site: describe(p.module) for p in every}
     with eval_mode(transcoders), attach(model, transcoder_hooks(transcoders, error_term)):
         active.update(written)
         try:

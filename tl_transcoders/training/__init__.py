@@ -4,6 +4,14 @@ one forward pass per batch)."""
 
 from tl_transcoders.training.checkpoints import TrainingError
 from tl_transcoders.training.config import TrainConfig
-from tl_transcoders.training.trainer import NonFiniteError, Trainer, TrainerGroup, fit_together
+from tl_transcoders.training.trainer import CrossLayerTrainer, NonFiniteError, Trainer, TrainerGroup, fit_together
 
-__all__ = ["NonFiniteError", "TrainConfig", "Trainer", "TrainerGroup", "TrainingError", "fit_together"]
+__all__ = [
+    "CrossLayerTrainer",
+    "NonFiniteError",
+    "TrainConfig",
+    "Trainer",
+    "TrainerGroup",
+    "TrainingError",
+    "fit_together",
+]

@@ -39,6 +39,10 @@ class TrainConfig:
     """Train skip transcoders (an affine term x @ W_skip.T beside the latents)."""
     sae: bool = False
     """Train SAEs on the output site instead of transcoders (needs skip off)."""
+    cross_layer: bool = False
+    """Train one cross-layer transcoder over `layers` (consecutive) instead of one
+    transcoder per layer: each layer's latents decode into its own MLP output and every
+    later one's (saved to `output_dir/cross_layer`)."""
     input_site: str | None = None
     """Input site template with {layer} (default: the MLP's exact input, blocks.{layer}.mlp.hook_in)."""
     output_site: str | None = None
@@ -141,6 +145,14 @@ class TrainConfig:
             )
         if self.sae and self.skip:
             raise ConfigError("an SAE cannot have a skip term: pass skip=False with sae=True")
+        if self.cross_layer:
+            if self.layers != list(range(self.layers[0], self.layers[0] + len(self.layers))):
+                raise ConfigError(f"a cross-layer transcoder covers consecutive layers in order, got {self.layers}")
+            if self.sae or self.input_site or self.output_site:
+                raise ConfigError(
+                    "a cross-layer transcoder reads each MLP's input and writes its output: "
+                    "leave sae, input_site and output_site at their defaults"
+                )
         if self.resume and self.overwrite:
             raise ConfigError(
                 "resume and overwrite exclude each other: resume continues the run, overwrite discards it"

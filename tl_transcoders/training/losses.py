@@ -1,7 +1,8 @@
 """Training forward passes and losses, one per activation function.
 
 `training_step(transcoder, x, y, ...)` returns the loss to minimise and the sparse
-latents. Every variant minimises FVU (squared error over the batch's variance of the
+latents; `cross_layer_training_step` the same for a cross-layer transcoder, whose loss
+sums every layer's. Every variant minimises FVU (squared error over the batch's variance of the
 target) plus its sparsity term: AuxK for TopK, L1 for ReLU, L0 for JumpReLU (whose
 threshold learns through a straight-through rectangle-kernel gradient).
 
@@ -18,20 +19,24 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tl_transcoders.core import activations
+from tl_transcoders.core import activations, kernels
 from tl_transcoders.core.activations import SparseLatents
+from tl_transcoders.core.clt import CrossLayerTranscoder
 from tl_transcoders.core.transcoder import Transcoder
 from tl_transcoders.evaluation.statistics import SumRanks, fvu, no_ranks
 from tl_transcoders.training.config import TrainConfig
 
-__all__ = ["StepOutput", "training_step"]
+__all__ = ["StepOutput", "cross_layer_training_step", "training_step"]
 
 
 @dataclass
 class StepOutput:
+    """A training step's loss, the global batch's FVU (per covered layer for a
+    cross-layer transcoder) and the latents (detached; one per layer for a CLT)."""
+
     loss: Tensor
     fvu: Tensor
-    latents: SparseLatents
+    latents: SparseLatents | list[SparseLatents]
 
 
 def training_step(
@@ -46,37 +51,121 @@ def training_step(
     latents that have not fired recently (the targets of AuxK); the coefficients, the
     JumpReLU bandwidth and the compute dtype come from `cfg`. `fvu` in the result is the
     global batch's."""
-    activation = transcoder.cfg.activation
-    n_tokens = sum_ranks(x.new_tensor(float(x.shape[0])))
-    auxk = activation == "topk" and cfg.auxk_alpha > 0 and bool(dead.any())
-    compute_dtype = getattr(torch, cfg.compute_dtype) if cfg.compute_dtype else None
+    auxk = _uses_auxk(transcoder.cfg.activation, cfg, dead)
     out = transcoder.run(
-        x, return_pre_activations=auxk, jumprelu_bandwidth=cfg.jumprelu_bandwidth, compute_dtype=compute_dtype
+        x,
+        return_pre_activations=auxk,
+        jumprelu_bandwidth=cfg.jumprelu_bandwidth,
+        compute_dtype=_compute_dtype(cfg),
     )
-    output = out.output.to(y.dtype)
-    latents = out.latents
-    sparsity = x.new_zeros(())
+    w = transcoder.weights()
+    loss, error = _layer_loss(
+        cfg,
+        transcoder.cfg.activation,
+        out.output,
+        y,
+        out.latents,
+        out.pre_activations,
+        w.W_dec,
+        w.threshold,
+        dead,
+        auxk,
+        sum_ranks,
+    )
+    detached = SparseLatents(out.latents.values.detach(), out.latents.indices)
+    return StepOutput(loss=loss, fvu=sum_ranks(error.detach()), latents=detached)
+
+
+def cross_layer_training_step(
+    clt: CrossLayerTranscoder,
+    x: Tensor,
+    y: Tensor,
+    dead: Tensor,
+    cfg: TrainConfig,
+    sum_ranks: SumRanks = no_ranks,
+) -> StepOutput:
+    """Loss for one batch of a cross-layer transcoder: `x` and `y` [n_layers, n,
+    d_model] (every covered layer's MLP input and output), `dead` [n_layers, d_latent].
+    The loss is the sum over target layers of each layer's FVU (normalised as the
+    per-layer FVU) and the sparsity terms of each source layer's latents; AuxK fits
+    each layer's dead latents to its own layer's residual error, through their decoders
+    into that layer. `fvu` in the result is `[n_layers]`."""
+    auxk = _uses_auxk(clt.cfg.activation, cfg, dead)
+    run = clt.run(
+        x,
+        return_pre_activations=auxk,
+        jumprelu_bandwidth=cfg.jumprelu_bandwidth,
+        compute_dtype=_compute_dtype(cfg),
+    )
+    threshold = getattr(clt, "threshold", None)
+    loss, errors = x.new_zeros(()), []
+    for i in range(clt.cfg.n_layers):
+        layer_loss, error = _layer_loss(
+            cfg,
+            clt.cfg.activation,
+            run.outputs[i],
+            y[i],
+            run.latents[i],
+            run.pre_activations[i],
+            clt.W_dec[i],
+            None if threshold is None else threshold[i],
+            dead[i],
+            auxk and bool(dead[i].any()),
+            sum_ranks,
+        )
+        loss = loss + layer_loss
+        errors.append(error.detach())
+    latents = [SparseLatents(z.values.detach(), z.indices) for z in run.latents]
+    return StepOutput(loss=loss, fvu=sum_ranks(torch.stack(errors)), latents=latents)
+
+
+def _uses_auxk(activation: str, cfg: TrainConfig, dead: Tensor) -> bool:
+    return activation == "topk" and cfg.auxk_alpha > 0 and bool(dead.any())
+
+
+def _compute_dtype(cfg: TrainConfig) -> torch.dtype | None:
+    return getattr(torch, cfg.compute_dtype) if cfg.compute_dtype else None
+
+
+def _layer_loss(
+    cfg: TrainConfig,
+    activation: str,
+    output: Tensor,
+    y: Tensor,
+    latents: SparseLatents,
+    pre: Tensor | None,
+    W_dec: Tensor,
+    threshold: Tensor | None,
+    dead: Tensor,
+    auxk: bool,
+    sum_ranks: SumRanks,
+) -> tuple[Tensor, Tensor]:
+    """FVU of one layer's reconstruction `output` of `y` plus its latents' sparsity
+    term: AuxK (TopK, where latents are dead), L1 weighted by each latent's decoder norm
+    (ReLU; `W_dec` [d_latent, ...] holds its decoders), L0 (JumpReLU). Returns (loss,
+    FVU)."""
+    n_tokens = sum_ranks(y.new_tensor(float(y.shape[0])))
+    output = output.to(y.dtype)
+    sparsity = y.new_zeros(())
     if auxk:
         residual = (y - output).detach()
-        pre = out.pre_activations.to(y.dtype)
-        sparsity = cfg.auxk_alpha * _auxk(transcoder, pre, dead, residual, x.shape[-1] // 2, sum_ranks)
+        own_decoder = W_dec if W_dec.ndim == 2 else W_dec[:, 0]
+        sparsity = cfg.auxk_alpha * _auxk(own_decoder, pre.to(y.dtype), dead, residual, y.shape[-1] // 2, sum_ranks)
     elif activation == "relu":
-        norms = transcoder.W_dec.norm(dim=-1)[latents.indices]
+        norms = W_dec.flatten(1).norm(dim=-1)[latents.indices]
         sparsity = cfg.l1_coefficient * (latents.values * norms).sum() / n_tokens
     elif activation == "jumprelu":
-        active = activations.step(out.pre_activations, transcoder.threshold, cfg.jumprelu_bandwidth)
+        active = activations.step(pre, threshold, cfg.jumprelu_bandwidth)
         sparsity = cfg.l0_coefficient * active.sum() / n_tokens
     error = fvu(y, output, sum_ranks)
-    detached = SparseLatents(latents.values.detach(), latents.indices)
-    return StepOutput(loss=error + sparsity, fvu=sum_ranks(error.detach()), latents=detached)
+    return error + sparsity, error
 
 
-def _auxk(
-    transcoder: Transcoder, pre: Tensor, dead: Tensor, residual: Tensor, k_aux: int, sum_ranks: SumRanks
-) -> Tensor:
-    """How well the top `k_aux` dead latents reconstruct the residual error (AuxK)."""
+def _auxk(W_dec: Tensor, pre: Tensor, dead: Tensor, residual: Tensor, k_aux: int, sum_ranks: SumRanks) -> Tensor:
+    """How well the top `k_aux` dead latents reconstruct the residual error (AuxK),
+    through the decoder rows `W_dec` [d_latent, d_out]."""
     k_aux = min(k_aux, int(dead.sum()))
     masked = torch.where(dead, pre, torch.full_like(pre, -torch.inf))
     values, indices = masked.topk(k_aux, dim=-1, sorted=False)
-    reconstruction = transcoder.decode_sparse(SparseLatents(torch.relu(values), indices)) - transcoder.b_dec
+    reconstruction = kernels.sparse_decode(torch.relu(values), indices, W_dec.to(values.dtype), None)
     return fvu(residual, reconstruction, sum_ranks)

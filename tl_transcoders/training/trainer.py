@@ -31,19 +31,31 @@ import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from tl_transcoders.core.activations import SparseLatents
+from tl_transcoders.core.clt import CrossLayerTranscoder
+from tl_transcoders.core.config import ConfigError
 from tl_transcoders.core.errors import TranscodersError
 from tl_transcoders.core.files import check_writable_directory
+from tl_transcoders.core.placement import AnyTranscoder, Placement
 from tl_transcoders.core.transcoder import Transcoder
 from tl_transcoders.evaluation import compute_ablation_baselines, evaluate_splice
 from tl_transcoders.evaluation.statistics import no_ranks
-from tl_transcoders.hooks.sites import capture, model_device, probe_sites, transcoder_config
-from tl_transcoders.hooks.splice import SpliceError, check_compatible
+from tl_transcoders.hooks.sites import (
+    SiteError,
+    capture,
+    cross_layer_config,
+    model_device,
+    probe_sites,
+    transcoder_config,
+)
+from tl_transcoders.hooks.splice import SpliceError, check_compatible, placements_of
 from tl_transcoders.hooks.tokens import check_tokens
 from tl_transcoders.training.checkpoints import (
     CHECKPOINT_FILE,
@@ -55,9 +67,16 @@ from tl_transcoders.training.checkpoints import (
     write_record,
 )
 from tl_transcoders.training.config import TrainConfig
-from tl_transcoders.training.losses import training_step
+from tl_transcoders.training.losses import cross_layer_training_step, training_step
 
-__all__ = ["NonFiniteError", "Trainer", "TrainerGroup", "TrainingError", "fit_together"]
+__all__ = [
+    "CrossLayerTrainer",
+    "NonFiniteError",
+    "Trainer",
+    "TrainerGroup",
+    "TrainingError",
+    "fit_together",
+]
 
 
 class NonFiniteError(TranscodersError, FloatingPointError):
@@ -69,7 +88,14 @@ class Trainer:
 
     Usage: `Trainer(model, cfg).fit(batches)` with `batches` an iterable of `[batch,
     context]` token tensors (e.g. `tl_transcoders.io.data.token_batches`); the same
-    iterable must be given again to resume (consumed batches are skipped)."""
+    iterable must be given again to resume (consumed batches are skipped). With
+    `cfg.cross_layer` it is a `CrossLayerTrainer`, training one cross-layer transcoder
+    over the layers on the same machinery."""
+
+    def __new__(cls, model: nn.Module, cfg: TrainConfig):
+        if cls is Trainer and isinstance(cfg, TrainConfig) and cfg.cross_layer:
+            cls = CrossLayerTrainer
+        return super().__new__(cls)
 
     def __init__(self, model: nn.Module, cfg: TrainConfig):
         if not isinstance(cfg, TrainConfig):
@@ -96,6 +122,7 @@ class Trainer:
             raise TrainingError(f"batch_size {cfg.batch_size} must be divisible by the {self.world} processes")
         self.output_dir = Path(cfg.output_dir)
         self._check_output_dir()
+        self.layers = layers
         self.transcoders = self._build(layers)
         self.optimizer = torch.optim.Adam(
             [
@@ -114,8 +141,8 @@ class Trainer:
         self.step = 0
         self.batches_seen = 0
         self.since_fired = {
-            layer: torch.zeros(t.cfg.d_latent, dtype=torch.long, device=self.device)
-            for layer, t in self.transcoders.items()
+            p.layer: torch.zeros(p.module.cfg.d_latent, dtype=torch.long, device=self.device)
+            for p in placements_of(list(self.transcoders.values()))
         }
         self.scales: dict[int, tuple[float, float]] = {}
         self.buffer: dict[str, Tensor] = {}
@@ -125,7 +152,7 @@ class Trainer:
         self._clock = (time.perf_counter(), 0)
         self._mid_step = False
 
-    def _build(self, layers: list[int]) -> dict[int, Transcoder]:
+    def _build(self, layers: list[int]) -> dict[int, AnyTranscoder]:
         """One transcoder per layer on the model's device, each checked against the
         model as `splice` would check it; the sites are probed once for all layers."""
         cfg = self.cfg
@@ -134,7 +161,7 @@ class Trainer:
             site: info.width
             for site, info in probe_sites(self.model, [s for pair in sites.values() for s in pair]).items()
         }
-        transcoders = {}
+        transcoders: dict[int, AnyTranscoder] = {}
         for layer, (input_site, output_site) in sites.items():
             d_latent = cfg.d_latent or cfg.expansion * widths[input_site]
             if cfg.activation in ("topk", "batchtopk") and cfg.k > d_latent:
@@ -153,15 +180,22 @@ class Trainer:
                 skip=cfg.skip,
                 dtype=cfg.dtype,
             )
-            # Seeded by (seed, layer): the same start whichever process holds the layer.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.seed * 100_003 + layer)
-                transcoders[layer] = Transcoder(tc_cfg, device="cpu").to(self.device).train()
+            transcoders[layer] = self._seeded(Transcoder, tc_cfg, layer)
+        self._check_fit(transcoders)
+        return transcoders
+
+    def _seeded(self, cls: type, module_cfg, layer: int) -> AnyTranscoder:
+        """A new module seeded by (seed, layer), the same start whichever process holds
+        the layer, on the model's device in training mode."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed * 100_003 + layer)
+            return cls(module_cfg, device="cpu").to(self.device).train()
+
+    def _check_fit(self, transcoders: dict[int, AnyTranscoder]) -> None:
         try:
             check_compatible(self.model, list(transcoders.values()))
         except SpliceError as err:
             raise TrainingError(f"the transcoders would not fit the model: {err}") from err
-        return transcoders
 
     def _check_output_dir(self) -> None:
         """The output directory can be written, and holds no other run's checkpoint
@@ -194,7 +228,12 @@ class Trainer:
     @property
     def sites(self) -> list[str]:
         """Every hook site this trainer's transcoders read or write."""
-        return [s for t in self.transcoders.values() for s in (t.cfg.input_site, t.cfg.output_site)]
+        return [s for p in self.placements for s in (p.input_site, p.output_site)]
+
+    @property
+    def placements(self) -> list[Placement]:
+        """Every layer this trainer's transcoders replace."""
+        return placements_of(list(self.transcoders.values()))
 
     @property
     def done(self) -> bool:
@@ -203,7 +242,7 @@ class Trainer:
 
     # --- the run ------------------------------------------------------------------------
 
-    def fit(self, batches: Iterable[Tensor], eval_tokens: Tensor | None = None) -> list[Transcoder]:
+    def fit(self, batches: Iterable[Tensor], eval_tokens: Tensor | None = None) -> list[AnyTranscoder]:
         """Train until `cfg.max_tokens`; return the transcoders, also saved to
         `output_dir/layer_{L}` in the model's own activation space. With `eval_tokens`
         (`[batch, pos]`) and `cfg.eval_every`, spliced CE is measured during training."""
@@ -269,7 +308,7 @@ class Trainer:
         if self._writes_files and not self._mid_step and self.step > 0:
             self.save_checkpoint()
 
-    def finish(self) -> list[Transcoder]:
+    def finish(self) -> list[AnyTranscoder]:
         """End the run: save the transcoders and the run record; warn if the data ended
         before `max_tokens`."""
         if self._logger is not None:
@@ -300,7 +339,7 @@ class Trainer:
             "total_steps": self.cfg.total_steps,
             "tokens": self.step * self.cfg.tokens_per_step,
             "max_tokens": self.cfg.max_tokens,
-            "layers": sorted(self.transcoders),
+            "layers": list(self.layers),
             "config": self.cfg.to_dict(),
             "last_metrics": self.history[-1] if self.history else None,
         }
@@ -308,12 +347,10 @@ class Trainer:
     def _evaluator(self, eval_tokens: Tensor):
         """A function returning spliced-CE metrics of the current transcoders on
         `eval_tokens`; the ablation baselines are computed once here."""
-        baselines = compute_ablation_baselines(self.model, eval_tokens, list(self.transcoders))
+        baselines = compute_ablation_baselines(self.model, eval_tokens, list(self.layers))
 
         def evaluate() -> dict:
-            report = evaluate_splice(
-                self.model, [self.folded(layer) for layer in self.transcoders], eval_tokens, baselines
-            )
+            report = evaluate_splice(self.model, self.folded_all(), eval_tokens, baselines)
             metrics = {"ce_clean": report.ce_clean, "ce_all_spliced": report.ce_all_spliced}
             for layer, row in report.layers.items():
                 metrics[f"layer{layer}/ce_spliced"] = row.ce_spliced
@@ -360,23 +397,28 @@ class Trainer:
                 )
             out.loss.backward()
             if transcoder.cfg.activation == "batchtopk":
-                self._calibrate_threshold(transcoder, out.latents.values)
+                self._calibrate_threshold(transcoder.threshold, out.latents.values)
             self._update(transcoder)
-            fired = torch.zeros(dead.shape, dtype=torch.long, device=self.device)
-            fired[out.latents.indices[out.latents.values > 0]] = 1
-            fired = self.sum_ranks(fired) > 0
-            n_tokens = self.sum_ranks(x.new_tensor(x.shape[0], dtype=torch.double))
-            self.since_fired[layer] += int(n_tokens.item())
-            self.since_fired[layer][fired] = 0
-            active = self.sum_ranks((out.latents.values > 0).sum().double())
-            metrics[f"layer{layer}/fvu"] = out.fvu.item()
-            metrics[f"layer{layer}/l0"] = (active / n_tokens).item()
-            metrics[f"layer{layer}/dead_fraction"] = dead.float().mean().item()
-            metrics["fvu"] += out.fvu.item() / len(self.transcoders)
+            self._track(layer, out.latents, dead, out.fvu, x.shape[0], metrics)
         self.schedule.step()
         return metrics
 
-    def _update(self, transcoder: Transcoder) -> None:
+    def _track(self, layer: int, latents: SparseLatents, dead: Tensor, fvu: Tensor, n: int, metrics: dict) -> None:
+        """After a step: layer `layer`'s firing counters, and its FVU, L0 and dead
+        fraction in `metrics` (with its share of the mean FVU)."""
+        fired = torch.zeros(dead.shape, dtype=torch.long, device=self.device)
+        fired[latents.indices[latents.values > 0]] = 1
+        fired = self.sum_ranks(fired) > 0
+        n_tokens = self.sum_ranks(torch.tensor(n, dtype=torch.double, device=self.device))
+        self.since_fired[layer] += int(n_tokens.item())
+        self.since_fired[layer][fired] = 0
+        active = self.sum_ranks((latents.values > 0).sum().double())
+        metrics[f"layer{layer}/fvu"] = fvu.item()
+        metrics[f"layer{layer}/l0"] = (active / n_tokens).item()
+        metrics[f"layer{layer}/dead_fraction"] = dead.float().mean().item()
+        metrics["fvu"] += fvu.item() / len(self.layers)
+
+    def _update(self, transcoder: AnyTranscoder) -> None:
         """Adam's step for one transcoder (gradients summed over data-parallel processes
         first), then its gradients freed and JumpReLU thresholds kept non-negative."""
         params = list(transcoder.parameters())
@@ -391,57 +433,59 @@ class Trainer:
             with torch.no_grad():
                 transcoder.threshold.clamp_(min=0)
 
-    def _calibrate_threshold(self, transcoder: Transcoder, values: Tensor) -> None:
-        """BatchTopK's inference threshold: a running mean of the smallest activation
-        the batch selection kept, so that eval mode keeps about k latents per token."""
+    def _calibrate_threshold(self, threshold: Tensor, values: Tensor) -> None:
+        """BatchTopK's inference threshold (one layer's): a running mean of the smallest
+        activation the batch selection kept, so that eval mode keeps about k latents per
+        token."""
         kept = values[values > 0]
         if kept.numel() == 0:
             return
         smallest = kept.min()
         with torch.no_grad():
             if self.step == 0:
-                transcoder.threshold.fill_(smallest)
+                threshold.fill_(smallest)
             else:
-                transcoder.threshold.mul_(0.99).add_(0.01 * smallest)
+                threshold.mul_(0.99).add_(0.01 * smallest)
 
     def _inputs(self, layer: int, activations: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        transcoder = self.transcoders[layer]
+        """Layer `layer`'s normalised input and target, in its transcoder's dtype."""
+        place = next(p for p in self.placements if p.layer == layer)
         s_in, s_out = self.scales[layer]
-        dtype = transcoder.W_enc.dtype
-        x = activations[transcoder.cfg.input_site].to(dtype) / s_in
-        y = activations[transcoder.cfg.output_site].to(dtype) / s_out
+        dtype = place.module.W_enc.dtype
+        x = activations[place.input_site].to(dtype) / s_in
+        y = activations[place.output_site].to(dtype) / s_out
         return x, y
 
     def _initialise(self, activations: dict[str, Tensor]) -> None:
-        """Data-dependent start on the first batch: normalisation scales, b_dec = mean
-        output, b_enc centring the inputs, a zero decoder for transcoders and the
-        encoder's transpose for SAEs (as sparsify does); a skip term starts at the
-        least-squares linear map from input to output (ridge-regularised), so the
-        latents only have to learn what a linear map cannot."""
-        for layer, transcoder in self.transcoders.items():
-            c = transcoder.cfg
-            x = activations[c.input_site].double()
-            y = activations[c.output_site].double()
+        """Data-dependent start on the first batch, for every layer: normalisation
+        scales, b_dec = mean output, b_enc centring the inputs, a zero decoder for
+        transcoders and the encoder's transpose for SAEs (as sparsify does); a skip term
+        starts at the least-squares linear map from input to output (ridge-regularised),
+        so the latents only have to learn what a linear map cannot."""
+        for place in self.placements:
+            p = _layer_parameters(place)
+            x = activations[place.input_site].double()
+            y = activations[place.output_site].double()
             n = self.sum_ranks(x.new_tensor(float(x.shape[0])))
             if self.cfg.normalize:
-                s_in = (self.sum_ranks(x.pow(2).sum()) / (n * c.d_in)).sqrt().item()
-                s_out = (self.sum_ranks(y.pow(2).sum()) / (n * c.d_out)).sqrt().item()
+                s_in = (self.sum_ranks(x.pow(2).sum()) / (n * place.d_in)).sqrt().item()
+                s_out = (self.sum_ranks(y.pow(2).sum()) / (n * place.d_out)).sqrt().item()
             else:
                 s_in = s_out = 1.0
-            self.scales[layer] = (s_in, s_out)
-            x_mean = (self.sum_ranks(x.sum(0)) / n / s_in).to(transcoder.W_enc.dtype)
+            self.scales[place.layer] = (s_in, s_out)
+            x_mean = (self.sum_ranks(x.sum(0)) / n / s_in).to(p.W_enc.dtype)
             y_mean = self.sum_ranks(y.sum(0)) / n
             with torch.no_grad():
-                transcoder.b_dec.copy_(y_mean / s_out)
-                if c.is_sae:
-                    transcoder.W_dec.copy_(transcoder.W_enc / transcoder.W_enc.norm(dim=-1, keepdim=True))
+                p.b_dec.copy_(y_mean / s_out)
+                if place.input_site == place.output_site:  # an SAE
+                    p.W_dec.copy_(p.W_enc / p.W_enc.norm(dim=-1, keepdim=True))
                 else:
-                    transcoder.W_dec.zero_()
-                transcoder.b_enc.copy_(-(transcoder.W_enc @ x_mean))
-                if c.skip:
+                    p.W_dec.zero_()
+                p.b_enc.copy_(-(p.W_enc @ x_mean))
+                if p.W_skip is not None:
                     skip, offset = self._least_squares(x / s_in, y / s_out, n)
-                    transcoder.W_skip.copy_(skip)
-                    transcoder.b_dec.copy_(offset)
+                    p.W_skip.copy_(skip)
+                    p.b_dec.copy_(offset)
 
     def _least_squares(self, x: Tensor, y: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
         """The ridge regression `y ~ x @ W.T + b` over the rows of every process:
@@ -459,6 +503,11 @@ class Trainer:
 
     # --- saving --------------------------------------------------------------------------
 
+    def folded_all(self) -> list[AnyTranscoder]:
+        """Every transcoder with normalisation folded into its weights, in eval mode:
+        they read and write the model's own activations."""
+        return [self.folded(layer) for layer in self.transcoders]
+
     def folded(self, layer: int) -> Transcoder:
         """The transcoder for `layer` with normalisation folded into its weights, in eval
         mode: it reads and writes the model's own activations."""
@@ -475,18 +524,22 @@ class Trainer:
         result.load_state_dict(state, assign=True)
         return result.eval()
 
+    def directory_of(self, transcoder: AnyTranscoder) -> Path:
+        """Where `save` puts a transcoder: `output_dir/layer_{L}`."""
+        return self.output_dir / f"layer_{transcoder.cfg.layer}"
+
     @property
     def _writes_files(self) -> bool:
         """Data-parallel processes hold identical weights: only the first one writes."""
         return not self.data_parallel or self.rank == 0
 
-    def save(self) -> list[Transcoder]:
+    def save(self) -> list[AnyTranscoder]:
         """Save every folded transcoder to `output_dir/layer_{L}` and return them (this
         process's layers when layers are distributed)."""
-        result = [self.folded(layer) for layer in self.transcoders]
+        result = self.folded_all()
         if self._writes_files:
             for transcoder in result:
-                transcoder.save(self.output_dir / f"layer_{transcoder.cfg.layer}")
+                transcoder.save(self.directory_of(transcoder))
         return result
 
     @property
@@ -548,6 +601,113 @@ class Trainer:
         return "No checkpoint had been written yet."
 
 
+class _LayerParameters(NamedTuple):
+    """Views of the parameters that replace one layer: its encoder, its decoders (`W_dec`
+    [d_latent, d_out], or a cross-layer transcoder's [d_latent, n_targets, d_model]),
+    its output bias and skip term (None without one)."""
+
+    W_enc: Tensor
+    b_enc: Tensor
+    W_dec: Tensor
+    b_dec: Tensor
+    W_skip: Tensor | None
+
+
+def _layer_parameters(place: Placement) -> _LayerParameters:
+    module, i = place.module, place.index
+    W_skip = getattr(module, "W_skip", None)
+    if isinstance(module, Transcoder):
+        return _LayerParameters(module.W_enc, module.b_enc, module.W_dec, module.b_dec, W_skip)
+    return _LayerParameters(
+        module.W_enc[i], module.b_enc[i], module.W_dec[i], module.b_dec[i], None if W_skip is None else W_skip[i]
+    )
+
+
+class CrossLayerTrainer(Trainer):
+    """Trains one `CrossLayerTranscoder` over `cfg.layers` (`cfg.cross_layer`), on the
+    `Trainer`'s machinery: one forward pass per batch, normalisation per layer, AuxK,
+    BatchTopK thresholds and dead-latent counters per source layer, checkpoints and
+    exact resume, data parallelism. Saved to `output_dir/cross_layer`.
+
+    `distribute="layers"` does not apply (the layers share one module): every process
+    trains the whole transcoder."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig):
+        if cfg.distribute == "layers" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise TrainingError("distribute='layers' cannot split one cross-layer transcoder: use distribute='data'")
+        super().__init__(model, cfg)
+
+    def _build(self, layers: list[int]) -> dict[int, AnyTranscoder]:
+        cfg = self.cfg
+        try:
+            clt_cfg = cross_layer_config(
+                self.model,
+                layers,
+                cfg.d_latent,
+                expansion=None if cfg.d_latent else cfg.expansion,
+                activation=cfg.activation,
+                k=cfg.k,
+                skip=cfg.skip,
+                dtype=cfg.dtype,
+            )
+        except (SiteError, ConfigError) as err:
+            raise TrainingError(f"cannot build the cross-layer transcoder: {err}") from err
+        transcoders = {layers[0]: self._seeded(CrossLayerTranscoder, clt_cfg, layers[0])}
+        self._check_fit(transcoders)
+        return transcoders
+
+    @property
+    def clt(self) -> CrossLayerTranscoder:
+        return next(iter(self.transcoders.values()))
+
+    def _train_step(self, activations: dict[str, Tensor]) -> dict:
+        """One optimiser step of the cross-layer transcoder on every layer at once."""
+        cfg, clt = self.cfg, self.clt
+        if not self.scales:
+            self._initialise(activations)
+        self.optimizer.zero_grad(set_to_none=True)
+        pairs = [self._inputs(layer, activations) for layer in self.layers]
+        x, y = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        dead = torch.stack([self.since_fired[layer] >= cfg.dead_tokens for layer in self.layers])
+        out = cross_layer_training_step(clt, x, y, dead, cfg, self.sum_ranks)
+        if not torch.isfinite(out.loss):
+            raise NonFiniteError(
+                f"the loss of the cross-layer transcoder is {out.loss.item()} at step {self.step + 1}: the run "
+                f"diverged. {self.kept_checkpoint_note()} Lower lr (now {self.optimizer.param_groups[0]['lr']:.3g})."
+            )
+        out.loss.backward()
+        if clt.cfg.activation == "batchtopk":
+            for i, latents in enumerate(out.latents):
+                self._calibrate_threshold(clt.threshold[i], latents.values)
+        self._update(clt)
+        metrics: dict = {"fvu": 0.0}
+        for i, layer in enumerate(self.layers):
+            self._track(layer, out.latents[i], dead[i], out.fvu[i], x.shape[1], metrics)
+        self.schedule.step()
+        return metrics
+
+    def folded_all(self) -> list[AnyTranscoder]:
+        """The cross-layer transcoder with each layer's normalisation folded in: layer
+        i's encoder divided by its input scale, every decoder into layer t and t's bias
+        multiplied by t's output scale, t's skip term by its output over input scale."""
+        clt = self.clt
+        scales = [self.scales.get(layer, (1.0, 1.0)) for layer in self.layers]
+        s_in = torch.tensor([s[0] for s in scales], dtype=clt.W_enc.dtype, device=self.device)
+        s_out = torch.tensor([s[1] for s in scales], dtype=clt.W_enc.dtype, device=self.device)
+        state = {name: t.detach().clone() for name, t in clt.state_dict().items()}
+        state["W_enc"] /= s_in[:, None, None]
+        state["b_dec"] *= s_out[:, None]
+        for i in range(clt.cfg.n_layers):
+            state[f"W_dec.{i}"] *= s_out[i:, None]
+        if "W_skip" in state:
+            state["W_skip"] *= (s_out / s_in)[:, None, None]
+        return [CrossLayerTranscoder.from_tensors(clt.cfg, state)]
+
+    def directory_of(self, transcoder: AnyTranscoder) -> Path:
+        """Where `save` puts the cross-layer transcoder: `output_dir/cross_layer`."""
+        return self.output_dir / "cross_layer"
+
+
 class TrainerGroup:
     """Several `Trainer`s of the same model fed from one forward pass per batch: e.g. an
     SAE, a transcoder and a skip transcoder of the same layers on the same tokens.
@@ -572,7 +732,7 @@ class TrainerGroup:
             raise TrainingError("give every trainer of a group its own output_dir")
         self.trainers = trainers
 
-    def fit(self, batches: Iterable[Tensor], eval_tokens: Tensor | None = None) -> list[list[Transcoder]]:
+    def fit(self, batches: Iterable[Tensor], eval_tokens: Tensor | None = None) -> list[list[AnyTranscoder]]:
         """Train every trainer until its `max_tokens` (or the end of `batches`); return
         each trainer's transcoders, in order. Ctrl-C between batches saves a checkpoint
         of every trainer before it stops the run."""
@@ -641,7 +801,7 @@ def _tf32(allow: bool) -> Iterator[None]:
 
 def fit_together(
     trainers: Sequence[Trainer], batches: Iterable[Tensor], eval_tokens: Tensor | None = None
-) -> list[list[Transcoder]]:
+) -> list[list[AnyTranscoder]]:
     """`TrainerGroup(trainers).fit(batches, eval_tokens)`."""
     return TrainerGroup(trainers).fit(batches, eval_tokens)
 

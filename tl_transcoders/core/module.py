@@ -1,0 +1,99 @@
+"""`NativeModule`: what every module kept in the native format shares.
+
+`Transcoder` and `CrossLayerTranscoder` hold a config and the parameters it implies
+(`shapes_of(cfg)`); this base checks the two agree, saves them (`native.write_directory`,
+with the module's kind) and builds a module from a saved directory or from tensors,
+without a wasted random initialisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from tl_transcoders.core.config import ConfigError
+from tl_transcoders.core.native import CONFIG_FILE, WEIGHTS_FILE, read_config, read_tensors, write_directory
+
+__all__ = ["NativeModule"]
+
+
+class NativeModule(nn.Module):
+    """Base of the modules saved in the native format. Subclasses set `KIND` (a key of
+    `native.KINDS`) and `shapes_of` (the name and shape of every tensor of a config),
+    and build their parameters from `cfg` in `__init__(cfg, device=None)`."""
+
+    KIND: ClassVar[str]
+    cfg: Any
+
+    @staticmethod
+    def shapes_of(cfg: Any) -> dict[str, tuple[int, ...]]:
+        raise NotImplementedError
+
+    def validate(self) -> None:
+        """Raise `ConfigError` if the config is invalid or the parameters do not have the
+        shapes it implies (a config or a tensor changed after construction)."""
+        self.cfg.validate()
+        expected = self.shapes_of(self.cfg)
+        found = {name: tuple(p.shape) for name, p in self.named_parameters()}
+        if found != expected:
+            wrong = sorted(name for name in expected.keys() | found.keys() if expected.get(name) != found.get(name))
+            details = ", ".join(f"{name}: {found.get(name)} (config needs {expected.get(name)})" for name in wrong)
+            raise ConfigError(
+                f"the parameters do not match the config: {details}. Was cfg or a weight changed after "
+                f"the module was built? Build a new {type(self).__name__} from the config you want."
+            )
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write `config.json` and `transcoder.safetensors` into `directory`, replacing a
+        module saved there before as a whole (an interrupted save leaves the old one
+        loadable). Refuses NaN or inf weights and a directory holding other files."""
+        self.validate()
+        tensors = {name: p.detach().cpu().contiguous() for name, p in self.state_dict().items()}
+        config = self.cfg.to_dict()
+        config["dtype"] = str(next(self.parameters()).dtype).removeprefix("torch.")
+        return write_directory(directory, config, tensors, kind=self.KIND)
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | os.PathLike,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        """Read a module written by `save`, checking every field, the weights' checksum
+        and every tensor; the module is returned in eval mode.
+
+        Raises `TranscoderFileError` naming the file and the problem for a missing or
+        corrupt file, an unknown format or version, a directory holding another kind of
+        module, a bad config field, a checksum that does not match, or a tensor that is
+        missing, unexpected, of the wrong shape or not finite."""
+        directory = Path(directory)
+        cfg, checksum = read_config(directory / CONFIG_FILE, kind=cls.KIND)
+        tensors = read_tensors(directory / WEIGHTS_FILE, cls.shapes_of(cfg), checksum)
+        return cls.from_tensors(cfg, tensors, device, dtype)
+
+    @classmethod
+    def from_tensors(
+        cls,
+        cfg: Any,
+        tensors: dict[str, Tensor],
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        """A module holding `tensors` (named and shaped as `shapes_of(cfg)`), in `dtype`
+        (default: that of `W_enc`) on `device` (default: the tensors'), in eval mode;
+        built without a wasted random initialisation."""
+        cfg = dataclasses.replace(cfg, dtype=str(dtype or tensors["W_enc"].dtype).removeprefix("torch."))
+        with torch.device("meta"):
+            module = cls(cfg)
+        target = getattr(torch, cfg.dtype)
+        module.load_state_dict(
+            {k: v.to(device=device, dtype=target).contiguous() for k, v in tensors.items()}, assign=True
+        )
+        module.validate()
+        return module.eval()
