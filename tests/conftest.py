@@ -23,7 +23,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-from tl_transcoders import Transcoder, transcoder_config  # noqa: E402
+from tl_transcoders import (  # noqa: E402
+    CrossLayerConfig,
+    CrossLayerTranscoder,
+    Transcoder,
+    cross_layer_config,
+    transcoder_config,
+)
 
 try:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -213,6 +219,27 @@ def make_transcoder(
             elif name != "W_dec":
                 param.copy_(0.3 * noise)
     return transcoder.eval()
+
+
+def make_clt(model=None, layers=None, activation="topk", skip=True, d_latent=40, k=5, seed=0, **fields):
+    """A cross-layer transcoder with random weights everywhere (biases, skip and
+    thresholds too), for `model` or, without one, for d_model 12 over layers 1..3."""
+    if model is not None:
+        cfg = cross_layer_config(model, layers, d_latent=d_latent, activation=activation, k=k, skip=skip, **fields)
+    else:
+        cfg = CrossLayerConfig(
+            d_model=12, d_latent=d_latent, n_layers=3, first_layer=1, activation=activation, k=k, skip=skip
+        )
+    clt = CrossLayerTranscoder(cfg)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in clt.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if name == "threshold":
+                param.copy_(0.05 * noise.abs())
+            elif not name.startswith("W_dec"):
+                param.copy_(0.3 * noise)
+    return clt.eval()
 
 
 @pytest.fixture

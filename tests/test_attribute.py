@@ -10,12 +10,13 @@ from __future__ import annotations
 import copy
 import functools
 import re
+from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import MODEL_PARAMS, build_model, make_transcoder
+from conftest import MODEL_PARAMS, build_model, make_clt, make_transcoder
 
-from tl_transcoders import Transcoder, TranscoderConfig
+from tl_transcoders import CrossLayerTranscoder, Transcoder, TranscoderConfig
 from tl_transcoders.attribution.attribute import attribute
 from tl_transcoders.attribution.replacement import ReplacementError
 from tl_transcoders.hooks.sites import attach
@@ -59,20 +60,63 @@ def prompt(model) -> torch.Tensor:
     return tokens
 
 
-def out_site(layer: int, by_layer: dict) -> str:
-    return by_layer[layer].cfg.output_site if layer in by_layer else f"blocks.{layer}.hook_mlp_out"
+@dataclass
+class LayerSpec:
+    """How one layer is replaced, read from the weights by the test: the features at
+    this layer (their input site, encoder and dense encoding), the layer's own output
+    bias and skip term, and the features' decoders by the layer they write into."""
+
+    input_site: str
+    output_site: str
+    W_enc: torch.Tensor
+    b_dec: torch.Tensor
+    W_skip: torch.Tensor | None
+    encode: object
+    decoders: dict[int, torch.Tensor]
 
 
-def skip_of(transcoder, x: torch.Tensor) -> torch.Tensor:
-    return x @ transcoder.W_skip.T if transcoder.cfg.skip else torch.zeros_like(x)
+def specs_of(transcoders: list) -> dict[int, LayerSpec]:
+    specs = {}
+    for t in transcoders:
+        if isinstance(t, CrossLayerTranscoder):
+            for i, layer in enumerate(t.cfg.layers):
+                specs[layer] = LayerSpec(
+                    t.cfg.input_site(layer),
+                    t.cfg.output_site(layer),
+                    t.W_enc[i].detach(),
+                    t.b_dec[i].detach(),
+                    t.W_skip[i].detach() if t.cfg.skip else None,
+                    lambda x, t=t, layer=layer: t.encode(layer, x),
+                    {layer + j: t.W_dec[i][:, j].detach() for j in range(t.W_dec[i].shape[1])},
+                )
+        else:
+            c = t.cfg
+            specs[c.layer] = LayerSpec(
+                c.input_site,
+                c.output_site,
+                t.W_enc.detach(),
+                t.b_dec.detach(),
+                t.W_skip.detach() if c.skip else None,
+                t.encode,
+                {c.layer: t.W_dec.detach()},
+            )
+    return specs
 
 
-def record_clean(model, by_layer: dict, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Frozen-site values, embeddings, transcoder inputs and MLP outputs of a clean pass."""
+def out_site(layer: int, specs: dict) -> str:
+    return specs[layer].output_site if layer in specs else f"blocks.{layer}.hook_mlp_out"
+
+
+def skip_of(spec: LayerSpec, x: torch.Tensor) -> torch.Tensor:
+    return x @ spec.W_skip.T if spec.W_skip is not None else torch.zeros_like(x)
+
+
+def record_clean(model, specs: dict, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Frozen-site values, embeddings, feature inputs and MLP outputs of a clean pass."""
     record: dict[str, torch.Tensor] = {}
     sites = [s for s in model.hook_dict if FROZEN.search(s)] + ["hook_embed"]
-    sites += [t.cfg.input_site for t in by_layer.values()]
-    sites += [out_site(layer, by_layer) for layer in range(model.cfg.n_layers)]
+    sites += [spec.input_site for spec in specs.values()]
+    sites += [out_site(layer, specs) for layer in range(model.cfg.n_layers)]
 
     def keep(site):
         def hook(act):
@@ -85,9 +129,7 @@ def record_clean(model, by_layer: dict, tokens: torch.Tensor) -> dict[str, torch
     return record
 
 
-def frozen_values(
-    model, by_layer: dict, tokens, record: dict, removals: dict[str, torch.Tensor], graph
-) -> torch.Tensor:
+def frozen_values(model, specs: dict, tokens, record: dict, removals: dict[str, torch.Tensor], graph) -> torch.Tensor:
     """The graph's target values `[batch, n_targets]` in the frozen model, with
     `removals[site]` (`[batch, n_pos, d]`) subtracted at the embedding and MLP outputs."""
     batch = next(iter(removals.values())).shape[0]
@@ -96,15 +138,15 @@ def frozen_values(
     hooks = [(s, (lambda s: lambda act: record[s].expand_as(act).clone())(s)) for s in frozen]
     hooks.append(("hook_embed", lambda act: record["hook_embed"] - removals["hook_embed"]))
     for layer in range(model.cfg.n_layers):
-        site, t = out_site(layer, by_layer), by_layer.get(layer)
-        if t is not None:
+        site, spec = out_site(layer, specs), specs.get(layer)
+        if spec is not None:
             keep = (lambda layer: lambda act: current.__setitem__(layer, act))(layer)
-            hooks.append((t.cfg.input_site, keep))
+            hooks.append((spec.input_site, keep))
 
-        def output(act, site=site, t=t, layer=layer):
+        def output(act, site=site, spec=spec, layer=layer):
             value = record[site].expand_as(act).clone()
-            if t is not None:
-                value = value - skip_of(t, record[t.cfg.input_site]) + skip_of(t, current[layer])
+            if spec is not None:
+                value = value - skip_of(spec, record[spec.input_site]) + skip_of(spec, current[layer])
             return value - removals.get(site, 0)
 
         hooks.append((site, output))
@@ -114,74 +156,71 @@ def frozen_values(
         model(tokens[None].expand(batch, -1))
     values = []
     for layer, position, latent in graph.features.tolist():
-        values.append(current[layer][:, position] @ by_layer[layer].W_enc[latent])
+        values.append(current[layer][:, position] @ specs[layer].W_enc[latent])
     logits = unembed["out"][:, -1]
     demeaned = logits - logits.mean(-1, keepdim=True)
     values += [demeaned[:, v] for v in graph.logit_tokens.tolist()]
     return torch.stack(values, dim=1)
 
 
-def reference(
-    model, by_layer: dict, tokens, graph, n_checked: int = 40
-) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def reference(model, specs: dict, tokens, graph, n_checked: int = 40) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Edges `[n_targets, n_checked_sources]` by removing each of a sample of sources
     (every error and token node and `n_checked` features), each target's clean value
-    minus its value with every source removed, and the sampled source nodes."""
-    record = record_clean(model, by_layer, tokens)
+    minus its value with every source removed, and the sampled source nodes. A feature
+    is removed at every layer its decoders write into."""
+    record = record_clean(model, specs, tokens)
     n_pos, n_layers = graph.n_pos, graph.n_layers
-    sources: list[tuple[str, int, torch.Tensor]] = []
+    sources: list[list[tuple[str, int, torch.Tensor]]] = []
     errors = {}
     for layer in range(n_layers):
-        site, t = out_site(layer, by_layer), by_layer.get(layer)
+        site, spec = out_site(layer, specs), specs.get(layer)
         errors[layer] = record[site][0].clone()
-        if t is not None:
-            errors[layer] -= skip_of(t, record[t.cfg.input_site][0]) + t.b_dec
+        if spec is not None:
+            errors[layer] -= skip_of(spec, record[spec.input_site][0]) + spec.b_dec
     for (layer, position, latent), activation in zip(graph.features.tolist(), graph.activations.tolist()):
-        vector = activation * by_layer[layer].W_dec[latent].detach()
-        sources.append((out_site(layer, by_layer), position, vector))
-        errors[layer][position] -= vector
+        writes = []
+        for target, W in specs[layer].decoders.items():
+            vector = activation * W[latent]
+            writes.append((out_site(target, specs), position, vector))
+            errors[target][position] -= vector
+        sources.append(writes)
     for layer in range(n_layers):
-        sources += [(out_site(layer, by_layer), p, errors[layer][p]) for p in range(n_pos)]
-    sources += [("hook_embed", p, record["hook_embed"][0, p]) for p in range(n_pos)]
+        sources += [[(out_site(layer, specs), p, errors[layer][p])] for p in range(n_pos)]
+    sources += [[("hook_embed", p, record["hook_embed"][0, p])] for p in range(n_pos)]
     generator = torch.Generator().manual_seed(0)
     sample = torch.randperm(graph.n_features, generator=generator)[:n_checked].tolist()
     checked = sorted(sample) + list(range(graph.n_features, len(sources)))
-    sites = {site for site, _, _ in sources}
+    sites = {site for writes in sources for site, _, _ in writes}
     embed = record["hook_embed"]
     removals = {site: embed.new_zeros(2 + len(checked), n_pos, embed.shape[-1]) for site in sites}
-    for site, position, vector in sources:
-        removals[site][1, position] += vector.to(embed.dtype)
+    for writes in sources:
+        for site, position, vector in writes:
+            removals[site][1, position] += vector.to(embed.dtype)
     for row, node in enumerate(checked, start=2):
-        site, position, vector = sources[node]
-        removals[site][row, position] = vector.to(embed.dtype)
+        for site, position, vector in sources[node]:
+            removals[site][row, position] += vector.to(embed.dtype)
     with torch.no_grad():
-        values = frozen_values(model, by_layer, tokens, record, removals, graph)
+        values = frozen_values(model, specs, tokens, record, removals, graph)
     return (values[0] - values[2:]).T, values[0] - values[1], checked
 
 
-def clean_activations(by_layer: dict, record: dict, graph) -> torch.Tensor:
+def clean_activations(specs: dict, record: dict, graph) -> torch.Tensor:
     acts = []
     for layer, position, latent in graph.features.tolist():
-        t = by_layer[layer]
-        acts.append(t.encode(record[t.cfg.input_site][0, position])[latent])
+        spec = specs[layer]
+        acts.append(spec.encode(record[spec.input_site][0, position])[latent])
     return torch.stack(acts)
 
 
-COMBOS = [("topk", True), ("relu", False), ("jumprelu", True), ("topk", False)]
-CASES = [(name, *COMBOS[i % len(COMBOS)]) for i, name in enumerate(MODEL_PARAMS)]
-
-
-@pytest.mark.parametrize("name, activation, skip", CASES)
-def test_every_edge_is_the_exact_effect_of_its_source(name, activation, skip):
-    model = float64_model(name)
-    transcoders = transcoders_for(model, activation, skip)
-    by_layer = {t.cfg.layer: t for t in transcoders}
-    tokens = prompt(model)
+def check_every_edge(model, transcoders: list, tokens: torch.Tensor) -> None:
+    """attribute()'s graph against the reference: sampled edges, row totals, the
+    shape of the graph and the features' activations."""
+    specs = specs_of(transcoders)
     graph = attribute(model, transcoders, tokens, batch_size=128)
     graph.validate()
     n_sources = graph.n_nodes - graph.n_logits
     targets = list(range(graph.n_features)) + [graph.logit_node(i) for i in range(graph.n_logits)]
-    edges, totals, checked = reference(model, by_layer, tokens, graph)
+    edges, totals, checked = reference(model, specs, tokens, graph)
     adjacency = graph.adjacency[targets][:, :n_sources].to(edges.dtype)
     exact = next(model.parameters()).dtype == torch.float64
     scale = edges.abs().max().item()
@@ -191,11 +230,42 @@ def test_every_edge_is_the_exact_effect_of_its_source(name, activation, skip):
     # Error and token nodes are sources only; nothing points into a logit.
     assert not graph.adjacency[graph.n_features : n_sources].any()
     assert not graph.adjacency[:, n_sources:].any()
-    record = record_clean(model, by_layer, tokens)
-    activations = clean_activations(by_layer, record, graph)
+    record = record_clean(model, specs, tokens)
+    activations = clean_activations(specs, record, graph)
     assert torch.allclose(graph.activations.to(edges.dtype), activations, rtol=1e-6, atol=1e-6)
     if getattr(model, "tokenizer", None) is not None:
         assert graph.features[:, 1].min() >= 1  # no feature nodes at the BOS position
+
+
+COMBOS = [("topk", True), ("relu", False), ("jumprelu", True), ("topk", False)]
+CASES = [(name, *COMBOS[i % len(COMBOS)]) for i, name in enumerate(MODEL_PARAMS)]
+
+
+@pytest.mark.parametrize("name, activation, skip", CASES)
+def test_every_edge_is_the_exact_effect_of_its_source(name, activation, skip):
+    model = float64_model(name)
+    check_every_edge(model, transcoders_for(model, activation, skip), prompt(model))
+
+
+CLT_CASES = [(name, *COMBOS[(i + 1) % len(COMBOS)]) for i, name in enumerate(MODEL_PARAMS)]
+
+
+@pytest.mark.parametrize("name, activation, skip", CLT_CASES)
+def test_every_edge_of_a_cross_layer_transcoder_is_the_exact_effect_of_its_source(name, activation, skip):
+    model = float64_model(name)
+    dtype = next(model.parameters()).dtype
+    clt = make_clt(model, layers=[0, 1, 2], activation=activation, skip=skip).to(dtype)
+    clt.cfg.dtype = str(dtype).removeprefix("torch.")
+    check_every_edge(model, [clt], prompt(model))
+
+
+@pytest.mark.parametrize("name", [MODEL_PARAMS[0], "bridge-llama"])
+def test_a_cross_layer_transcoder_with_a_transcoder_on_another_layer(name):
+    model = float64_model(name)
+    dtype = next(model.parameters()).dtype
+    clt = make_clt(model, layers=[1, 2]).to(dtype)
+    clt.cfg.dtype = str(dtype).removeprefix("torch.")
+    check_every_edge(model, [transcoders_for(model, "relu", True)[0], clt], prompt(model))
 
 
 @pytest.mark.parametrize("name", [MODEL_PARAMS[0], "bridge-llama"])
@@ -204,7 +274,7 @@ def test_without_transcoders_every_mlp_is_an_error_node(name):
     tokens = prompt(model)
     graph = attribute(model, [], tokens)
     assert graph.n_features == 0
-    edges, totals, checked = reference(model, {}, tokens, graph)
+    edges, totals, checked = reference(model, specs_of([]), tokens, graph)
     logit_rows = graph.adjacency[-graph.n_logits :, : -graph.n_logits].to(edges.dtype)
     assert torch.allclose(logit_rows[:, checked], edges, rtol=1e-4, atol=1e-6 * edges.abs().max().item())
     assert torch.allclose(logit_rows.sum(dim=1), totals, rtol=1e-4, atol=1e-6 * edges.abs().max().item())

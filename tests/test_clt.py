@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_transcoder
+from conftest import make_clt, make_transcoder
 from safetensors.torch import load_file
 
 from tl_transcoders import (
@@ -23,27 +23,6 @@ from tl_transcoders.hooks.models import tiny_random_model
 from tl_transcoders.training import CrossLayerTrainer, TrainConfig, Trainer
 
 ACTIVATIONS = ["topk", "batchtopk", "relu", "jumprelu"]
-
-
-def make_clt(model=None, layers=None, activation="topk", skip=True, d_latent=40, k=5, seed=0, **fields):
-    """A cross-layer transcoder with random weights everywhere (biases, skip and
-    thresholds too), for `model` or, without one, for d_model 12 over layers 1..3."""
-    if model is not None:
-        cfg = cross_layer_config(model, layers, d_latent=d_latent, activation=activation, k=k, skip=skip, **fields)
-    else:
-        cfg = CrossLayerConfig(
-            d_model=12, d_latent=d_latent, n_layers=3, first_layer=1, activation=activation, k=k, skip=skip
-        )
-    clt = CrossLayerTranscoder(cfg)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in clt.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if name == "threshold":
-                param.copy_(0.05 * noise.abs())
-            elif not name.startswith("W_dec"):
-                param.copy_(0.3 * noise)
-    return clt.eval()
 
 
 def latents_by_hand(clt: CrossLayerTranscoder, i: int, x: torch.Tensor) -> torch.Tensor:

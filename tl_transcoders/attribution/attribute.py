@@ -26,8 +26,9 @@ from torch import Tensor, nn
 
 from tl_transcoders.attribution.errors import AttributionError
 from tl_transcoders.attribution.graph import Graph
-from tl_transcoders.attribution.replacement import ReplacementState, frozen_replacement
-from tl_transcoders.core.transcoder import Transcoder
+from tl_transcoders.attribution.replacement import ReplacementState, frozen_replacement, writers
+from tl_transcoders.core.activations import SparseLatents
+from tl_transcoders.core.placement import AnyTranscoder
 from tl_transcoders.hooks.sites import model_device, model_name
 from tl_transcoders.hooks.splice import check_not_spliced
 from tl_transcoders.hooks.tokens import prompt_tokens
@@ -44,7 +45,7 @@ __all__ = [
 
 def attribute(
     model: nn.Module,
-    transcoders: Sequence[Transcoder],
+    transcoders: Sequence[AnyTranscoder],
     prompt_or_tokens: str | Tensor,
     *,
     max_n_logits: int = 10,
@@ -58,7 +59,10 @@ def attribute(
 
     Args:
         model: a `HookedTransformer` or `TransformerBridge`.
-        transcoders: at most one per layer; layers without one have only error nodes.
+        transcoders: per-layer transcoders and cross-layer transcoders, at most one
+            per layer; layers without one have only error nodes. A cross-layer
+            transcoder's feature sits at its encoder's layer, and its edges run through
+            all its decoders.
         prompt_or_tokens: a string (tokenized with the model's tokenizer, which adds
             BOS as the model does) or token ids. If position 0 is the tokenizer's BOS
             token it gets no feature nodes (its features' outputs join its error node).
@@ -83,11 +87,10 @@ def attribute(
     tokens = prompt_tokens(model, prompt_or_tokens)
     with torch.enable_grad(), frozen_replacement(model, transcoders) as state:
         logits = model(tokens[None])
-    by_layer = state.transcoders
     probabilities = torch.softmax(logits[0, -1].detach().float(), dim=-1)
     logit_tokens, logit_probabilities = most_probable_tokens(probabilities, max_n_logits, desired_logit_prob)
     storage = torch.device(device) if device is not None else model_device(model)
-    attributor = _Attributor(model, by_layer, state, starts_with_bos(model, tokens), storage)
+    attributor = _Attributor(model, state, starts_with_bos(model, tokens), storage)
     rows, row_features, n_logit_rows = attributor.rows(
         logit_tokens, logit_probabilities, max_feature_nodes, batch_size, update_interval
     )
@@ -106,8 +109,13 @@ def attribute(
         model_name=model_name(model),
         metadata={
             "transcoders": [
-                {"layer": layer, "input_site": t.cfg.input_site, "output_site": t.cfg.output_site}
-                for layer, t in sorted(by_layer.items())
+                {
+                    "layer": layer,
+                    "input_site": m.input_site,
+                    "output_site": m.output_site,
+                    "writes_into": sorted(m.decoders()),
+                }
+                for layer, m in sorted(state.maps.items())
             ],
             "bos_without_features": attributor.bos,
             "max_n_logits": max_n_logits,
@@ -139,16 +147,16 @@ def most_probable_tokens(
 @dataclass
 class ActiveFeatures:
     """Every active feature (except at a BOS position), in node order: by layer,
-    position, latent. `decoders[layer]` holds each position's features' decoder vectors
-    times activation, `[n_pos, k, d]` (zero in unused slots); `slots[layer]` are the
-    flat `n_pos * k` slots that hold nodes, in node order; `offsets[layer]` the index
-    of the layer's first feature."""
+    position, latent. `sparse[layer]` holds each position's features at that layer
+    (values zeroed in slots that are not nodes, indices sorted), `[n_pos, k]`;
+    `slots[layer]` are the flat `n_pos * k` slots that hold nodes, in node order;
+    `offsets[layer]` the index of the layer's first feature."""
 
     layers: Int[Tensor, " n"]
     positions: Int[Tensor, " n"]
     latents: Int[Tensor, " n"]
     activations: Float[Tensor, " n"]
-    decoders: dict[int, Tensor]
+    sparse: dict[int, SparseLatents]
     slots: dict[int, Tensor]
     offsets: dict[int, int]
 
@@ -157,13 +165,13 @@ class ActiveFeatures:
         return int(self.layers.shape[0])
 
 
-def active_features(state: ReplacementState, by_layer: dict[int, Transcoder], bos: bool) -> ActiveFeatures:
-    """Collect the active features of every transcoder from a replacement pass."""
+def active_features(state: ReplacementState, bos: bool) -> ActiveFeatures:
+    """Collect the active features of every replaced layer from a replacement pass."""
     columns: list[list[Tensor]] = [[], [], [], []]
-    decoders, slots, offsets = {}, {}, {}
+    sparse, slots, offsets = {}, {}, {}
     n = 0
-    for layer, transcoder in sorted(by_layer.items()):
-        values, indices = state.latents(transcoder)
+    for layer in sorted(state.maps):
+        values, indices = state.latents(layer)
         indices, order = indices.sort(dim=-1)
         values = values.gather(-1, order)
         active = values != 0
@@ -171,7 +179,7 @@ def active_features(state: ReplacementState, by_layer: dict[int, Transcoder], bo
             active[0] = False
         values = values * active
         position, slot = active.nonzero(as_tuple=True)
-        decoders[layer] = values[..., None] * transcoder.W_dec.detach()[indices]
+        sparse[layer] = SparseLatents(values, indices)
         slots[layer] = position * indices.shape[1] + slot
         offsets[layer] = n
         n += int(position.numel())
@@ -184,37 +192,36 @@ def active_features(state: ReplacementState, by_layer: dict[int, Transcoder], bo
         torch.cat(c) if c else torch.zeros(0, dtype=dtype, device=device)
         for c, dtype in zip(columns, (torch.long,) * 3 + (state.embed.dtype,))
     )
-    return ActiveFeatures(layers, positions, latents, acts, decoders, slots, offsets)
+    return ActiveFeatures(layers, positions, latents, acts, sparse, slots, offsets)
 
 
 class _Attributor:
     """Computes graph rows from one recorded replacement pass.
 
-    Row columns: every active feature, then the errors (layer-major), then the tokens."""
+    Row columns: every active feature, then the errors (layer-major), then the tokens.
+    A feature's edge into a target sums, over every layer its decoders write into, the
+    target's gradient there dotted with the decoder vector (one layer for a per-layer
+    transcoder's feature, its layer and every later one for a cross-layer one)."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        by_layer: dict[int, Transcoder],
-        state: ReplacementState,
-        bos: bool,
-        storage: torch.device,
-    ):
-        self.model, self.by_layer, self.state, self.bos, self.storage = model, by_layer, state, bos, storage
+    def __init__(self, model: nn.Module, state: ReplacementState, bos: bool, storage: torch.device):
+        self.model, self.state, self.bos, self.storage = model, state, bos, storage
+        self.maps = state.maps
+        self.writers = writers(state.maps)
         self.n_layers, self.n_pos = model.cfg.n_layers, state.embed.shape[1]
-        self.features = active_features(state, by_layer, bos)
-        self.errors = {layer: state.error(layer, by_layer.get(layer)) for layer in range(self.n_layers)}
+        self.features = active_features(state, bos)
+        self.errors = {layer: state.error(layer) for layer in range(self.n_layers)}
         if bos:
             self._move_bos_features_into_errors()
         self.embed = state.embed[0].detach()
         self.n_columns = self.features.n + (self.n_layers + 1) * self.n_pos
 
     def _move_bos_features_into_errors(self) -> None:
-        """Position 0 has no feature nodes: its features' output joins its error node."""
-        for layer, transcoder in self.by_layer.items():
-            values, indices = self.state.latents(transcoder)
-            decoded = values[0] @ transcoder.W_dec.detach()[indices[0]]
-            self.errors[layer][0] += decoded.to(self.errors[layer].dtype)
+        """Position 0 has no feature nodes: its features' outputs join its error nodes."""
+        for target, pairs in self.writers.items():
+            for source, W in pairs:
+                values, indices = self.state.latents(source)
+                decoded = values[0] @ W[indices[0]]
+                self.errors[target][0] += decoded.to(self.errors[target].dtype)
 
     def rows(
         self,
@@ -273,7 +280,7 @@ class _Attributor:
         for layer in layers.unique().tolist():
             rows = (layers == layer).nonzero(as_tuple=True)[0]
             site = self.state.inputs[layer]
-            W_enc = self.by_layer[layer].W_enc.detach()
+            W_enc = self.maps[layer].W_enc
             grad = site.new_zeros(batch.numel(), *site.shape)
             grad[rows, 0, positions[rows]] = W_enc[latents[rows]].to(grad.dtype)
             outputs.append(site)
@@ -295,12 +302,15 @@ class _Attributor:
             if gradient is None:
                 continue
             gradient = gradient[:, 0]
-            if layer in features.decoders and features.slots[layer].numel():
-                decoders = features.decoders[layer].to(gradient.dtype)
+            for source, W in self.writers.get(layer, []):
+                slots = features.slots[source]
+                if not slots.numel():
+                    continue
+                values, indices = features.sparse[source]
+                decoders = values[..., None].to(gradient.dtype) * W.to(gradient.dtype)[indices]
                 edges = torch.bmm(gradient.transpose(0, 1), decoders.transpose(1, 2))
-                offset = features.offsets[layer]
-                slots = features.slots[layer]
-                row[:, offset : offset + slots.numel()] = edges.transpose(0, 1).reshape(batch, -1)[:, slots]
+                offset = features.offsets[source]
+                row[:, offset : offset + slots.numel()] += edges.transpose(0, 1).reshape(batch, -1)[:, slots]
             errors = self.errors[layer].to(gradient.dtype)
             start = error_start + layer * n_pos
             row[:, start : start + n_pos] = torch.einsum("bpd,pd->bp", gradient, errors)

@@ -7,10 +7,10 @@ model with
   style post-norms) frozen: attention is frozen through its queries and keys, the one
   hook-based way that works on both model classes (`attn.hook_pattern` is not used by
   the TL 3.x Bridge's own computation), norms through `hook_scale`;
-- each MLP output replaced by a constant plus, where a layer has a transcoder with a
-  skip term, the skip term `x @ W_skip.T`: the output's value is unchanged (transcoder
-  output + error), but gradients flow only through the skip, never through the MLP or
-  the transcoder's features;
+- each MLP output replaced by a constant plus, where a layer is replaced by a
+  transcoder (or a cross-layer transcoder) with a skip term, the skip term
+  `x @ W_skip.T`: the output's value is unchanged (reconstruction + error), but
+  gradients flow only through the skip, never through the MLP or the features;
 - the token embeddings as a leaf tensor.
 
 So the model is linear in the node values (token embeddings, feature decoder vectors,
@@ -34,21 +34,26 @@ from torch import Tensor, nn
 
 from tl_transcoders.attribution.errors import AttributionError
 from tl_transcoders.core.activations import SparseLatents
+from tl_transcoders.core.clt import CrossLayerTranscoder
+from tl_transcoders.core.placement import AnyTranscoder
 from tl_transcoders.core.transcoder import Transcoder
 from tl_transcoders.hooks.sites import SiteFn, attach, store_hook
-from tl_transcoders.hooks.splice import SpliceError, check_compatible, describe
+from tl_transcoders.hooks.splice import SpliceError, check_compatible, describe, placements_of
 
 __all__ = [
     "NORMS",
+    "LayerMap",
     "ReplacementError",
     "ReplacementState",
     "freeze_hooks",
     "frozen_replacement",
     "frozen_sites",
+    "layer_maps",
     "output_site",
     "quiet_norm_edits",
     "record_frozen_values",
     "transcoders_by_layer",
+    "writers",
 ]
 
 NORMS = ("ln1", "ln1_post", "ln2", "ln2_post")
@@ -58,9 +63,77 @@ class ReplacementError(AttributionError):
     """The transcoders or the input cannot form a replacement model."""
 
 
-def transcoders_by_layer(model: nn.Module, transcoders: Sequence[Transcoder]) -> dict[int, Transcoder]:
+def transcoders_by_layer(model: nn.Module, transcoders: Sequence[AnyTranscoder]) -> dict[int, Transcoder]:
     """Check that `transcoders` fit `model` (as `splice` does), that each replaces a
-    different layer's MLP and is not an SAE, and return them keyed by layer."""
+    different layer's MLP and is not an SAE, and return them keyed by layer. For the
+    functions that work with per-layer transcoders only (cross-layer transcoders are
+    refused with a clear error; `attribute` takes them through `layer_maps`)."""
+    clts = [t for t in transcoders if isinstance(t, CrossLayerTranscoder)]
+    if clts:
+        raise ReplacementError(
+            f"{describe(clts[0])}: this function works with per-layer transcoders only; "
+            "attribute() and evaluate_splice() take cross-layer transcoders"
+        )
+    return {m.layer: m.module for m in layer_maps(model, transcoders).values()}
+
+
+@dataclass(frozen=True)
+class LayerMap:
+    """How the replacement model replaces one layer's MLP: the features that sit at
+    this layer are those of `module` (a `Transcoder` for this layer, or the
+    `CrossLayerTranscoder` covering it, at `index`), read at `input_site`; the layer's
+    output site is replaced by the decoders of every feature that writes into it."""
+
+    layer: int
+    module: AnyTranscoder
+    index: int
+    input_site: str
+    output_site: str
+
+    @property
+    def W_enc(self) -> Float[Tensor, "d_latent d_in"]:
+        """The encoder of this layer's features (detached)."""
+        W = self.module.W_enc.detach()
+        return W if isinstance(self.module, Transcoder) else W[self.index]
+
+    @property
+    def d_latent(self) -> int:
+        return self.module.cfg.d_latent
+
+    @property
+    def W_skip(self) -> Float[Tensor, "d_out d_in"] | None:
+        """The skip term replacing this layer's output, or None."""
+        if not self.module.cfg.skip:
+            return None
+        return self.module.W_skip if isinstance(self.module, Transcoder) else self.module.W_skip[self.index]
+
+    @property
+    def b_dec(self) -> Float[Tensor, " d_out"]:
+        """The output bias of this layer's reconstruction (detached)."""
+        b = self.module.b_dec.detach()
+        return b if isinstance(self.module, Transcoder) else b[self.index]
+
+    def decoders(self) -> dict[int, Float[Tensor, "d_latent d_out"]]:
+        """This layer's features' decoders (detached), by the layer they write into."""
+        if isinstance(self.module, Transcoder):
+            return {self.layer: self.module.W_dec.detach()}
+        W = self.module.W_dec[self.index].detach()
+        return {self.layer + offset: W[:, offset] for offset in range(W.shape[1])}
+
+    def encode_sparse(self, x: Float[Tensor, "*batch d_in"]) -> SparseLatents:
+        """The active latents of this layer's features from its input `x`."""
+        x = x.to(self.module.W_enc.dtype)
+        if isinstance(self.module, Transcoder):
+            return self.module.encode_sparse(x)
+        return self.module.encode_layer(self.index, x).latents
+
+    def describe(self) -> str:
+        return f"{describe(self.module)} at layer {self.layer}"
+
+
+def layer_maps(model: nn.Module, transcoders: Sequence[AnyTranscoder]) -> dict[int, LayerMap]:
+    """Check that `transcoders` (per-layer and cross-layer) fit `model` (as `splice`
+    does), replace different layers and are not SAEs; their `LayerMap`s by layer."""
     transcoders = list(transcoders)
     if not transcoders:  # a model of error nodes only
         return {}
@@ -68,32 +141,44 @@ def transcoders_by_layer(model: nn.Module, transcoders: Sequence[Transcoder]) ->
         check_compatible(model, transcoders)
     except SpliceError as err:
         raise ReplacementError(str(err)) from err
-    by_layer: dict[int, Transcoder] = {}
-    for transcoder in transcoders:
-        c = transcoder.cfg
-        if c.is_sae:
+    maps: dict[int, LayerMap] = {}
+    for place in placements_of(transcoders):
+        module = place.module
+        if place.input_site == place.output_site:
             raise ReplacementError(
-                f"{describe(transcoder)} reads and writes the same site (an SAE); the "
+                f"{describe(module)} reads and writes the same site (an SAE); the "
                 "replacement model needs transcoders, which read an MLP's input and write its output"
             )
-        if c.layer in by_layer:
+        if place.layer in maps:
             raise ReplacementError(
-                f"{describe(transcoder)} and {describe(by_layer[c.layer])} replace the same "
-                f"layer {c.layer}; give at most one transcoder per layer"
+                f"{describe(module)} and {describe(maps[place.layer].module)} replace the same "
+                f"layer {place.layer}; give at most one transcoder per layer"
             )
-        if c.activation == "batchtopk" and transcoder.training:
+        if module.cfg.activation == "batchtopk" and module.training:
             raise ReplacementError(
-                f"{describe(transcoder)} is a BatchTopK transcoder in training mode, which "
+                f"{describe(module)} is a BatchTopK transcoder in training mode, which "
                 "selects latents across the batch; call transcoder.eval() first"
             )
-        by_layer[c.layer] = transcoder
-    return by_layer
+        maps[place.layer] = LayerMap(place.layer, module, place.index, place.input_site, place.output_site)
+    return maps
 
 
-def output_site(layer: int, by_layer: dict[int, Transcoder]) -> str:
+def writers(maps: dict[int, LayerMap]) -> dict[int, list[tuple[int, Tensor]]]:
+    """For each layer, the (source layer, decoder [d_latent, d_out]) pairs of the
+    features that write into its output."""
+    into: dict[int, list[tuple[int, Tensor]]] = {}
+    for source, m in sorted(maps.items()):
+        for target, W in m.decoders().items():
+            into.setdefault(target, []).append((source, W))
+    return into
+
+
+def output_site(layer: int, by_layer: dict[int, Transcoder] | dict[int, LayerMap]) -> str:
     """The site where layer `layer`'s MLP output (and its error node) lives."""
-    transcoder = by_layer.get(layer)
-    return transcoder.cfg.output_site if transcoder else f"blocks.{layer}.hook_mlp_out"
+    entry = by_layer.get(layer)
+    if entry is None:
+        return f"blocks.{layer}.hook_mlp_out"
+    return entry.output_site if isinstance(entry, LayerMap) else entry.cfg.output_site
 
 
 def frozen_sites(model: nn.Module) -> list[str]:
@@ -145,53 +230,62 @@ def record_frozen_values(model: nn.Module) -> tuple[list[tuple[str, SiteFn]], di
 class ReplacementState:
     """What a pass of the frozen replacement model recorded (of its last forward pass).
 
-    `embed` is the token-embedding leaf; `inputs[layer]` each transcoder's input, where
-    a feature's pre-activation gradient is injected; `outputs[layer]` each layer's MLP
-    output, where source gradients are read; `unembed_input` the final norm's output,
-    where logit gradients are injected. All are `[batch, n_pos, width]` and part of the
-    autograd graph. `mlp_outputs[layer]` is the (detached) MLP output itself;
-    `transcoders` the transcoders by layer."""
+    `embed` is the token-embedding leaf; `inputs[layer]` each replaced layer's feature
+    input, where a feature's pre-activation gradient is injected; `outputs[layer]` each
+    layer's MLP output, where source gradients are read; `unembed_input` the final
+    norm's output, where logit gradients are injected. All are `[batch, n_pos, width]`
+    and part of the autograd graph. `mlp_outputs[layer]` is the (detached) MLP output
+    itself; `maps` how each replaced layer is replaced."""
 
-    transcoders: dict[int, Transcoder] = field(default_factory=dict)
+    maps: dict[int, LayerMap] = field(default_factory=dict)
     embed: Tensor | None = None
     unembed_input: Tensor | None = None
     inputs: dict[int, Tensor] = field(default_factory=dict)
     outputs: dict[int, Tensor] = field(default_factory=dict)
     mlp_outputs: dict[int, Tensor] = field(default_factory=dict)
+    _latents: dict[int, SparseLatents] = field(default_factory=dict)
 
-    def latents(self, transcoder: Transcoder) -> SparseLatents:
-        """The transcoder's active latents on the first sequence, `[n_pos, k]`."""
-        x = self.inputs[transcoder.cfg.layer][0].detach()
-        with torch.no_grad():
-            return transcoder.encode_sparse(x.to(transcoder.W_enc.dtype))
+    def latents(self, layer: int) -> SparseLatents:
+        """The active latents of the features at `layer` on the first sequence, `[n_pos, k]`."""
+        if layer not in self._latents:
+            with torch.no_grad():
+                self._latents[layer] = self.maps[layer].encode_sparse(self.inputs[layer][0].detach())
+        return self._latents[layer]
 
-    def error(self, layer: int, transcoder: Transcoder | None) -> Float[Tensor, "n_pos d_out"]:
-        """Layer `layer`'s error vectors on the first sequence: MLP output minus
-        transcoder output (the whole MLP output without a transcoder)."""
+    def error(self, layer: int) -> Float[Tensor, "n_pos d_out"]:
+        """Layer `layer`'s error vectors on the first sequence: MLP output minus its
+        reconstruction (the decoded features writing into it, its bias and skip term);
+        the whole MLP output where the layer is not replaced."""
         mlp_out = self.mlp_outputs[layer][0]
-        if transcoder is None:
+        if layer not in self.maps:
             return mlp_out
-        x = self.inputs[layer][0].detach()
+        m = self.maps[layer]
         with torch.no_grad():
-            return mlp_out - transcoder(x.to(transcoder.W_enc.dtype)).to(mlp_out.dtype)
+            reconstruction = m.b_dec.to(torch.float64).expand_as(mlp_out).clone()
+            for source, W in writers(self.maps).get(layer, []):
+                values, indices = self.latents(source)
+                reconstruction += torch.einsum("pk,pkd->pd", values.double(), W.double()[indices])
+            if m.W_skip is not None:
+                reconstruction += self.inputs[layer][0].detach().double() @ m.W_skip.detach().double().T
+        return mlp_out - reconstruction.to(mlp_out.dtype)
 
 
 @contextlib.contextmanager
-def frozen_replacement(model: nn.Module, transcoders: Sequence[Transcoder]) -> Iterator[ReplacementState]:
+def frozen_replacement(model: nn.Module, transcoders: Sequence[AnyTranscoder]) -> Iterator[ReplacementState]:
     """Run every forward pass inside the block as the frozen replacement model (see the
     module docstring) and yield the `ReplacementState` it fills. Passes must run with
     gradients enabled for the recorded tensors to carry a graph."""
-    by_layer = transcoders_by_layer(model, transcoders)
-    state = ReplacementState(transcoders=by_layer)
+    maps = layer_maps(model, transcoders)
+    state = ReplacementState(maps=maps)
     hooks: list[tuple[str, SiteFn]] = [("hook_embed", _embedding_leaf(state))]
     hooks += freeze_hooks(model)
     for layer in range(model.cfg.n_layers):
-        transcoder = by_layer.get(layer)
-        if transcoder is not None:
-            hooks.append((transcoder.cfg.input_site, store_hook(state.inputs, layer)))
+        m = maps.get(layer)
+        if m is not None:
+            hooks.append((m.input_site, store_hook(state.inputs, layer)))
         # The MLP's own computation never carries gradient: only the skip term does.
         hooks.append((f"blocks.{layer}.mlp.hook_in", lambda activation: activation.detach()))
-        hooks.append((output_site(layer, by_layer), _linear_output(state, layer, transcoder)))
+        hooks.append((output_site(layer, maps), _linear_output(state, layer, m)))
     hooks.append(("unembed.hook_in", _store_unembed_input(state)))
     with attach(model, hooks), quiet_norm_edits():
         yield state
@@ -212,16 +306,17 @@ def _store_unembed_input(state: ReplacementState) -> SiteFn:
     return hook
 
 
-def _linear_output(state: ReplacementState, layer: int, transcoder: Transcoder | None) -> SiteFn:
+def _linear_output(state: ReplacementState, layer: int, m: LayerMap | None) -> SiteFn:
     """Replace the MLP output by itself, detached, plus (skip - skip.detach()) so that
     only the skip term carries gradient; the value stays bit-exact."""
 
     def hook(activation: Tensor) -> Tensor:
         constant = activation.detach()
         state.mlp_outputs[layer] = constant
-        if transcoder is not None and transcoder.cfg.skip:
-            x = state.inputs[layer].to(transcoder.W_skip.dtype)
-            skip = (x @ transcoder.W_skip.T).to(activation.dtype)
+        W_skip = m.W_skip if m is not None else None
+        if W_skip is not None:
+            x = state.inputs[layer].to(W_skip.dtype)
+            skip = (x @ W_skip.T).to(activation.dtype)
             out = constant + (skip - skip.detach())
         else:
             out = constant.clone().requires_grad_(True)
