@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import make_clt, make_transcoder
@@ -16,6 +18,8 @@ from tl_transcoders import (
     TranscoderFileError,
     cross_layer_config,
     evaluate_splice,
+    export_circuit_tracer,
+    load_pretrained,
     splice,
 )
 from tl_transcoders.evaluation.statistics import fvu
@@ -304,3 +308,59 @@ def test_cross_layer_options_are_checked(tmp_path):
         clt_config(tmp_path, layers=[0, 2])
     with pytest.raises(ConfigError, match="leave sae"):
         clt_config(tmp_path, sae=True, skip=False)
+
+
+# --- files from elsewhere ---------------------------------------------------------------
+
+CIRCUIT_TRACER = Path(__file__).parent / "fixtures" / "circuit_tracer"
+
+
+@pytest.mark.parametrize("name, activation", [("clt_relu", "relu"), ("clt_jumprelu", "jumprelu")])
+def test_circuit_tracer_clts_reproduce_the_librarys_outputs(name, activation):
+    clt = load_pretrained(CIRCUIT_TRACER / name)
+    assert isinstance(clt, CrossLayerTranscoder)
+    assert clt.cfg.activation == activation and clt.cfg.n_layers == 3 and clt.cfg.input_hook == "mlp.hook_in"
+    expected = load_file(CIRCUIT_TRACER / "clt_expected.safetensors")
+    x = expected[f"{name}/x"]
+    with torch.no_grad():
+        torch.testing.assert_close(clt(x), expected[f"{name}/out"], rtol=1e-5, atol=1e-5)
+        acts = torch.stack([clt.encode(layer, x[layer]) for layer in clt.cfg.layers])
+    torch.testing.assert_close(acts, expected[f"{name}/acts"], rtol=1e-5, atol=1e-6)
+
+
+def test_export_to_circuit_tracer_and_back(tmp_path):
+    clt = make_clt(activation="jumprelu", skip=False)
+    clt.cfg.first_layer, clt.cfg.input_space = 0, "folded_ln"
+    export_circuit_tracer(clt, tmp_path / "ct")
+    loaded = load_pretrained(tmp_path / "ct")
+    x = torch.randn(3, 5, 12)
+    assert torch.equal(loaded(x), clt(x))
+    assert loaded.cfg.input_hook == clt.cfg.input_hook and loaded.cfg.input_space == clt.cfg.input_space
+
+
+def test_clts_circuit_tracer_cannot_run_are_refused_on_export(tmp_path):
+    with pytest.raises(TranscoderFileError, match="TopK"):
+        export_circuit_tracer(make_clt(activation="topk", skip=False), tmp_path / "a")
+    with pytest.raises(TranscoderFileError, match="skip"):
+        export_circuit_tracer(make_clt(activation="relu", skip=True), tmp_path / "b")
+
+
+def test_a_saved_clt_loads_through_load_pretrained(tmp_path):
+    clt = make_clt()
+    clt.save(tmp_path / "clt")
+    loaded = load_pretrained(tmp_path / "clt", model_name="other")
+    assert isinstance(loaded, CrossLayerTranscoder) and loaded.cfg.model_name == "other"
+    with pytest.raises(TranscoderFileError, match="do not apply"):
+        load_pretrained(tmp_path / "clt", layers=[1])
+
+
+def test_a_damaged_circuit_tracer_clt_is_refused(tmp_path):
+    import shutil
+
+    shutil.copytree(CIRCUIT_TRACER / "clt_relu", tmp_path / "clt")
+    (tmp_path / "clt" / "W_dec_1.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(TranscoderFileError, match="W_dec_1"):
+        load_pretrained(tmp_path / "clt")
+    (tmp_path / "clt" / "W_enc_2.safetensors").unlink()
+    with pytest.raises(TranscoderFileError):
+        load_pretrained(tmp_path / "clt")

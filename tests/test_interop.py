@@ -426,7 +426,7 @@ def test_circuit_tracer_config_problems(tmp_path):
     with pytest.raises(TranscoderFileError, match="layer_1.safetensors: no such file"):
         load_pretrained(directory)
     (directory / "config.yaml").write_text("model_kind: cross_layer_transcoder\n")
-    with pytest.raises(TranscoderFileError, match="config.yaml: model_kind 'cross_layer_transcoder'"):
+    with pytest.raises(TranscoderFileError, match="cross-layer transcoder holds W_enc_0"):
         load_pretrained(directory)
     (directory / "config.yaml").write_text("model_kind: [unclosed\n")
     with pytest.raises(TranscoderFileError, match="config.yaml: not valid YAML"):

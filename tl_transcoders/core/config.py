@@ -299,6 +299,11 @@ class CrossLayerConfig:
     average over a batch); ignored by `relu` and `jumprelu`."""
     skip: bool = False
     """Add an affine skip term `x_l @ W_skip[l].T` to each layer's reconstruction."""
+    input_hook: str = "mlp.hook_in"
+    """The hook each layer's encoder reads, relative to its block (`blocks.{l}.` is
+    prefixed): by default the exact input of the MLP."""
+    output_hook: str = "hook_mlp_out"
+    """The hook each layer's reconstruction replaces, relative to its block."""
     input_space: InputSpace | None = None
     """The input space it was trained in (`INPUT_SPACES`), or None when unknown."""
     model_name: str | None = None
@@ -320,18 +325,27 @@ class CrossLayerConfig:
         return self.activation in ("topk", "batchtopk")
 
     def input_site(self, layer: int) -> str:
-        """The hook read by layer `layer`'s encoder: the exact input of its MLP."""
-        return default_input_site(layer)
+        """The hook read by layer `layer`'s encoder."""
+        return f"blocks.{layer}.{self.input_hook}"
 
     def output_site(self, layer: int) -> str:
-        """The hook layer `layer`'s reconstruction replaces: its `hook_mlp_out`."""
-        return default_output_site(layer)
+        """The hook layer `layer`'s reconstruction replaces."""
+        return f"blocks.{layer}.{self.output_hook}"
 
     def validate(self) -> None:
         """Raise `ConfigError` naming the first field of the wrong type or out of range."""
         check_positive(self, {"d_model": 1, "d_latent": 1, "n_layers": 1, "first_layer": 0})
         check_field_types(self)
         check_k(self)
+        for name in ("input_hook", "output_hook"):
+            hook = getattr(self, name)
+            if not hook or hook.startswith("blocks."):
+                raise ConfigError(
+                    f"{name} is a hook name within a block, such as 'mlp.hook_in' or 'hook_resid_mid' "
+                    f"(blocks.{{layer}}. is prefixed), got {hook!r}"
+                )
+        if self.input_hook == self.output_hook:
+            raise ConfigError("input_hook and output_hook are equal: a cross-layer transcoder maps one site to another")
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a JSON-ready dict."""

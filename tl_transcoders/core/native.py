@@ -37,6 +37,7 @@ __all__ = [
     "TranscoderFileError",
     "read_config",
     "read_tensors",
+    "saved_kind",
     "write_directory",
 ]
 
@@ -137,13 +138,19 @@ class SavedConfig(NamedTuple):
     weights_sha256: str | None
 
 
+def saved_kind(path: Path) -> str:
+    """The kind of module (a key of `KINDS`) whose `config.json` is at `path`."""
+    found = _read_header(path).get("kind", "transcoder")
+    if found not in KINDS:
+        raise TranscoderFileError(f"{path}: unknown kind {found!r}; this version reads {sorted(KINDS)}")
+    return found
+
+
 def read_config(path: Path, kind: str = "transcoder") -> SavedConfig:
     """Parse and validate a `config.json` written by `save` of a module of `kind`;
     a directory holding another kind is refused, naming the loader that reads it."""
     header = _read_header(path)
-    found = header.get("kind", "transcoder")
-    if found not in KINDS:
-        raise TranscoderFileError(f"{path}: unknown kind {found!r}; this version reads {sorted(KINDS)}")
+    found = saved_kind(path)
     if found != kind:
         raise TranscoderFileError(
             f"{path}: this directory holds a {found.replace('_', ' ')}, not a {kind.replace('_', ' ')}; "

@@ -403,7 +403,8 @@ def cross_layer_config(
     **fields: Any,
 ) -> CrossLayerConfig:
     """A `CrossLayerConfig` over `layers` of `model` (consecutive; default all): `d_model`
-    read from the MLP sites (probed as `transcoder_config` does), `input_space` and
+    read from the sites (`input_hook` and `output_hook` in each block, by default the
+    MLP's input and output; probed as `transcoder_config` does), `input_space` and
     `model_name` from the model. `d_latent` latents per layer, or `expansion * d_model`.
     Other fields (`activation`, `k`, `skip`, ...) are passed through."""
     if (d_latent is None) == (expansion is None):
@@ -411,7 +412,8 @@ def cross_layer_config(
     layers = list(range(model.cfg.n_layers) if layers is None else layers)
     if not layers or layers != list(range(layers[0], layers[0] + len(layers))):
         raise SiteError(f"a cross-layer transcoder covers consecutive layers in order, got {layers}")
-    sites = [s for layer in layers for s in (default_input_site(layer), default_output_site(layer))]
+    input_hook, output_hook = fields.pop("input_hook", "mlp.hook_in"), fields.pop("output_hook", "hook_mlp_out")
+    sites = [s for layer in layers for s in (f"blocks.{layer}.{input_hook}", f"blocks.{layer}.{output_hook}")]
     info = probe_sites(model, sites)
     widths = {info[site].width for site in sites}
     if len(widths) != 1:
@@ -422,6 +424,8 @@ def cross_layer_config(
         d_latent=d_latent if d_latent is not None else expansion * d_model,
         n_layers=len(layers),
         first_layer=layers[0],
+        input_hook=input_hook,
+        output_hook=output_hook,
         input_space=input_space_of(model, sites[0]),
         model_name=model_name(model),
         **fields,

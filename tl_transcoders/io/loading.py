@@ -7,7 +7,9 @@ Formats, detected from the files in a directory:
   directory named after the hookpoint (`layers.6.mlp`).
 - `saelens` (SAELens 6): `cfg.json` + `sae_weights.safetensors`.
 - `circuit-tracer` (0.5): `config.yaml` (`model_kind: transcoder_set`) naming one
-  safetensors file per layer.
+  safetensors file per layer; or a cross-layer transcoder (`model_kind:
+  cross_layer_transcoder`, `W_enc_{i}.safetensors` and `W_dec_{i}.safetensors`), loaded
+  as a `CrossLayerTranscoder` (as is our own saved one).
 
 A directory of directories in one of the first three formats (a sparsify training
 run, our `layer_N/` checkpoints) loads as a list. `load_pretrained` returns a single
@@ -28,9 +30,17 @@ from typing import Any
 
 import torch
 
+from tl_transcoders.core.clt import CrossLayerTranscoder
 from tl_transcoders.core.config import INPUT_SPACES
 from tl_transcoders.core.errors import summary
-from tl_transcoders.core.native import CONFIG_FILE, WEIGHTS_FILE, TranscoderFileError, read_config, read_tensors
+from tl_transcoders.core.native import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    TranscoderFileError,
+    read_config,
+    read_tensors,
+    saved_kind,
+)
 from tl_transcoders.core.transcoder import Transcoder, parameter_shapes
 from tl_transcoders.io.formats import circuit_tracer, saelens, sparsify
 from tl_transcoders.io.formats.circuit_tracer import export_circuit_tracer
@@ -59,6 +69,8 @@ _HUB_FILES = (
     *dict.fromkeys(name for pair in _DIRECTORY_FILES.values() for name in pair),
     circuit_tracer.CONFIG_FILE,
     "layer_*.safetensors",
+    "W_enc_*.safetensors",
+    "W_dec_*.safetensors",
 )
 
 
@@ -138,11 +150,13 @@ def load_directory(
     model_name: str | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
-) -> Transcoder | list[Transcoder]:
+) -> Transcoder | list[Transcoder] | CrossLayerTranscoder:
     """Load the transcoders in a local directory, whatever its format (`detect_format`).
 
     Returns one `Transcoder` when `directory` holds one directly, else a list sorted by
-    layer (always a list for circuit-tracer). `layers` keeps only those layers (read
+    layer (always a list for circuit-tracer's transcoder sets); a `CrossLayerTranscoder`
+    for a directory holding one (ours, or circuit-tracer's `W_enc_{i}` / `W_dec_{i}`
+    layout). `layers` keeps only those layers (read
     from disk only for them). The other arguments override what the files say or
     imply: `layer` (only for a single transcoder), `input_site` / `output_site` (hook
     names, or templates with `{layer}`), `input_space` (`"auto"`: from the format and
@@ -151,6 +165,13 @@ def load_directory(
     directory = Path(directory)
     if input_space != AUTO and input_space is not None and input_space not in INPUT_SPACES:
         raise TranscoderFileError(f"input_space must be {AUTO!r}, one of {INPUT_SPACES} or None, got {input_space!r}")
+    clt = _cross_layer(directory, input_space, model_name, device, dtype)
+    if clt is not None:
+        given = {"layers": layers, "layer": layer, "input_site": input_site, "output_site": output_site}
+        bad = sorted(name for name, value in given.items() if value is not None)
+        if bad:
+            raise TranscoderFileError(f"{directory} holds a cross-layer transcoder: {bad} do not apply to it")
+        return clt
     placement = Placement(layer, input_site, output_site, input_space, model_name)
     fmt = detect_format(directory)
     single = fmt != "circuit-tracer" and _directory_format(directory) is not None
@@ -179,12 +200,41 @@ def load_directory(
     return sorted(transcoders, key=lambda t: (t.cfg.layer, t.cfg.input_site, t.cfg.output_site))
 
 
+def _cross_layer(
+    directory: Path,
+    input_space: str | None,
+    model_name: str | None,
+    device: str | torch.device | None,
+    dtype: torch.dtype | None,
+) -> CrossLayerTranscoder | None:
+    """The cross-layer transcoder in `directory` (ours, or circuit-tracer's layout), or
+    None when it holds none; `input_space` (unless `"auto"`) and `model_name` override
+    what the files say."""
+    if not directory.is_dir():
+        return None
+    if (directory / CONFIG_FILE).is_file() and saved_kind(directory / CONFIG_FILE) == CrossLayerTranscoder.KIND:
+        clt = CrossLayerTranscoder.load(directory, device, dtype)
+        cfg = clt.cfg
+    elif circuit_tracer.holds_cross_layer(directory):
+        cfg, tensors = circuit_tracer.read_cross_layer(directory, input_space, model_name, dtype)
+        clt = CrossLayerTranscoder.from_tensors(cfg, tensors, device, dtype)
+        cfg = clt.cfg
+    else:
+        return None
+    if input_space != AUTO:
+        cfg.input_space = input_space
+    if model_name is not None:
+        cfg.model_name = model_name
+    cfg.validate()
+    return clt
+
+
 def load_pretrained(
     repo_or_dir: str | os.PathLike,
     subfolder: str | None = None,
     revision: str | None = None,
     **kwargs: Any,
-) -> Transcoder | list[Transcoder]:
+) -> Transcoder | list[Transcoder] | CrossLayerTranscoder:
     """Load transcoders from a local directory or a Hugging Face Hub repository.
 
     A path to an existing directory is read offline (`subfolder` joined to it).

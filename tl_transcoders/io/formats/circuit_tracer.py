@@ -1,5 +1,7 @@
 """circuit-tracer 0.5 transcoder sets: `config.yaml` (`model_kind: transcoder_set`)
-naming one safetensors file per layer. Read, and written by `export_circuit_tracer`."""
+naming one safetensors file per layer; and its cross-layer transcoders (`model_kind:
+cross_layer_transcoder`, `W_enc_{i}` / `W_dec_{i}` files). Read, and written by
+`export_circuit_tracer`."""
 
 from __future__ import annotations
 
@@ -9,15 +11,25 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+from tl_transcoders.core.clt import CrossLayerTranscoder
+from tl_transcoders.core.config import ConfigError, CrossLayerConfig
 from tl_transcoders.core.files import atomic_write
 from tl_transcoders.core.native import TranscoderFileError, read_tensors
 from tl_transcoders.core.transcoder import Transcoder
-from tl_transcoders.io.formats.common import LN_SITES, Placement, Source, field, read_yaml, tensor_names
+from tl_transcoders.io.formats.common import AUTO, LN_SITES, Placement, Source, field, read_yaml, tensor_names
 
-__all__ = ["CONFIG_FILE", "export_circuit_tracer", "sources"]
+__all__ = [
+    "CONFIG_FILE",
+    "export_circuit_tracer",
+    "export_cross_layer",
+    "holds_cross_layer",
+    "read_cross_layer",
+    "sources",
+]
 
 CONFIG_FILE = "config.yaml"
 
@@ -49,8 +61,8 @@ def sources(directory: Path, placement: Placement, layers: Sequence[int] | None)
     kind = field(cfg, path, "model_kind", str)
     if kind != "transcoder_set":
         raise TranscoderFileError(
-            f"{path}: model_kind {kind!r} is not supported; only per-layer transcoders "
-            "('transcoder_set') map to Transcoder (cross-layer transcoders do not)"
+            f"{path}: model_kind {kind!r} is not supported; this reader takes per-layer transcoders "
+            "('transcoder_set'); cross-layer transcoders ('cross_layer_transcoder') load with load_pretrained"
         )
     read_hook = field(cfg, path, "feature_input_hook", str)
     write_hook = field(cfg, path, "feature_output_hook", str)
@@ -135,13 +147,14 @@ def _layer_source(
 
 
 def export_circuit_tracer(
-    transcoders: Sequence[Transcoder],
+    transcoders: Sequence[Transcoder] | CrossLayerTranscoder,
     directory: str | Path,
     scan: str | None = None,
     repo_id: str | None = None,
 ) -> Path:
     """Write `transcoders` (one per layer, layers 0..n-1) as a circuit-tracer 0.5
-    transcoder set: `layer_{i}.safetensors` and `config.yaml` in `directory`.
+    transcoder set: `layer_{i}.safetensors` and `config.yaml` in `directory`; a
+    `CrossLayerTranscoder` in circuit-tracer's CLT layout (`export_cross_layer`).
 
     `scan` names the set (circuit-tracer requires one; Neuronpedia uses it to find
     feature pages); default: the directory's name. The config lists the files by
@@ -150,6 +163,8 @@ def export_circuit_tracer(
     Hub repository. circuit-tracer runs only ReLU and JumpReLU transcoders whose input
     and output are d_model wide; BatchTopK is written as the JumpReLU it computes in
     eval mode, and TopK is refused. Returns the directory."""
+    if isinstance(transcoders, CrossLayerTranscoder):
+        return export_cross_layer(transcoders, Path(directory), scan, repo_id)
     transcoders = sorted(transcoders, key=lambda t: t.cfg.layer)
     layers = [t.cfg.layer for t in transcoders]
     if layers != list(range(len(transcoders))):
@@ -209,8 +224,127 @@ def export_circuit_tracer(
     if input_space is not None:
         config["input_space"] = input_space
 
+    _write_yaml(directory / CONFIG_FILE, config)
+    return directory
+
+
+# --- cross-layer transcoders ------------------------------------------------------------
+
+CLT_KIND = "cross_layer_transcoder"
+
+
+def holds_cross_layer(directory: Path) -> bool:
+    """Whether `directory` holds a circuit-tracer cross-layer transcoder: its
+    `config.yaml` says `model_kind: cross_layer_transcoder`, or (without a config) it
+    holds `W_enc_0.safetensors`."""
+    path = directory / CONFIG_FILE
+    if path.is_file():
+        return field(read_yaml(path), path, "model_kind", str) == CLT_KIND
+    return (directory / "W_enc_0.safetensors").is_file()
+
+
+def read_cross_layer(
+    directory: Path, input_space: str | None, model_name: str | None, dtype: torch.dtype | None
+) -> tuple[CrossLayerConfig, dict[str, Tensor]]:
+    """The config and tensors (named as `CrossLayerTranscoder` parameters) of the
+    circuit-tracer CLT in `directory`: `W_enc_{i}.safetensors` holding `W_enc_{i}`
+    [d_latent, d_model], `b_enc_{i}`, `b_dec_{i}` and, for JumpReLU, `threshold_{i}`;
+    `W_dec_{i}.safetensors` holding `W_dec_{i}` [d_latent, n_layers - i, d_model].
+    Hooks come from `config.yaml` (circuit-tracer's defaults without one); the input
+    space, where the hook's values depend on folding, is `input_space`, or with
+    `"auto"` the config's `input_space` (default unfolded, as circuit-tracer runs
+    models)."""
+    path = directory / CONFIG_FILE
+    cfg = read_yaml(path) if path.is_file() else {}
+    read_hook = field(cfg, path, "feature_input_hook", str, "hook_resid_mid")
+    write_hook = field(cfg, path, "feature_output_hook", str, "hook_mlp_out")
+    n_layers = len(list(directory.glob("W_enc_*.safetensors")))
+    if n_layers == 0 or not all((directory / f"W_enc_{i}.safetensors").is_file() for i in range(n_layers)):
+        found = sorted(p.name for p in directory.glob("W_enc_*.safetensors"))
+        raise TranscoderFileError(
+            f"{directory}: a circuit-tracer cross-layer transcoder holds W_enc_0..W_enc_N.safetensors and "
+            f"W_dec_0..W_dec_N.safetensors; found encoder files {found}"
+        )
+    first = tensor_names(directory / "W_enc_0.safetensors")
+    if "W_enc_0" not in first or len(first["W_enc_0"]) != 2:
+        raise TranscoderFileError(f"{directory / 'W_enc_0.safetensors'}: no W_enc_0 matrix in it")
+    d_latent, d_model = first["W_enc_0"]
+    jumprelu = "threshold_0" in first
+    tensors: dict[str, list[Tensor]] = {"W_enc": [], "b_enc": [], "b_dec": [], "threshold": []}
+    decoders = {}
+    for i in range(n_layers):
+        shapes = {f"W_enc_{i}": (d_latent, d_model), f"b_enc_{i}": (d_latent,), f"b_dec_{i}": (d_model,)}
+        if jumprelu:
+            shapes[f"threshold_{i}"] = (d_latent,)
+        layer = read_tensors(directory / f"W_enc_{i}.safetensors", shapes)
+        for name in tensors:
+            if f"{name}_{i}" in layer:
+                tensors[name].append(layer[f"{name}_{i}"])
+        dec = read_tensors(directory / f"W_dec_{i}.safetensors", {f"W_dec_{i}": (d_latent, n_layers - i, d_model)})
+        decoders[f"W_dec.{i}"] = dec[f"W_dec_{i}"]
+    space = input_space
+    if space == AUTO:
+        ln_space = field(cfg, path, "input_space", str, "unfolded_ln")
+        space = ln_space if read_hook.endswith(LN_SITES) else "any"
+    try:
+        config = CrossLayerConfig(
+            d_model=d_model,
+            d_latent=d_latent,
+            n_layers=n_layers,
+            activation="jumprelu" if jumprelu else "relu",
+            input_hook=read_hook,
+            output_hook=write_hook,
+            input_space=space,
+            model_name=model_name if model_name is not None else field(cfg, path, "model_name", str, None),
+            dtype=str(dtype or tensors["W_enc"][0].dtype).removeprefix("torch."),
+        )
+    except ConfigError as err:
+        raise TranscoderFileError(f"{directory}: {err}") from err
+    stacked = {name: torch.stack(values) for name, values in tensors.items() if values}
+    return config, {**stacked, **decoders}
+
+
+def export_cross_layer(clt: CrossLayerTranscoder, directory: Path, scan: str | None, repo_id: str | None) -> Path:
+    """Write `clt` in circuit-tracer's CLT layout (see `read_cross_layer`) with a
+    `config.yaml`. circuit-tracer's CLT runs ReLU and JumpReLU, from layer 0, without a
+    skip term; BatchTopK is written as the JumpReLU it computes in eval mode."""
+    c = clt.cfg
+    if c.activation == "topk":
+        raise TranscoderFileError("circuit-tracer cannot run TopK cross-layer transcoders (only ReLU and JumpReLU)")
+    if c.skip:
+        raise TranscoderFileError(
+            "circuit-tracer's cross-layer transcoder files hold no skip term, so this one cannot be written exactly"
+        )
+    if c.first_layer != 0:
+        raise TranscoderFileError(
+            f"circuit-tracer's cross-layer transcoders start at layer 0, this one at {c.first_layer}"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(c.n_layers):
+        encoder = {f"W_enc_{i}": clt.W_enc[i], f"b_enc_{i}": clt.b_enc[i], f"b_dec_{i}": clt.b_dec[i]}
+        if c.activation in ("jumprelu", "batchtopk"):
+            encoder[f"threshold_{i}"] = clt.threshold[i]
+        for name, tensors in ((f"W_enc_{i}", encoder), (f"W_dec_{i}", {f"W_dec_{i}": clt.W_dec[i]})):
+            tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+            atomic_write(directory / f"{name}.safetensors", lambda p, tensors=tensors: save_file(tensors, p))
+    config: dict[str, Any] = {
+        "model_kind": CLT_KIND,
+        "scan": scan or directory.resolve().name,
+        "feature_input_hook": c.input_hook,
+        "feature_output_hook": c.output_hook,
+    }
+    if repo_id:
+        config["repo_id"] = repo_id
+    if c.model_name:
+        config["model_name"] = c.model_name
+    if c.input_space is not None:
+        config["input_space"] = c.input_space
+    _write_yaml(directory / CONFIG_FILE, config)
+    return directory
+
+
+def _write_yaml(path: Path, config: dict[str, Any]) -> None:
     import yaml
 
     text = yaml.safe_dump(config, sort_keys=False)
-    atomic_write(directory / CONFIG_FILE, lambda p: Path(p).write_text(text))
-    return directory
+    atomic_write(path, lambda p: Path(p).write_text(text))
