@@ -22,6 +22,12 @@ from tl_transcoders import (
     load_pretrained,
     splice,
 )
+from tl_transcoders.attribution.virtual_weights import (
+    CrossLayerFeatures,
+    feature_weights,
+    logit_weights,
+    top_downstream,
+)
 from tl_transcoders.evaluation.statistics import fvu
 from tl_transcoders.hooks.models import tiny_random_model
 from tl_transcoders.training import CrossLayerTrainer, TrainConfig, Trainer
@@ -364,3 +370,42 @@ def test_a_damaged_circuit_tracer_clt_is_refused(tmp_path):
     (tmp_path / "clt" / "W_enc_2.safetensors").unlink()
     with pytest.raises(TranscoderFileError):
         load_pretrained(tmp_path / "clt")
+
+
+# --- virtual weights ----------------------------------------------------------------------
+
+
+def as_transcoder(model, clt: CrossLayerTranscoder, source: int, target: int) -> Transcoder:
+    """A per-layer transcoder at `target` holding the decoder of `source`'s CLT features
+    into `target` (and `source`'s encoder): what those features write there."""
+    i = clt.index_of(source)
+    t = make_transcoder(model, target, skip=False, d_latent=clt.cfg.d_latent, k=clt.cfg.k)
+    with torch.no_grad():
+        t.W_dec.copy_(clt.W_dec[i][:, target - source])
+        t.W_enc.copy_(clt.W_enc[i])
+    return t
+
+
+def test_virtual_weights_of_clt_features_sum_their_decoders_before_the_reader(model):
+    clt = make_clt(model, layers=[0, 1], skip=False)
+    reader = make_transcoder(model, 2)
+    source = CrossLayerFeatures(clt, 0)
+    found = feature_weights(model, source, reader)
+    expected = sum(feature_weights(model, as_transcoder(model, clt, 0, u), reader) for u in (0, 1))
+    torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(found, feature_weights(model, as_transcoder(model, clt, 0, 0), reader))
+    # The logits read after every layer: both decoders count.
+    logits = logit_weights(model, source, tokens=[1, 2, 3])
+    expected = sum(logit_weights(model, as_transcoder(model, clt, 0, u), tokens=[1, 2, 3]) for u in (0, 1))
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
+    top = top_downstream(model, source, 3, reader, k=5)
+    torch.testing.assert_close(top.values.abs(), found[3].abs().sort(descending=True).values[:5])
+    # As a target, a CLT layer's features read as a transcoder of that layer would.
+    later = make_clt(model, layers=[1, 2], skip=False)
+    upstream = make_transcoder(model, 0)
+    torch.testing.assert_close(
+        feature_weights(model, upstream, CrossLayerFeatures(later, 2)),
+        feature_weights(model, upstream, as_transcoder(model, later, 2, 2)),
+        rtol=1e-5,
+        atol=1e-6,
+    )

@@ -33,6 +33,11 @@ Layer order: a feature of layer l writes after MLP l; a head of layer m reads be
 attention m and writes after it; a feature of layer n reads before MLP n. So a head
 edge needs l < m <= n and a skip edge l < m < n.
 
+A cross-layer transcoder's features take part as `CrossLayerFeatures(clt, layer)`: they
+read layer `layer`'s input like a transcoder of that layer, and as a source they write
+the sum of their decoders into every layer whose output joins the stream before the
+target (or the first edge of the chain) reads it.
+
 Top-k queries work blockwise over source and target latents with a running top-k, so
 dictionaries of 10^5 latents never need a dense latents x latents matrix.
 """
@@ -41,7 +46,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from jaxtyping import Float, Int
@@ -56,11 +61,15 @@ from tl_transcoders.attribution.model_weights import (
     unembedding,
     value_output_weights,
 )
+from tl_transcoders.core.clt import CrossLayerTranscoder
+from tl_transcoders.core.config import layer_of
 from tl_transcoders.core.transcoder import Transcoder
 from tl_transcoders.hooks.sites import probe_norm
 from tl_transcoders.hooks.splice import SpliceError, check_compatible, describe
 
 __all__ = [
+    "CrossLayerFeatures",
+    "Features",
     "Head",
     "Mode",
     "TopK",
@@ -92,6 +101,52 @@ __all__ = [
 Mode = Literal["absolute", "positive", "negative"]
 
 
+class CrossLayerFeatures(NamedTuple):
+    """The features of layer `layer` of a cross-layer transcoder, as the source or the
+    target of virtual weights. They read layer `layer`'s input site; as a source they
+    write into that layer's output and every later one's, so a target (or the first
+    edge of a chain) reading at layer t sees the sum of their decoders into the layers
+    before t."""
+
+    clt: CrossLayerTranscoder
+    layer: int
+
+
+Features = Transcoder | CrossLayerFeatures
+"""A per-layer transcoder, or one layer's features of a cross-layer transcoder."""
+
+
+def _module(features: Features) -> Transcoder | CrossLayerTranscoder:
+    return features.clt if isinstance(features, CrossLayerFeatures) else features
+
+
+def _layer(features: Features) -> int:
+    return features.layer if isinstance(features, CrossLayerFeatures) else features.cfg.layer
+
+
+def _input_site(features: Features) -> str:
+    if isinstance(features, CrossLayerFeatures):
+        return features.clt.cfg.input_site(features.layer)
+    return features.cfg.input_site
+
+
+def _encoder(features: Features) -> Tensor:
+    if isinstance(features, CrossLayerFeatures):
+        return features.clt.W_enc.detach()[features.clt.index_of(features.layer)]
+    return features.W_enc.detach()
+
+
+def _decoders(features: Features) -> list[tuple[int, str, Tensor]]:
+    """(layer, output site, decoder [d_latent, d_model]) of every layer the features write into."""
+    if isinstance(features, CrossLayerFeatures):
+        clt, i = features.clt, features.clt.index_of(features.layer)
+        W = clt.W_dec[i].detach()
+        return [
+            (u, clt.cfg.output_site(u), W[:, u - features.layer]) for u in range(features.layer, clt.layers[-1] + 1)
+        ]
+    return [(features.cfg.layer, features.cfg.output_site, features.W_dec.detach())]
+
+
 @dataclass(frozen=True)
 class Head:
     """Attention head `head` of block `layer`, as an edge of a path."""
@@ -102,14 +157,20 @@ class Head:
 
 # Points along the residual stream: 2m is before attention m, 2m + 1 before MLP m,
 # 2 * n_layers before the final norm.
-def read_point(edge: Head | Transcoder) -> int:
-    """The residual point an edge or a target transcoder reads."""
-    return 2 * edge.layer if isinstance(edge, Head) else 2 * edge.cfg.layer + 1
+def read_point(edge: Head | Features) -> int:
+    """The residual point an edge or target features read."""
+    return 2 * edge.layer if isinstance(edge, Head) else 2 * _layer(edge) + 1
 
 
-def write_point(edge: Head | Transcoder) -> int:
-    """The residual point an edge or a source transcoder writes."""
-    return 2 * edge.layer + 1 if isinstance(edge, Head) else 2 * edge.cfg.layer + 2
+def write_point(edge: Head | Features) -> int:
+    """The residual point an edge or source features write (first, for a cross-layer
+    transcoder's features, which write at every later layer too)."""
+    return 2 * edge.layer + 1 if isinstance(edge, Head) else 2 * _layer(edge) + 2
+
+
+def _first_read(via: Sequence[Head | Transcoder], reads_at: int) -> int:
+    """Where a chain first reads the stream: its first edge, or the target."""
+    return read_point(via[0]) if via else reads_at
 
 
 def _point_name(point: int) -> str:
@@ -121,8 +182,8 @@ _RESIDUAL_INPUTS = ("hook_resid_mid", "hook_mlp_in")
 _AFFINE_INPUTS = ("mlp.hook_in", "ln2.hook_out")
 
 
-def _input_kind(transcoder: Transcoder) -> str:
-    site = transcoder.cfg.input_site
+def _input_kind(transcoder: Features) -> str:
+    site = _input_site(transcoder)
     for kind, suffixes in (
         ("affine", _AFFINE_INPUTS),
         ("normalized", ("ln2.hook_normalized",)),
@@ -137,84 +198,103 @@ def _input_kind(transcoder: Transcoder) -> str:
     )
 
 
-def output_norm(model: nn.Module, transcoder: Transcoder) -> NormAffine | None:
-    """The post-MLP norm a transcoder's output passes through before it joins the
-    residual stream, or None (written as is)."""
-    site = transcoder.cfg.output_site
+def output_norm(
+    model: nn.Module, transcoder: Transcoder | CrossLayerTranscoder, site: str | None = None
+) -> NormAffine | None:
+    """The post-MLP norm a transcoder's output (at `site`, default its output site)
+    passes through before it joins the residual stream, or None (written as is)."""
+    if site is None:
+        site = transcoder.cfg.output_site
     if site.endswith("hook_mlp_out"):
         return None
     if site.endswith("mlp.hook_out"):
-        return norm_affine(model, f"blocks.{transcoder.cfg.layer}.ln2_post")
+        return norm_affine(model, f"blocks.{layer_of(site)}.ln2_post")
     raise AttributionError(
         f"{describe(transcoder)}: attribution supports transcoders writing hook_mlp_out or mlp.hook_out, not {site}"
     )
 
 
-def input_norm(model: nn.Module, transcoder: Transcoder) -> NormAffine | None:
+def input_norm(model: nn.Module, transcoder: Features) -> NormAffine | None:
     """The norm between the residual stream and what `transcoder` reads, with its weight
     and bias only where the input site is after them (`ln2.hook_normalized` is before
     them, except in TransformerLens 2.x LayerNorm); None for a residual-stream site."""
     kind = _input_kind(transcoder)
     if kind == "residual":
         return None
-    norm = norm_affine(model, f"blocks.{transcoder.cfg.layer}.ln2")
+    norm = norm_affine(model, f"blocks.{_layer(transcoder)}.ln2")
     if norm is None:
         return None
-    if kind == "normalized" and probe_norm(model, f"blocks.{transcoder.cfg.layer}.ln2").hook_before_affine:
+    if kind == "normalized" and probe_norm(model, f"blocks.{_layer(transcoder)}.ln2").hook_before_affine:
         return NormAffine(norm.centres, torch.ones_like(norm.weight), torch.zeros_like(norm.bias))
     return norm
 
 
-def check_transcoders(model: nn.Module, transcoders: Sequence[Transcoder]) -> None:
+def check_transcoders(model: nn.Module, transcoders: Sequence[Features]) -> None:
     """Raise `AttributionError` unless every transcoder fits `model` (as `splice` checks)
     and its sites are ones attribution understands."""
+    modules = list({id(_module(t)): _module(t) for t in transcoders}.values())
     try:
-        check_compatible(model, transcoders)
+        check_compatible(model, modules)
     except SpliceError as err:
         raise AttributionError(str(err)) from err
-    for transcoder in transcoders:
-        _input_kind(transcoder)
-        output_norm(model, transcoder)
-        for name in ("d_in", "d_out"):
-            if getattr(transcoder.cfg, name) != model.cfg.d_model:
+    for features in transcoders:
+        _input_kind(features)
+        for _, site, _ in _decoders(features):
+            output_norm(model, _module(features), site)
+        module = _module(features)
+        widths = {"d_model": module.cfg.d_model} if isinstance(module, CrossLayerTranscoder) else {}
+        widths = widths or {"d_in": module.cfg.d_in, "d_out": module.cfg.d_out}
+        for name, width in widths.items():
+            if width != model.cfg.d_model:
                 raise AttributionError(
-                    f"{describe(transcoder)}: {name}={getattr(transcoder.cfg, name)}, but attribution "
+                    f"{describe(module)}: {name}={width}, but attribution "
                     f"needs residual-width sites (d_model={model.cfg.d_model})"
                 )
 
 
-def _latents(transcoder: Transcoder, latents: Int[Tensor, " n"] | Sequence[int] | None) -> Tensor:
-    d_latent = transcoder.cfg.d_latent
-    device = transcoder.W_enc.device
+def _latents(transcoder: Features, latents: Int[Tensor, " n"] | Sequence[int] | None) -> Tensor:
+    module = _module(transcoder)
+    d_latent = module.cfg.d_latent
+    device = module.W_enc.device
     if latents is None:
         return torch.arange(d_latent, device=device)
     latents = torch.as_tensor(latents, device=device).reshape(-1)
     bad = latents[(latents < 0) | (latents >= d_latent)]
     if bad.numel():
-        raise AttributionError(
-            f"{describe(transcoder)}: latent index {int(bad[0])} is out of range (0..{d_latent - 1})"
-        )
+        raise AttributionError(f"{describe(module)}: latent index {int(bad[0])} is out of range (0..{d_latent - 1})")
     return latents
 
 
 def read_directions(
-    model: nn.Module, transcoder: Transcoder, latents: Int[Tensor, " n"] | Sequence[int] | None = None
+    model: nn.Module, transcoder: Features, latents: Int[Tensor, " n"] | Sequence[int] | None = None
 ) -> Float[Tensor, "n d_model"]:
     """The residual directions the encoder of each latent reads (all latents by
     default), with the norm scale left out."""
-    W_enc = transcoder.W_enc.detach()[_latents(transcoder, latents)]
+    W_enc = _encoder(transcoder)[_latents(transcoder, latents)]
     norm = input_norm(model, transcoder)
     return W_enc if norm is None else norm.pull_back(W_enc)
 
 
 def write_directions(
-    model: nn.Module, transcoder: Transcoder, latents: Int[Tensor, " n"] | Sequence[int] | None = None
+    model: nn.Module,
+    transcoder: Features,
+    latents: Int[Tensor, " n"] | Sequence[int] | None = None,
+    before: int | None = None,
 ) -> Float[Tensor, "n d_model"]:
     """What each latent writes into the residual stream per unit of activation (its
-    decoder row, through a post-MLP norm where the output site is before one)."""
-    W_dec = transcoder.W_dec.detach()[_latents(transcoder, latents)]
-    norm = output_norm(model, transcoder)
-    return W_dec if norm is None else norm.push_forward(W_dec)
+    decoder row, through a post-MLP norm where the output site is before one). A
+    cross-layer transcoder's features write the sum of their decoders into every layer
+    whose output joins the stream no later than residual point `before` (all by
+    default)."""
+    index = _latents(transcoder, latents)
+    total = None
+    for layer, site, W_dec in _decoders(transcoder):
+        if before is not None and 2 * layer + 2 > before:
+            continue
+        norm = output_norm(model, _module(transcoder), site)
+        written = W_dec[index] if norm is None else norm.push_forward(W_dec[index])
+        total = written if total is None else total + written
+    return total
 
 
 def logit_directions(
@@ -302,20 +382,20 @@ def pull_back(
     return directions
 
 
-def target_point(model: nn.Module, target: Transcoder | None) -> int:
+def target_point(model: nn.Module, target: Features | None) -> int:
     """The residual point a target transcoder reads, or the logits' (None)."""
     return 2 * model.cfg.n_layers if target is None else read_point(target)
 
 
-def _check(model: nn.Module, *transcoders: Transcoder | None, via: Sequence[Head | Transcoder] = ()) -> None:
-    unique = {id(t): t for t in (*transcoders, *via) if isinstance(t, Transcoder)}
+def _check(model: nn.Module, *transcoders: Features | None, via: Sequence[Head | Transcoder] = ()) -> None:
+    unique = {id(t): t for t in (*transcoders, *via) if isinstance(t, (Transcoder, CrossLayerFeatures))}
     check_transcoders(model, list(unique.values()))
 
 
 def feature_weights(
     model: nn.Module,
-    source: Transcoder,
-    target: Transcoder,
+    source: Features,
+    target: Features,
     source_latents: Int[Tensor, " n_source"] | Sequence[int] | None = None,
     target_latents: Int[Tensor, " n_target"] | Sequence[int] | None = None,
     via: Sequence[Head | Transcoder] = (),
@@ -326,12 +406,13 @@ def feature_weights(
     _check(model, source, target, via=via)
     reads = read_directions(model, target, target_latents)
     reads = pull_back(model, reads, via, read_point(target), write_point(source))
-    return write_directions(model, source, source_latents) @ reads.T
+    before = _first_read(via, read_point(target))
+    return write_directions(model, source, source_latents, before) @ reads.T
 
 
 def embedding_weights(
     model: nn.Module,
-    target: Transcoder | None,
+    target: Features | None,
     latents: Int[Tensor, " n_target"] | Sequence[int] | None = None,
     via: Sequence[Head | Transcoder] = (),
 ) -> Float[Tensor, "d_vocab n_target"]:
@@ -345,7 +426,7 @@ def embedding_weights(
 
 def logit_weights(
     model: nn.Module,
-    source: Transcoder,
+    source: Features,
     latents: Int[Tensor, " n_source"] | Sequence[int] | None = None,
     tokens: Int[Tensor, " n_tokens"] | Sequence[int] | None = None,
     via: Sequence[Head | Transcoder] = (),
@@ -354,7 +435,8 @@ def logit_weights(
     the final norm's weight and `W_U`, directly or through `via`."""
     _check(model, source, via=via)
     reads = pull_back(model, logit_directions(model, tokens), via, target_point(model, None), write_point(source))
-    return write_directions(model, source, latents) @ reads.T
+    before = _first_read(via, target_point(model, None))
+    return write_directions(model, source, latents, before) @ reads.T
 
 
 @dataclass
@@ -420,15 +502,15 @@ def _top_of_vector(rows: Tensor, column: Tensor, k: int, mode: Mode, block_size:
     return TopK(values=pairs.values, indices=pairs.sources)
 
 
-def _one_latent(transcoder: Transcoder, latent: int) -> Tensor:
+def _one_latent(transcoder: Features, latent: int) -> Tensor:
     return _latents(transcoder, [latent])
 
 
 def top_upstream(
     model: nn.Module,
-    target: Transcoder,
+    target: Features,
     latent: int,
-    source: Transcoder,
+    source: Features,
     k: int = 10,
     via: Sequence[Head | Transcoder] = (),
     mode: Mode = "absolute",
@@ -440,14 +522,15 @@ def top_upstream(
     read = pull_back(
         model, read_directions(model, target, _one_latent(target, latent)), via, read_point(target), write_point(source)
     )
-    return _top_of_vector(write_directions(model, source), read[0], k, mode, block_size)
+    before = _first_read(via, read_point(target))
+    return _top_of_vector(write_directions(model, source, None, before), read[0], k, mode, block_size)
 
 
 def top_downstream(
     model: nn.Module,
-    source: Transcoder,
+    source: Features,
     latent: int,
-    target: Transcoder,
+    target: Features,
     k: int = 10,
     via: Sequence[Head | Transcoder] = (),
     mode: Mode = "absolute",
@@ -456,13 +539,13 @@ def top_downstream(
     """The `k` latents of `target` most strongly driven by latent `latent` of `source`."""
     _check(model, source, target, via=via)
     reads = pull_back(model, read_directions(model, target), via, read_point(target), write_point(source))
-    write = write_directions(model, source, _one_latent(source, latent))[0]
+    write = write_directions(model, source, _one_latent(source, latent), _first_read(via, read_point(target)))[0]
     return _top_of_vector(reads, write, k, mode, block_size)
 
 
 def top_tokens(
     model: nn.Module,
-    target: Transcoder,
+    target: Features,
     latent: int,
     k: int = 10,
     via: Sequence[Head | Transcoder] = (),
@@ -478,7 +561,7 @@ def top_tokens(
 
 def top_logits(
     model: nn.Module,
-    source: Transcoder,
+    source: Features,
     latent: int,
     k: int = 10,
     mode: Mode = "positive",
@@ -488,15 +571,15 @@ def top_logits(
     """The `k` tokens whose logits latent `latent` of `source` promotes most
     (`mode="positive"`) or suppresses most (`mode="negative"`)."""
     _check(model, source, via=via)
-    write = write_directions(model, source, _one_latent(source, latent))[0]
+    write = write_directions(model, source, _one_latent(source, latent), _first_read(via, target_point(model, None)))[0]
     reads = pull_back(model, logit_directions(model), via, target_point(model, None), write_point(source))
     return _top_of_vector(reads, write, k, mode, block_size)
 
 
 def top_connections(
     model: nn.Module,
-    source: Transcoder,
-    target: Transcoder,
+    source: Features,
+    target: Features,
     k: int = 10,
     via: Sequence[Head | Transcoder] = (),
     mode: Mode = "absolute",
@@ -506,4 +589,5 @@ def top_connections(
     transcoders, blockwise: memory `(n_source + n_target) * d_model + block_size^2`."""
     _check(model, source, target, via=via)
     reads = pull_back(model, read_directions(model, target), via, read_point(target), write_point(source))
-    return blockwise_topk(write_directions(model, source), reads, k, mode, block_size)
+    before = _first_read(via, read_point(target))
+    return blockwise_topk(write_directions(model, source, None, before), reads, k, mode, block_size)
