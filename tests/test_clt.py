@@ -409,3 +409,14 @@ def test_virtual_weights_of_clt_features_sum_their_decoders_before_the_reader(mo
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+def test_functions_for_per_layer_transcoders_refuse_a_clt_by_name(model, tokens, without_type_checker):
+    from tl_transcoders.attribution.interventions import intervene, zero
+    from tl_transcoders.attribution.paths import run_prompt
+
+    clt = make_clt(model)
+    with pytest.raises(Exception, match="per-layer transcoders"):
+        run_prompt(model, [clt], tokens[0])
+    with pytest.raises(Exception, match="per-layer transcoders"):
+        intervene(model, [clt], tokens[0], [zero(0, 1, 0)])

@@ -132,6 +132,12 @@ def run_prompt(model: nn.Module, transcoders: Sequence[Transcoder], tokens: str 
     and record what attribution needs. A layer without a transcoder keeps its MLP, whose
     whole output is that layer's error node."""
     transcoders = list(transcoders)
+    clts = [t for t in transcoders if not isinstance(t, Transcoder)]
+    if clts:
+        raise AttributionError(
+            f"run_prompt and find_paths take per-layer transcoders, got a {type(clts[0]).__name__}; "
+            "attribute() and the virtual weights (CrossLayerFeatures) take cross-layer transcoders"
+        )
     layers = [t.cfg.layer for t in transcoders]
     if layers != sorted(set(layers)):
         raise AttributionError(

@@ -73,8 +73,9 @@ class LayerTargets:
 
     def add(self, source: int, decoded: Float[Tensor, "*batch n_targets d_model"]) -> None:
         """Add source layer `source`'s decoded outputs, `[..., n_layers - source, d_model]`."""
-        for offset in range(decoded.shape[-2]):
-            contribution = decoded[..., offset, :]
+        # unbind: one backward node that stacks the slices' gradients, where a slice per
+        # target would fill a zero gradient of the whole tensor for each.
+        for offset, contribution in enumerate(decoded.unbind(-2)):
             total = self.sums[source + offset]
             self.sums[source + offset] = contribution if total is None else total + contribution
 
