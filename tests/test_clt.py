@@ -149,8 +149,7 @@ def layer_by_hand(clt: CrossLayerTranscoder, inputs: dict[int, torch.Tensor], t:
     return outputs_by_hand(clt, [inputs[s] for s in range(t + 1)] + [inputs[t]] * (clt.cfg.n_layers - t - 1))[t]
 
 
-@pytest.mark.parametrize("activation", ["topk", "relu"])
-@pytest.mark.parametrize("skip", [True, False])
+@pytest.mark.parametrize("activation, skip", [("topk", True), ("relu", False)])
 def test_splice_equals_hand_written_hooks(model, tokens, activation, skip):
     clt = make_clt(model, activation=activation, skip=skip)
     inputs: dict[int, torch.Tensor] = {}

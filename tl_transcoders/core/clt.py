@@ -103,18 +103,12 @@ class CrossLayerTranscoder(NativeModule):
     """
 
     KIND = "cross_layer_transcoder"
+    CONFIG = CrossLayerConfig
     shapes_of = staticmethod(cross_layer_shapes)
 
     def __init__(self, cfg: CrossLayerConfig | Mapping[str, Any], device: str | torch.device | None = None):
         super().__init__()
-        if isinstance(cfg, Mapping):
-            cfg = CrossLayerConfig.from_dict(dict(cfg))
-        if not isinstance(cfg, CrossLayerConfig):
-            raise ConfigError(
-                f"CrossLayerTranscoder takes a CrossLayerConfig (or a dict of its fields), got {type(cfg).__name__}"
-            )
-        cfg.validate()
-        self.cfg = cfg
+        self.cfg = cfg = self.checked_config(cfg)
         n, d, m = cfg.n_layers, cfg.d_latent, cfg.d_model
         factory = {"dtype": getattr(torch, cfg.dtype), "device": device}
         decoders = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -24,11 +25,26 @@ __all__ = ["NativeModule"]
 
 class NativeModule(nn.Module):
     """Base of the modules saved in the native format. Subclasses set `KIND` (a key of
-    `native.KINDS`) and `shapes_of` (the name and shape of every tensor of a config),
-    and build their parameters from `cfg` in `__init__(cfg, device=None)`."""
+    `native.KINDS`), `CONFIG` (their config class) and `shapes_of` (the name and shape
+    of every tensor of a config), and build their parameters from `cfg` in
+    `__init__(cfg, device=None)`."""
 
     KIND: ClassVar[str]
+    CONFIG: ClassVar[type]
     cfg: Any
+
+    @classmethod
+    def checked_config(cls, cfg: Any) -> Any:
+        """`cfg` (a `CONFIG`, or a dict of its fields) validated; `ConfigError` for
+        anything else."""
+        if isinstance(cfg, Mapping):
+            cfg = cls.CONFIG.from_dict(dict(cfg))
+        if not isinstance(cfg, cls.CONFIG):
+            raise ConfigError(
+                f"{cls.__name__} takes a {cls.CONFIG.__name__} (or a dict of its fields), got {type(cfg).__name__}"
+            )
+        cfg.validate()
+        return cfg
 
     @staticmethod
     def shapes_of(cfg: Any) -> dict[str, tuple[int, ...]]:

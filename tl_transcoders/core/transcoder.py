@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from tl_transcoders.core import encoder
 from tl_transcoders.core.activations import SparseLatents
-from tl_transcoders.core.config import ConfigError, TranscoderConfig
+from tl_transcoders.core.config import TranscoderConfig
 from tl_transcoders.core.encoder import EncoderWeights
 from tl_transcoders.core.module import NativeModule
 
@@ -93,18 +93,12 @@ class Transcoder(NativeModule):
     """
 
     KIND = "transcoder"
+    CONFIG = TranscoderConfig
     shapes_of = staticmethod(parameter_shapes)
 
     def __init__(self, cfg: TranscoderConfig | Mapping[str, Any], device: str | torch.device | None = None):
         super().__init__()
-        if isinstance(cfg, Mapping):
-            cfg = TranscoderConfig.from_dict(dict(cfg))
-        if not isinstance(cfg, TranscoderConfig):
-            raise ConfigError(
-                f"Transcoder takes a TranscoderConfig (or a dict of its fields), got {type(cfg).__name__}"
-            )
-        cfg.validate()
-        self.cfg = cfg
+        self.cfg = cfg = self.checked_config(cfg)
         factory = {"dtype": getattr(torch, cfg.dtype), "device": device}
         W_dec = torch.randn(cfg.d_latent, cfg.d_out, **factory)
         W_dec /= W_dec.norm(dim=-1, keepdim=True)

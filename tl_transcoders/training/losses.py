@@ -52,12 +52,7 @@ def training_step(
     JumpReLU bandwidth and the compute dtype come from `cfg`. `fvu` in the result is the
     global batch's."""
     auxk = _uses_auxk(transcoder.cfg.activation, cfg, dead)
-    out = transcoder.run(
-        x,
-        return_pre_activations=auxk,
-        jumprelu_bandwidth=cfg.jumprelu_bandwidth,
-        compute_dtype=_compute_dtype(cfg),
-    )
+    out = transcoder.run(x, **_run_options(cfg, auxk))
     w = transcoder.weights()
     loss, error = _layer_loss(
         cfg,
@@ -91,12 +86,7 @@ def cross_layer_training_step(
     each layer's dead latents to its own layer's residual error, through their decoders
     into that layer. `fvu` in the result is `[n_layers]`."""
     auxk = _uses_auxk(clt.cfg.activation, cfg, dead)
-    run = clt.run(
-        x,
-        return_pre_activations=auxk,
-        jumprelu_bandwidth=cfg.jumprelu_bandwidth,
-        compute_dtype=_compute_dtype(cfg),
-    )
+    run = clt.run(x, **_run_options(cfg, auxk))
     threshold = getattr(clt, "threshold", None)
     loss, errors = x.new_zeros(()), []
     for i in range(clt.cfg.n_layers):
@@ -123,8 +113,14 @@ def _uses_auxk(activation: str, cfg: TrainConfig, dead: Tensor) -> bool:
     return activation == "topk" and cfg.auxk_alpha > 0 and bool(dead.any())
 
 
-def _compute_dtype(cfg: TrainConfig) -> torch.dtype | None:
-    return getattr(torch, cfg.compute_dtype) if cfg.compute_dtype else None
+def _run_options(cfg: TrainConfig, auxk: bool) -> dict:
+    """The options of a training forward pass (`run`): pre-activations for AuxK, the
+    JumpReLU bandwidth and the compute dtype."""
+    return {
+        "return_pre_activations": auxk,
+        "jumprelu_bandwidth": cfg.jumprelu_bandwidth,
+        "compute_dtype": getattr(torch, cfg.compute_dtype) if cfg.compute_dtype else None,
+    }
 
 
 def _layer_loss(
