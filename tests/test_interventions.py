@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import MODEL_PARAMS, build_model
-from test_attribute import CASES, float64_model, out_site, prompt, skip_of, transcoders_for
+from test_attribute import CASES, float64_model, prompt, transcoders_for
 
 from tl_transcoders.attribution.attribute import attribute
 from tl_transcoders.attribution.interventions import FeatureEdit, intervene, zero
@@ -50,10 +50,13 @@ def test_frozen_linear_edit_changes_logits_by_the_graph_edge(name, activation, s
         assert torch.allclose(change[graph.logit_tokens], expected, rtol=1e-4, atol=tolerance)
 
 
+def skip_term(transcoder, x: torch.Tensor) -> torch.Tensor:
+    return x @ transcoder.W_skip.T if transcoder.cfg.skip else torch.zeros_like(x)
+
+
 def hand_written_run(model, transcoders, tokens, layer, position, latent, value) -> torch.Tensor:
     """Logits with every transcoder spliced by hand (encoder, activation and decoder
     written out), its clean error added back and one latent set to `value`."""
-    by_layer = {t.cfg.layer: t for t in transcoders}
     clean: dict[str, torch.Tensor] = {}
 
     def keep(site):
@@ -80,17 +83,17 @@ def hand_written_run(model, transcoders, tokens, layer, position, latent, value)
     for t in transcoders:
         l = t.cfg.layer
         x_clean = clean[t.cfg.input_site]
-        error = clean[t.cfg.output_site] - (by_hand(t, x_clean) @ t.W_dec + t.b_dec + skip_of(t, x_clean))
+        error = clean[t.cfg.output_site] - (by_hand(t, x_clean) @ t.W_dec + t.b_dec + skip_term(t, x_clean))
 
         def write(act, t=t, l=l, error=error):
             x = current[l]
             latents = by_hand(t, x)
             if l == layer:
                 latents[:, position, latent] = value
-            return latents @ t.W_dec + t.b_dec + skip_of(t, x) + error
+            return latents @ t.W_dec + t.b_dec + skip_term(t, x) + error
 
         hooks.append((t.cfg.input_site, (lambda l: lambda act: current.__setitem__(l, act))(l)))
-        hooks.append((out_site(l, by_layer), write))
+        hooks.append((t.cfg.output_site, write))
     with torch.no_grad(), attach(model, hooks):
         return model(tokens[None])[0]
 
