@@ -6,7 +6,8 @@ mid-way (`sites.resumable_pass`), the stream after the block is `resid_post + (n
 old)` and only the later blocks and the unembedding run; otherwise the variant is a full
 forward pass with a hook. The all-spliced variant starts at the first spliced block.
 
-KL(clean || variant) = sum_v p_v (z_v - z'_v) + lse(z') - lse(z). Its first term is
+KL(clean || variant) = sum_v p_v (z_v - z'_v) + lse(z') - lse(z), computed from the
+clean probabilities and sum_v p_v z_v (the clean logits are not kept). Its first term is
 linear in the unembedding's input h' of the variant, since the unembedding is affine:
 sum_v p_v (z_v - z'_v) = -(h' - h) . u with u = d(sum_v p_v z_v)/dh, an O(d_model)
 product in place of an O(d_vocab) one. It is checked against the direct sum once per
@@ -99,10 +100,13 @@ class CleanPass:
             )
         if verify and self.resid:
             self.resumable = self._resume_matches(clean)
-        self.logits = clean.float()
-        self.lse = torch.logsumexp(self.logits, dim=-1)
-        self.probs = torch.exp(self.logits - self.lse[..., None])
-        self.ce = self.ce_of(self.logits, self.lse)
+        # The clean logits are not kept: KL needs only the probabilities and sum_v p_v z_v.
+        clean = clean.float()
+        self.lse = torch.logsumexp(clean, dim=-1)
+        self.ce = self.ce_of(clean, self.lse)
+        self.probs = (clean - self.lse[..., None]).exp_()
+        self.expected_logit = torch.linalg.vecdot(self.probs, clean)
+        del clean
         self.kl_direction = self._kl_direction() if self.transcoders else None
         self.kl_direction_checked = False
 
@@ -184,7 +188,7 @@ class CleanPass:
         lse = torch.logsumexp(logits, dim=-1)
         direct = None
         if self.kl_direction is None or head_input is None or not self.kl_direction_checked:
-            direct = torch.linalg.vecdot(self.probs, self.logits - logits)
+            direct = self.expected_logit - torch.linalg.vecdot(self.probs, logits)
         if self.kl_direction is not None and head_input is not None:
             shortcut = -torch.linalg.vecdot(head_input.double() - self.head_input.double(), self.kl_direction)
             if direct is not None:

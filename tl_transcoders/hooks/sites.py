@@ -505,8 +505,10 @@ def check_resume(
     logits: Float[Tensor, "batch pos d_vocab"],
 ) -> bool:
     """Whether resuming from `residual` (the clean stream entering block `layer`)
-    reproduces the clean pass's `logits` (compared as log-probabilities)."""
+    reproduces the clean pass's `logits` (compared as log-probabilities, one row at a
+    time so that no more than one row's temporaries exist beside the logits)."""
     resumed = resume(residual, layer)
-    return torch.allclose(
-        torch.log_softmax(resumed.float(), -1), torch.log_softmax(logits.float(), -1), atol=1e-4, rtol=1e-4
+    return all(
+        torch.allclose(torch.log_softmax(a.float(), -1), torch.log_softmax(b.float(), -1), atol=1e-4, rtol=1e-4)
+        for a, b in zip(resumed, logits)
     )
