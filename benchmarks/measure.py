@@ -106,11 +106,13 @@ def cpu_busy_s() -> float:
 
 
 def other_load(seconds: float = 5.0) -> float:
-    """Share of the CPU (0..1 of all cores) used by all processes over `seconds` while
-    this one sleeps: the load of everything else."""
-    busy = cpu_busy_s()
+    """Share of the CPU (0..1 of all cores) used by other processes over `seconds` while
+    this one's main thread sleeps: the machine's busy time minus this process's own (its
+    other threads, e.g. a library's background thread, may still be running)."""
+    busy, mine = cpu_busy_s(), sum(os.times()[:2])
     time.sleep(seconds)
-    return (cpu_busy_s() - busy) / (seconds * len(os.sched_getaffinity(0)))
+    own = sum(os.times()[:2]) - mine
+    return max(0.0, cpu_busy_s() - busy - own) / (seconds * len(os.sched_getaffinity(0)))
 
 
 def wait_idle(max_wait: float) -> float:
