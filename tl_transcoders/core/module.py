@@ -33,6 +33,10 @@ class NativeModule(nn.Module):
     CONFIG: ClassVar[type]
     cfg: Any
 
+    def __init__(self) -> None:
+        """Subclasses call this first, then set `self.cfg` and their parameters."""
+        super().__init__()
+
     @classmethod
     def checked_config(cls, cfg: Any) -> Any:
         """`cfg` (a `CONFIG`, or a dict of its fields) validated; `ConfigError` for
