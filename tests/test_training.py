@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from tl_transcoders import Transcoder, evaluate_splice
 from tl_transcoders.core.config import ConfigError
 from tl_transcoders.hooks.models import tiny_random_model
+from tl_transcoders.hooks.sites import attach, capture, capture_groups
 from tl_transcoders.hooks.tokens import TokenError
 from tl_transcoders.training import TrainConfig, Trainer, TrainingError, fit_together
 
@@ -83,6 +84,44 @@ def test_one_forward_pass_feeds_every_layer_and_stops_early(model, tmp_path):
         for handle in handles:
             handle.remove()
     assert calls == {"embed": 5, "last_block": 0}
+
+
+def test_capture_groups_hands_each_layer_over_before_the_next_layer_runs(model):
+    """Each group is consumed from inside the pass, as soon as its last site fires, with
+    exactly the activations `capture` collects."""
+    groups = [(f"blocks.{layer}.mlp.hook_in", f"blocks.{layer}.hook_mlp_out") for layer in range(3)]
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, 8), generator=torch.Generator().manual_seed(0))
+    expected = capture(model, tokens, [site for group in groups for site in group])
+    events = []
+
+    def consume(i, acts):
+        events.append(f"group {i}")
+        assert set(acts) == set(groups[i])
+        for site, value in acts.items():
+            assert torch.equal(value, expected[site]), site
+
+    resid = [
+        (f"blocks.{layer}.hook_resid_pre", lambda a, layer=layer: events.append(f"block {layer}")) for layer in range(3)
+    ]
+    with attach(model, resid):
+        capture_groups(model, tokens, groups, consume)
+    assert events == ["block 0", "group 0", "block 1", "group 1", "block 2", "group 2"]
+
+
+def test_training_inside_the_pass_equals_training_on_captured_activations(model, tmp_path):
+    """`fit` trains each layer from inside the forward pass; the weights are those of
+    `train_on` fed every layer's activations captured beforehand."""
+    cfg = dict(layers=[0, 2], max_tokens=8 * 32 * 6, activation="topk", skip=True)
+    streamed = Trainer(model, config(tmp_path / "streamed", **cfg))
+    streamed.fit(random_batches(model))
+    captured = Trainer(model, config(tmp_path / "captured", **cfg))
+    captured.begin()
+    batches = random_batches(model)
+    while not captured.done:
+        captured.train_on(capture(model, next(batches), captured.sites))
+    for layer in (0, 2):
+        for name, value in streamed.transcoders[layer].state_dict().items():
+            assert torch.equal(value, captured.transcoders[layer].state_dict()[name]), (layer, name)
 
 
 def test_saved_transcoders_work_in_the_model_space(model, tmp_path):
@@ -246,7 +285,7 @@ def test_skip_term_starts_at_the_least_squares_fit(model, tmp_path, normalize):
     x = 3 * torch.randn(512, d_in, generator=generator) + 1
     linear = torch.randn(d_out, d_in, generator=generator)
     y = x @ linear.T + torch.randn(d_out, generator=generator)
-    trainer._initialise({transcoder.cfg.input_site: x, transcoder.cfg.output_site: y})
+    trainer._initialise_place(trainer.placements[0], {transcoder.cfg.input_site: x, transcoder.cfg.output_site: y})
     with torch.no_grad():
         y_hat = trainer.folded(1)(x)
     fvu = (y - y_hat).pow(2).sum() / (y - y.mean(0)).pow(2).sum()

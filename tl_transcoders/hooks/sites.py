@@ -48,6 +48,7 @@ __all__ = [
     "attach",
     "bridge_class",
     "capture",
+    "capture_groups",
     "check_model",
     "check_resume",
     "check_site_exists",
@@ -218,6 +219,41 @@ def capture(model: nn.Module, tokens: Tensor, sites: Sequence[str]) -> dict[str,
     with torch.no_grad(), attach(model, hooks):
         model(tokens, stop_at_layer=_stop_layer(model, sites))
     return cache
+
+
+def capture_groups(
+    model: nn.Module,
+    tokens: Tensor,
+    groups: Sequence[Sequence[str]],
+    consume: Callable[[int, dict[str, Tensor]], None],
+) -> None:
+    """One no-grad forward pass over `tokens` (stopped after the last block any site is
+    in) that hands over activations as soon as they exist: `consume(i, acts)` runs, from
+    inside the pass, when the last site of `groups[i]` fires, with `acts` holding that
+    group's sites flattened to `[batch * pos, width]` (each site's first firing). A site
+    is released once every group that reads it has been consumed, so memory holds the
+    sites of the groups still open, not of the whole pass (for per-layer groups, one
+    layer's). `consume` may compute with gradients (`torch.enable_grad()`); an exception
+    it raises ends the pass."""
+    cache: dict[str, Tensor] = {}
+    open_groups = {i: set(group) for i, group in enumerate(groups)}
+    sites = list(dict.fromkeys(site for group in groups for site in group))
+
+    def arrived(site: str) -> Callable[[Tensor], None]:
+        def hook(activation: Tensor) -> None:
+            if site in cache or not any(site in wanted for wanted in open_groups.values()):
+                return
+            cache[site] = activation.reshape(-1, activation.shape[-1])
+            for i in [i for i, wanted in open_groups.items() if wanted <= cache.keys()]:
+                del open_groups[i]
+                consume(i, {name: cache[name] for name in groups[i]})
+            for name in [name for name in cache if not any(name in wanted for wanted in open_groups.values())]:
+                cache[name] = None  # consumed: released, but remembered as seen
+
+        return hook
+
+    with torch.no_grad(), attach(model, [(site, arrived(site)) for site in sites]):
+        model(tokens, stop_at_layer=_stop_layer(model, sites))
 
 
 def _stop_layer(model: nn.Module, sites: Sequence[str]) -> int | None:

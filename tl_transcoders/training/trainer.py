@@ -1,13 +1,19 @@
 """`Trainer`: train transcoders for many layers from one forward pass per batch.
 
-    token batches -> model (stopped after the last layer needed; hooks collect each
-    transcoder's input and output site) -> [shuffle buffer] -> one Adam step for every
-    transcoder -> metrics, checkpoints -> transcoders saved in the model's own space.
+    token batches -> model (stopped after the last layer needed) -> as the pass reaches
+    each layer, its transcoder's input and output -> one Adam step for that transcoder
+    -> metrics, checkpoints -> transcoders saved in the model's own space.
 
-A `Trainer` owns its run: `begin` (resume, logging, evaluation), `train_on` (one batch
-of captured activations), `finish` (save, record). `TrainerGroup` drives several
-trainers of one model from a single forward pass per batch (`Trainer.fit` is a group of
-one) and uses nothing else.
+Each layer trains from inside the forward pass as soon as its sites have fired, so a
+batch's activations are held one layer at a time (as sparsify trains), not for every
+layer at once. A shuffle buffer (which mixes whole batches) or a cross-layer transcoder
+(whose step reads every layer) takes all its sites together after the pass instead.
+
+A `Trainer` owns its run: `begin` (resume, logging, evaluation), `start_batch`,
+`consume` (each group of sites in `site_groups`) and `end_batch` for one batch
+(`train_on` does the three from captured activations), `finish` (save, record).
+`TrainerGroup` drives several trainers of one model from a single forward pass per batch
+(`Trainer.fit` is a group of one) and uses nothing else.
 
 Everything that can be checked is checked before the first step: the options, the
 output directory (creatable, writable, and not holding another run's checkpoint unless
@@ -49,7 +55,7 @@ from tl_transcoders.evaluation import compute_ablation_baselines, evaluate_splic
 from tl_transcoders.evaluation.statistics import no_ranks
 from tl_transcoders.hooks.sites import (
     SiteError,
-    capture,
+    capture_groups,
     cross_layer_config,
     model_device,
     probe_sites,
@@ -150,7 +156,8 @@ class Trainer:
         self.history: list[dict] = []
         self._logger = self._evaluate = None
         self._clock = (time.perf_counter(), 0)
-        self._mid_step = False
+        self._mid_step = self._stepping = False
+        self._metrics: dict = {}
 
     def _build(self, layers: list[int]) -> dict[int, AnyTranscoder]:
         """One transcoder per layer on the model's device, each checked against the
@@ -275,18 +282,61 @@ class Trainer:
             )
         return tokens.chunk(self.world)[self.rank] if self.data_parallel else tokens
 
+    @property
+    def streams(self) -> bool:
+        """Whether each layer trains as soon as the forward pass reaches it, so that a
+        batch's activations are held one layer at a time (no shuffle buffer, which
+        mixes whole batches)."""
+        return self.cfg.shuffle_buffer == 0
+
+    def site_groups(self) -> list[tuple[str, ...]]:
+        """The units of one batch's activations this trainer consumes, in the order of
+        `placements`: each layer's (input, output) sites when it `streams`, else all its
+        sites at once."""
+        if self.streams:
+            return [(p.input_site, p.output_site) for p in self.placements]
+        return [tuple(self.sites)]
+
     def train_on(self, activations: dict[str, Tensor]) -> dict | None:
         """One batch of captured activations (site -> `[tokens, width]`): through the
         shuffle buffer, then a training step, metrics and checkpoint. Returns the step's
-        metrics (None while the buffer fills)."""
-        cfg = self.cfg
+        metrics (None while the buffer fills). The same as `start_batch`, `consume` of
+        every site group, then `end_batch`."""
+        self.start_batch()
+        for i, group in enumerate(self.site_groups()):
+            self.consume(i, {site: activations[site] for site in group})
+        return self.end_batch()
+
+    def start_batch(self) -> None:
+        """Begin a batch: its site groups follow through `consume`, then `end_batch`."""
         self._mid_step = True
         self.batches_seen += 1
-        batch = self._mix({site: activations[site] for site in self.sites})
-        if batch is None:
+        self._stepping = False
+        self._metrics = {"fvu": 0.0}
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def consume(self, group: int, activations: dict[str, Tensor]) -> None:
+        """Site group `group` of the current batch (as `site_groups` lists them): a
+        streaming trainer's step for that layer, else the shuffle buffer and the step of
+        every layer."""
+        if self.streams:
+            self._stepping = True
+            self._layer_step(self.placements[group], activations)
+            return
+        batch = self._mix(activations)
+        if batch is not None:
+            self._stepping = True
+            self._train_step(batch)
+
+    def end_batch(self) -> dict | None:
+        """End the batch: the schedule, step count, logged metrics and checkpoint.
+        Returns the step's metrics, or None where no step was taken (the shuffle buffer
+        still filling)."""
+        cfg, metrics = self.cfg, self._metrics
+        if not self._stepping:
             self._mid_step = False
             return None
-        metrics = self._train_step(batch)
+        self.schedule.step()
         self.step += 1
         self._mid_step = False
         evaluate_now = self._evaluate is not None and self.step % cfg.eval_every == 0
@@ -310,7 +360,8 @@ class Trainer:
 
     def finish(self) -> list[AnyTranscoder]:
         """End the run: save the transcoders and the run record; warn if the data ended
-        before `max_tokens`."""
+        before `max_tokens`. A run that reached `max_tokens` releases its optimiser state
+        first (resuming reads a checkpoint, never this trainer's memory)."""
         if self._logger is not None:
             self._logger.finish()
         if self.step == 0:
@@ -326,6 +377,8 @@ class Trainer:
                 f"are saved, and {self.output_dir / RECORD_FILE} records the run as incomplete",
                 stacklevel=3,
             )
+        if self.done:  # Adam's moments (twice the weights) are not needed to fold and save
+            self.optimizer.state.clear()
         transcoders = self.save()
         if self._writes_files:
             write_record(self.output_dir / RECORD_FILE, self.record())
@@ -376,18 +429,23 @@ class Trainer:
         self.buffer = {site: value[kept] for site, value in self.buffer.items()}
         return batch
 
-    def _train_step(self, activations: dict[str, Tensor]) -> dict:
-        """One optimiser step for every transcoder. Each layer's update is taken right after
-        its backward pass and its gradients are freed, so one layer's gradients are alive at
-        a time (Adam's update of a parameter does not depend on the others')."""
-        cfg = self.cfg
-        if not self.scales:
-            self._initialise(activations)
-        self.optimizer.zero_grad(set_to_none=True)
-        metrics: dict = {"fvu": 0.0}
-        for layer, transcoder in self.transcoders.items():
-            x, y = self._inputs(layer, activations)
-            dead = self.since_fired[layer] >= cfg.dead_tokens
+    def _train_step(self, activations: dict[str, Tensor]) -> None:
+        """One optimiser step for every layer's transcoder, one layer after another."""
+        for place in self.placements:
+            self._layer_step(place, activations)
+
+    def _layer_step(self, place: Placement, activations: dict[str, Tensor]) -> None:
+        """One optimiser step for the transcoder of `place` (initialised from this batch
+        if it is the first). Its update is taken right after its backward pass and its
+        gradients are freed, so one layer's gradients are alive at a time (Adam's update
+        of a parameter does not depend on the others')."""
+        cfg, layer = self.cfg, place.layer
+        transcoder = self.transcoders[layer]
+        if layer not in self.scales:
+            self._initialise_place(place, activations)
+        x, y = self._inputs(layer, activations)
+        dead = self.since_fired[layer] >= cfg.dead_tokens
+        with torch.enable_grad():
             out = training_step(transcoder, x, y, dead, cfg, self.sum_ranks)
             if not torch.isfinite(out.loss):
                 raise NonFiniteError(
@@ -396,12 +454,10 @@ class Trainer:
                     f"Lower lr (now {self.optimizer.param_groups[0]['lr']:.3g})."
                 )
             out.loss.backward()
-            if transcoder.cfg.activation == "batchtopk":
-                self._calibrate_threshold(transcoder.threshold, out.latents.values)
-            self._update(transcoder)
-            self._track(layer, out.latents, dead, out.fvu, x.shape[0], metrics)
-        self.schedule.step()
-        return metrics
+        if transcoder.cfg.activation == "batchtopk":
+            self._calibrate_threshold(transcoder.threshold, out.latents.values)
+        self._update(transcoder)
+        self._track(layer, out.latents, dead, out.fvu, x.shape[0], self._metrics)
 
     def _track(self, layer: int, latents: SparseLatents, dead: Tensor, fvu: Tensor, n: int, metrics: dict) -> None:
         """After a step: layer `layer`'s firing counters, and its FVU, L0 and dead
@@ -456,36 +512,35 @@ class Trainer:
         y = activations[place.output_site].to(dtype) / s_out
         return x, y
 
-    def _initialise(self, activations: dict[str, Tensor]) -> None:
-        """Data-dependent start on the first batch, for every layer: normalisation
-        scales, b_dec = mean output, b_enc centring the inputs, a zero decoder for
-        transcoders and the encoder's transpose for SAEs (as sparsify does); a skip term
-        starts at the least-squares linear map from input to output (ridge-regularised),
-        so the latents only have to learn what a linear map cannot."""
-        for place in self.placements:
-            p = _layer_parameters(place)
-            x = activations[place.input_site].double()
-            y = activations[place.output_site].double()
-            n = self.sum_ranks(x.new_tensor(float(x.shape[0])))
-            if self.cfg.normalize:
-                s_in = (self.sum_ranks(x.pow(2).sum()) / (n * place.d_in)).sqrt().item()
-                s_out = (self.sum_ranks(y.pow(2).sum()) / (n * place.d_out)).sqrt().item()
+    def _initialise_place(self, place: Placement, activations: dict[str, Tensor]) -> None:
+        """Data-dependent start on the first batch, for the layer of `place`:
+        normalisation scales, b_dec = mean output, b_enc centring the inputs, a zero
+        decoder for transcoders and the encoder's transpose for SAEs (as sparsify does);
+        a skip term starts at the least-squares linear map from input to output
+        (ridge-regularised), so the latents only have to learn what a linear map cannot."""
+        p = _layer_parameters(place)
+        x = activations[place.input_site].double()
+        y = activations[place.output_site].double()
+        n = self.sum_ranks(x.new_tensor(float(x.shape[0])))
+        if self.cfg.normalize:
+            s_in = (self.sum_ranks(x.pow(2).sum()) / (n * place.d_in)).sqrt().item()
+            s_out = (self.sum_ranks(y.pow(2).sum()) / (n * place.d_out)).sqrt().item()
+        else:
+            s_in = s_out = 1.0
+        self.scales[place.layer] = (s_in, s_out)
+        x_mean = (self.sum_ranks(x.sum(0)) / n / s_in).to(p.W_enc.dtype)
+        y_mean = self.sum_ranks(y.sum(0)) / n
+        with torch.no_grad():
+            p.b_dec.copy_(y_mean / s_out)
+            if place.input_site == place.output_site:  # an SAE
+                p.W_dec.copy_(p.W_enc / p.W_enc.norm(dim=-1, keepdim=True))
             else:
-                s_in = s_out = 1.0
-            self.scales[place.layer] = (s_in, s_out)
-            x_mean = (self.sum_ranks(x.sum(0)) / n / s_in).to(p.W_enc.dtype)
-            y_mean = self.sum_ranks(y.sum(0)) / n
-            with torch.no_grad():
-                p.b_dec.copy_(y_mean / s_out)
-                if place.input_site == place.output_site:  # an SAE
-                    p.W_dec.copy_(p.W_enc / p.W_enc.norm(dim=-1, keepdim=True))
-                else:
-                    p.W_dec.zero_()
-                p.b_enc.copy_(-(p.W_enc @ x_mean))
-                if p.W_skip is not None:
-                    skip, offset = self._least_squares(x / s_in, y / s_out, n)
-                    p.W_skip.copy_(skip)
-                    p.b_dec.copy_(offset)
+                p.W_dec.zero_()
+            p.b_enc.copy_(-(p.W_enc @ x_mean))
+            if p.W_skip is not None:
+                skip, offset = self._least_squares(x / s_in, y / s_out, n)
+                p.W_skip.copy_(skip)
+                p.b_dec.copy_(offset)
 
     def _least_squares(self, x: Tensor, y: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
         """The ridge regression `y ~ x @ W.T + b` over the rows of every process:
@@ -660,31 +715,32 @@ class CrossLayerTrainer(Trainer):
     def clt(self) -> CrossLayerTranscoder:
         return next(iter(self.transcoders.values()))
 
-    def _train_step(self, activations: dict[str, Tensor]) -> dict:
+    streams = False  # its step needs every layer's activations at once
+
+    def _train_step(self, activations: dict[str, Tensor]) -> None:
         """One optimiser step of the cross-layer transcoder on every layer at once."""
         cfg, clt = self.cfg, self.clt
-        if not self.scales:
-            self._initialise(activations)
-        self.optimizer.zero_grad(set_to_none=True)
+        for place in self.placements:
+            if place.layer not in self.scales:
+                self._initialise_place(place, activations)
         pairs = [self._inputs(layer, activations) for layer in self.layers]
         x, y = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
         dead = torch.stack([self.since_fired[layer] >= cfg.dead_tokens for layer in self.layers])
-        out = cross_layer_training_step(clt, x, y, dead, cfg, self.sum_ranks)
-        if not torch.isfinite(out.loss):
-            raise NonFiniteError(
-                f"the loss of the cross-layer transcoder is {out.loss.item()} at step {self.step + 1}: the run "
-                f"diverged. {self.kept_checkpoint_note()} Lower lr (now {self.optimizer.param_groups[0]['lr']:.3g})."
-            )
-        out.loss.backward()
+        with torch.enable_grad():
+            out = cross_layer_training_step(clt, x, y, dead, cfg, self.sum_ranks)
+            if not torch.isfinite(out.loss):
+                raise NonFiniteError(
+                    f"the loss of the cross-layer transcoder is {out.loss.item()} at step {self.step + 1}: the run "
+                    f"diverged. {self.kept_checkpoint_note()} "
+                    f"Lower lr (now {self.optimizer.param_groups[0]['lr']:.3g})."
+                )
+            out.loss.backward()
         if clt.cfg.activation == "batchtopk":
             for i, latents in enumerate(out.latents):
                 self._calibrate_threshold(clt.threshold[i], latents.values)
         self._update(clt)
-        metrics: dict = {"fvu": 0.0}
         for i, layer in enumerate(self.layers):
-            self._track(layer, out.latents[i], dead[i], out.fvu[i], x.shape[1], metrics)
-        self.schedule.step()
-        return metrics
+            self._track(layer, out.latents[i], dead[i], out.fvu[i], x.shape[1], self._metrics)
 
     def folded_all(self) -> list[AnyTranscoder]:
         """The cross-layer transcoder with each layer's normalisation folded in: layer
@@ -763,15 +819,7 @@ class TrainerGroup:
                 if not active:
                     break
                 tokens = first.check_batch(tokens, seen - 1)
-                sites = list(dict.fromkeys(s for t in active for s in t.sites))
-                activations = capture(first.model, tokens, sites)
-                for site, value in activations.items():
-                    if not torch.isfinite(value).all():
-                        raise NonFiniteError(
-                            f"the model produced NaN or inf activations at {site} on token batch {seen - 1}. "
-                            + " ".join(t.kept_checkpoint_note() for t in active)
-                        )
-                logged = [m for m in (t.train_on(activations) for t in active) if m is not None and "tokens_per_s" in m]
+                logged = self._train_batch(active, tokens, seen - 1)
                 progress.n = max(t.step for t in trainers)
                 progress.refresh()
                 if logged:
@@ -783,6 +831,30 @@ class TrainerGroup:
             raise
         finally:
             progress.close()
+
+    def _train_batch(self, active: list[Trainer], tokens: Tensor, index: int) -> list[dict]:
+        """Token batch `index` through one forward pass of the model, each trainer's site
+        groups consumed as the pass reaches them; the metrics of the trainers that
+        logged this step."""
+        routes = [(trainer, i, group) for trainer in active for i, group in enumerate(trainer.site_groups())]
+        checked: set[str] = set()
+
+        def consume(route: int, activations: dict[str, Tensor]) -> None:
+            trainer, group, _ = routes[route]
+            for site, value in activations.items():
+                if site not in checked and not torch.isfinite(value).all():
+                    raise NonFiniteError(
+                        f"the model produced NaN or inf activations at {site} on token batch {index}. "
+                        + " ".join(t.kept_checkpoint_note() for t in active)
+                    )
+                checked.add(site)
+            trainer.consume(group, activations)
+
+        for trainer in active:
+            trainer.start_batch()
+        capture_groups(self.trainers[0].model, tokens, [group for _, _, group in routes], consume)
+        metrics = [trainer.end_batch() for trainer in active]
+        return [m for m in metrics if m is not None and "tokens_per_s" in m]
 
 
 @contextlib.contextmanager
