@@ -360,8 +360,7 @@ class Trainer:
 
     def finish(self) -> list[AnyTranscoder]:
         """End the run: save the transcoders and the run record; warn if the data ended
-        before `max_tokens`. A run that reached `max_tokens` releases its optimiser state
-        first (resuming reads a checkpoint, never this trainer's memory)."""
+        before `max_tokens`."""
         if self._logger is not None:
             self._logger.finish()
         if self.step == 0:
@@ -377,8 +376,6 @@ class Trainer:
                 f"are saved, and {self.output_dir / RECORD_FILE} records the run as incomplete",
                 stacklevel=3,
             )
-        if self.done:  # Adam's moments (twice the weights) are not needed to fold and save
-            self.optimizer.state.clear()
         transcoders = self.save()
         if self._writes_files:
             write_record(self.output_dir / RECORD_FILE, self.record())
