@@ -444,17 +444,21 @@ class Trainer:
         dead = self.since_fired[layer] >= cfg.dead_tokens
         with torch.enable_grad():
             out = training_step(transcoder, x, y, dead, cfg, self.sum_ranks)
-            if not torch.isfinite(out.loss):
-                raise NonFiniteError(
-                    f"the loss of layer {layer}'s transcoder is {out.loss.item()} at step {self.step + 1}: the run "
-                    f"diverged. {self.kept_checkpoint_note()} "
-                    f"Lower lr (now {self.optimizer.param_groups[0]['lr']:.3g})."
-                )
-            out.loss.backward()
+            self._backward(out.loss, f"layer {layer}'s transcoder")
         if transcoder.cfg.activation == "batchtopk":
             self._calibrate_threshold(transcoder.threshold, out.latents.values)
         self._update(transcoder)
         self._track(layer, out.latents, dead, out.fvu, x.shape[0], self._metrics)
+
+    def _backward(self, loss: Tensor, owner: str) -> None:
+        """Backpropagate a training loss; a non-finite one stops the run (the last
+        checkpoint is kept) with what to do. `owner` names whose loss it is."""
+        if not torch.isfinite(loss):
+            raise NonFiniteError(
+                f"the loss of {owner} is {loss.item()} at step {self.step + 1}: the run diverged. "
+                f"{self.kept_checkpoint_note()} Lower lr (now {self.optimizer.param_groups[0]['lr']:.3g})."
+            )
+        loss.backward()
 
     def _track(self, layer: int, latents: SparseLatents, dead: Tensor, fvu: Tensor, n: int, metrics: dict) -> None:
         """After a step: layer `layer`'s firing counters, and its FVU, L0 and dead
@@ -725,13 +729,7 @@ class CrossLayerTrainer(Trainer):
         dead = torch.stack([self.since_fired[layer] >= cfg.dead_tokens for layer in self.layers])
         with torch.enable_grad():
             out = cross_layer_training_step(clt, x, y, dead, cfg, self.sum_ranks)
-            if not torch.isfinite(out.loss):
-                raise NonFiniteError(
-                    f"the loss of the cross-layer transcoder is {out.loss.item()} at step {self.step + 1}: the run "
-                    f"diverged. {self.kept_checkpoint_note()} "
-                    f"Lower lr (now {self.optimizer.param_groups[0]['lr']:.3g})."
-                )
-            out.loss.backward()
+            self._backward(out.loss, "the cross-layer transcoder")
         if clt.cfg.activation == "batchtopk":
             for i, latents in enumerate(out.latents):
                 self._calibrate_threshold(clt.threshold[i], latents.values)
