@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import MODEL_PARAMS, build_model
-from test_attribute import CASES, float64_model, prompt, transcoders_for
+from conftest import MODEL_PARAMS, build_model, make_clt
+from test_attribute import CASES, CLT_CASES, float64_model, prompt, transcoders_for
 
 from tl_transcoders.attribution.attribute import attribute
 from tl_transcoders.attribution.interventions import FeatureEdit, intervene, zero
@@ -24,10 +24,24 @@ def demeaned(model, logits: torch.Tensor) -> torch.Tensor:
     return last - last.mean()
 
 
-@pytest.mark.parametrize("name, activation, skip", CASES)
-def test_frozen_linear_edit_changes_logits_by_the_graph_edge(name, activation, skip):
+def modules_for(model, kind: str, activation: str, skip: bool) -> list:
+    """Per-layer transcoders at layers 0 and 2, or one cross-layer transcoder over 0..2,
+    in the model's dtype."""
+    if kind == "per_layer":
+        return transcoders_for(model, activation, skip)
+    dtype = next(model.parameters()).dtype
+    clt = make_clt(model, layers=[0, 1, 2], activation=activation, skip=skip).to(dtype)
+    clt.cfg.dtype = str(dtype).removeprefix("torch.")
+    return [clt]
+
+
+KIND_CASES = [("per_layer", *case) for case in CASES] + [("cross_layer", *case) for case in CLT_CASES]
+
+
+@pytest.mark.parametrize("kind, name, activation, skip", KIND_CASES)
+def test_frozen_linear_edit_changes_logits_by_the_graph_edge(kind, name, activation, skip):
     model = float64_model(name)
-    transcoders = transcoders_for(model, activation, skip)
+    transcoders = modules_for(model, kind, activation, skip)
     tokens = prompt(model)
     graph = attribute(model, transcoders, tokens, max_feature_nodes=1)  # the most influential feature
     logit_rows = graph.adjacency[-graph.n_logits :, : graph.n_features]
@@ -50,13 +64,50 @@ def test_frozen_linear_edit_changes_logits_by_the_graph_edge(name, activation, s
         assert torch.allclose(change[graph.logit_tokens], expected, rtol=1e-4, atol=tolerance)
 
 
-def skip_term(transcoder, x: torch.Tensor) -> torch.Tensor:
-    return x @ transcoder.W_skip.T if transcoder.cfg.skip else torch.zeros_like(x)
+def by_hand(x, W_enc, b_enc, threshold, activation, k):
+    """Dense latents of one encoder, written out."""
+    pre = x @ W_enc.T + b_enc
+    if activation == "topk":
+        values, indices = pre.topk(k, dim=-1)
+        return torch.zeros_like(pre).scatter(-1, indices, values.relu())
+    if activation == "relu":
+        return pre.relu()
+    return pre * (pre > threshold)
 
 
-def hand_written_run(model, transcoders, tokens, layer, position, latent, value) -> torch.Tensor:
-    """Logits with every transcoder spliced by hand (encoder, activation and decoder
+def replaced_layers(modules) -> dict:
+    """For each replaced layer: its sites, an encoder of its features, the decoders of
+    those features by target layer, and the bias and skip term of its reconstruction."""
+    layers = {}
+    for t in modules:
+        c = t.cfg
+        threshold = getattr(t, "threshold", None)
+        if hasattr(c, "layer"):
+            layers[c.layer] = dict(
+                sites=(c.input_site, c.output_site),
+                encode=lambda x, t=t, c=c, th=threshold: by_hand(x, t.W_enc, t.b_enc, th, c.activation, c.k),
+                decoders={c.layer: t.W_dec},
+                b_dec=t.b_dec,
+                W_skip=t.W_skip if c.skip else None,
+            )
+            continue
+        for i, layer in enumerate(c.layers):
+            layers[layer] = dict(
+                sites=(c.input_site(layer), c.output_site(layer)),
+                encode=lambda x, t=t, c=c, i=i, th=threshold: by_hand(
+                    x, t.W_enc[i], t.b_enc[i], None if th is None else th[i], c.activation, c.k
+                ),
+                decoders={layer + j: t.W_dec[i][:, j] for j in range(t.W_dec[i].shape[1])},
+                b_dec=t.b_dec[i],
+                W_skip=t.W_skip[i] if c.skip else None,
+            )
+    return layers
+
+
+def hand_written_run(model, modules, tokens, layer, position, latent, value) -> torch.Tensor:
+    """Logits with every transcoder spliced by hand (encoder, activation and decoders
     written out), its clean error added back and one latent set to `value`."""
+    layers = replaced_layers(modules)
     clean: dict[str, torch.Tensor] = {}
 
     def keep(site):
@@ -65,43 +116,50 @@ def hand_written_run(model, transcoders, tokens, layer, position, latent, value)
 
         return hook
 
-    sites = [t.cfg.input_site for t in transcoders] + [t.cfg.output_site for t in transcoders]
+    sites = [site for spec in layers.values() for site in spec["sites"]]
     with torch.no_grad(), attach(model, [(s, keep(s)) for s in sites]):
         model(tokens[None])
 
-    def by_hand(t, x):
-        pre = x @ t.W_enc.T + t.b_enc
-        if t.cfg.activation == "topk":
-            values, indices = pre.topk(t.cfg.k, dim=-1)
-            return torch.zeros_like(pre).scatter(-1, indices, values.relu())
-        if t.cfg.activation == "relu":
-            return pre.relu()
-        return pre * (pre > t.threshold)
+    def reconstruction(target, inputs, latents):
+        spec = layers[target]
+        out = spec["b_dec"] + sum(
+            latents[s] @ layers[s]["decoders"][target] for s in latents if target in layers[s]["decoders"]
+        )
+        return out if spec["W_skip"] is None else out + inputs[target] @ spec["W_skip"].T
 
-    current: dict[int, torch.Tensor] = {}
-    hooks = []
-    for t in transcoders:
-        l = t.cfg.layer
-        x_clean = clean[t.cfg.input_site]
-        error = clean[t.cfg.output_site] - (by_hand(t, x_clean) @ t.W_dec + t.b_dec + skip_term(t, x_clean))
+    clean_inputs = {l: clean[spec["sites"][0]] for l, spec in layers.items()}
+    clean_latents = {l: spec["encode"](clean_inputs[l]) for l, spec in layers.items()}
+    errors = {l: clean[spec["sites"][1]] - reconstruction(l, clean_inputs, clean_latents) for l, spec in layers.items()}
+    inputs: dict[int, torch.Tensor] = {}
+    latents: dict[int, torch.Tensor] = {}
 
-        def write(act, t=t, l=l, error=error):
-            x = current[l]
-            latents = by_hand(t, x)
+    def read(l):
+        def hook(act):
+            inputs[l] = act
+            latents[l] = layers[l]["encode"](act)
             if l == layer:
-                latents[:, position, latent] = value
-            return latents @ t.W_dec + t.b_dec + skip_term(t, x) + error
+                latents[l][:, position, latent] = value
 
-        hooks.append((t.cfg.input_site, (lambda l: lambda act: current.__setitem__(l, act))(l)))
-        hooks.append((t.cfg.output_site, write))
+        return hook
+
+    def write(l):
+        return lambda act: reconstruction(l, inputs, latents) + errors[l]
+
+    hooks = []
+    for l, spec in sorted(layers.items()):
+        hooks += [(spec["sites"][0], read(l)), (spec["sites"][1], write(l))]
     with torch.no_grad(), attach(model, hooks):
         return model(tokens[None])[0]
 
 
-@pytest.mark.parametrize("name, activation, skip", CASES[: len(CASES) // 2 + 1])
-def test_free_edit_matches_a_hand_written_run(name, activation, skip):
+FREE_CASES = [("per_layer", *case) for case in CASES[: len(CASES) // 2 + 1]]
+FREE_CASES += [("cross_layer", *case) for case in CLT_CASES[len(CLT_CASES) // 2 :]]
+
+
+@pytest.mark.parametrize("kind, name, activation, skip", FREE_CASES)
+def test_free_edit_matches_a_hand_written_run(kind, name, activation, skip):
     model = build_model(name)
-    transcoders = transcoders_for(model, activation, skip)
+    transcoders = modules_for(model, kind, activation, skip)
     tokens = prompt(model)
     graph = attribute(model, transcoders, tokens, max_feature_nodes=1)
     layer, position, latent = graph.features[0].tolist()

@@ -1,8 +1,9 @@
 """`intervene`: set, scale or zero transcoder features and see how the logits change.
 
-The model runs with its transcoders spliced in: each transcoder layer's MLP output is
-the transcoder's output (from the edited latents) plus its error on the clean prompt,
-held constant. With `freeze_attention` the attention patterns and norm scales are
+The model runs with its transcoders spliced in: each replaced layer's MLP output is its
+reconstruction (from the edited latents of every feature writing into it: the layer's
+own for a per-layer transcoder, those of that layer and every earlier covered one for a
+cross-layer transcoder) plus its error on the clean prompt, held constant. With `freeze_attention` the attention patterns and norm scales are
 held at their clean values (as in the attribution graph's replacement model); with
 `constrained_layers` the features of those layers (other than the edited ones) keep
 their clean activations and layers without a transcoder keep their clean MLP output.
@@ -22,13 +23,15 @@ from torch import Tensor, nn
 
 from tl_transcoders.attribution.errors import AttributionError
 from tl_transcoders.attribution.replacement import (
+    LayerMap,
     freeze_hooks,
+    layer_maps,
     output_site,
     quiet_norm_edits,
     record_frozen_values,
-    transcoders_by_layer,
+    writers,
 )
-from tl_transcoders.core.transcoder import Transcoder
+from tl_transcoders.core.placement import AnyTranscoder
 from tl_transcoders.hooks.sites import SiteFn, attach, store_hook
 from tl_transcoders.hooks.splice import check_not_spliced
 from tl_transcoders.hooks.tokens import prompt_tokens
@@ -84,7 +87,7 @@ class InterventionResult:
 
 def intervene(
     model: nn.Module,
-    transcoders: Sequence[Transcoder],
+    transcoders: Sequence[AnyTranscoder],
     prompt_or_tokens: str | Tensor,
     edits: Sequence[FeatureEdit],
     *,
@@ -95,27 +98,33 @@ def intervene(
     """Run the prompt with `edits` applied to the spliced transcoders (see the module
     docstring) and compare the logits with the clean model's.
 
+    `transcoders` are per-layer and cross-layer transcoders, at most one per layer (as
+    for `attribute`). A cross-layer transcoder's feature is edited at its source layer
+    (`edit.layer`), and the edit reaches every layer its decoders write into.
+
     Raises `AttributionError` for an edit at a layer without a transcoder, a position or
     latent out of range, or a zero/scale edit of a feature that is not active there."""
     check_not_spliced(model, "intervene")
     tokens = prompt_tokens(model, prompt_or_tokens)
-    by_layer = transcoders_by_layer(model, transcoders)
+    maps = layer_maps(model, transcoders)
     constrained = set(constrained_layers or ())
     bad = sorted(layer for layer in constrained if not 0 <= layer < model.cfg.n_layers)
     if bad:
         raise AttributionError(f"constrained_layers {bad} are out of range: the model has {model.cfg.n_layers} layers")
-    clean = _clean_pass(model, by_layer, tokens)
-    _check_edits(edits, by_layer, clean.latents, tokens.numel())
+    clean = _clean_pass(model, maps, tokens)
+    _check_edits(edits, maps, clean.latents, tokens.numel())
     hooks = freeze_hooks(model, clean.frozen) if freeze_attention else []
     inputs: dict[int, Tensor] = {}
+    latents: dict[int, Tensor] = {}
+    into = writers(maps)
     for layer in range(model.cfg.n_layers):
-        transcoder = by_layer.get(layer)
-        site = output_site(layer, by_layer)
-        if transcoder is not None:
-            hooks.append((transcoder.cfg.input_site, store_hook(inputs, layer)))
-            layer_edits = [edit for edit in edits if edit.layer == layer]
+        m = maps.get(layer)
+        site = output_site(layer, maps)
+        if m is not None:
             fixed = clean.latents[layer] if layer in constrained else None
-            hooks.append((site, _edited_output(transcoder, inputs, fixed, layer_edits, clean.errors[layer])))
+            layer_edits = [edit for edit in edits if edit.layer == layer]
+            hooks.append((m.input_site, _edited_latents(m, inputs, latents, fixed, layer_edits)))
+            hooks.append((site, _replaced_output(m, into.get(layer, []), inputs, latents, clean.errors[layer])))
         elif layer in constrained:
             hooks.append((site, _constant(clean.outputs[layer])))
     with torch.no_grad(), attach(model, hooks), quiet_norm_edits():
@@ -128,8 +137,8 @@ def intervene(
 
 @dataclass
 class _CleanPass:
-    """The clean prompt's logits, frozen-site values, MLP outputs (by layer), and each
-    transcoder's dense latents and error."""
+    """The clean prompt's logits, frozen-site values, MLP outputs (by layer), and for
+    each replaced layer its features' dense latents and its error."""
 
     logits: Tensor
     frozen: dict[str, Tensor]
@@ -138,38 +147,38 @@ class _CleanPass:
     errors: dict[int, Tensor]
 
 
-def _clean_pass(model: nn.Module, by_layer: dict[int, Transcoder], tokens: Tensor) -> _CleanPass:
+def _clean_pass(model: nn.Module, maps: dict[int, LayerMap], tokens: Tensor) -> _CleanPass:
     hooks, frozen = record_frozen_values(model)
     inputs: dict[int, Tensor] = {}
     outputs: dict[int, Tensor] = {}
     for layer in range(model.cfg.n_layers):
-        transcoder = by_layer.get(layer)
-        if transcoder is not None:
-            hooks.append((transcoder.cfg.input_site, store_hook(inputs, layer)))
-        hooks.append((output_site(layer, by_layer), store_hook(outputs, layer)))
+        if layer in maps:
+            hooks.append((maps[layer].input_site, store_hook(inputs, layer)))
+        hooks.append((output_site(layer, maps), store_hook(outputs, layer)))
     with torch.no_grad(), attach(model, hooks):
         logits = model(tokens[None])[0]
-        latents, errors = {}, {}
-        for layer, transcoder in by_layer.items():
-            x = inputs[layer].to(transcoder.W_enc.dtype)
-            latents[layer] = transcoder.encode(x)
-            errors[layer] = outputs[layer] - transcoder(x).to(outputs[layer].dtype)
+        latents = {layer: _dense_latents(m, inputs[layer]) for layer, m in maps.items()}
+        into = writers(maps)
+        errors = {
+            layer: outputs[layer] - _reconstruction(m, into.get(layer, []), inputs, latents).to(outputs[layer].dtype)
+            for layer, m in maps.items()
+        }
     return _CleanPass(logits, frozen, outputs, latents, errors)
 
 
 def _check_edits(
-    edits: Sequence[FeatureEdit], by_layer: dict[int, Transcoder], latents: dict[int, Tensor], n_pos: int
+    edits: Sequence[FeatureEdit], maps: dict[int, LayerMap], latents: dict[int, Tensor], n_pos: int
 ) -> None:
     for edit in edits:
         if not isinstance(edit, FeatureEdit):
             raise AttributionError(f"edits must be FeatureEdit objects (see zero()), got {type(edit).__name__}")
-        if edit.layer not in by_layer:
+        if edit.layer not in maps:
             raise AttributionError(
-                f"{edit}: no transcoder replaces layer {edit.layer}; transcoders are at layers {sorted(by_layer)}"
+                f"{edit}: no transcoder replaces layer {edit.layer}; transcoders are at layers {sorted(maps)}"
             )
         if not 0 <= edit.position < n_pos:
             raise AttributionError(f"{edit}: position {edit.position} is out of range, the prompt has {n_pos} tokens")
-        d_latent = by_layer[edit.layer].cfg.d_latent
+        d_latent = maps[edit.layer].d_latent
         if not 0 <= edit.latent < d_latent:
             raise AttributionError(
                 f"{edit}: latent {edit.latent} is out of range, the transcoder has {d_latent} latents"
@@ -186,27 +195,63 @@ def _constant(value: Tensor) -> SiteFn:
     return lambda activation: value.expand_as(activation)
 
 
-def _edited_output(
-    transcoder: Transcoder,
+def _dense_latents(m: LayerMap, x: Float[Tensor, "batch n_pos d_in"]) -> Float[Tensor, "batch n_pos d_latent"]:
+    """The latents of the features at `m`'s layer from its input `x`, dense."""
+    return m.encode_sparse(x).to_dense(m.d_latent)
+
+
+def _reconstruction(
+    m: LayerMap,
+    sources: list[tuple[int, Tensor]],
     inputs: dict[int, Tensor],
+    latents: dict[int, Tensor],
+) -> Float[Tensor, "batch n_pos d_out"]:
+    """Layer `m.layer`'s reconstruction: the decoded `latents` of every source layer
+    writing into it (`sources`: (layer, decoder) pairs, as `writers` gives them), its
+    bias and its skip term from `inputs[m.layer]`."""
+    out = m.b_dec
+    for source, W in sources:
+        out = out + latents[source] @ W
+    if m.W_skip is not None:
+        x = inputs[m.layer].to(m.W_skip.dtype)
+        out = out + x @ m.W_skip.T
+    return out
+
+
+def _edited_latents(
+    m: LayerMap,
+    inputs: dict[int, Tensor],
+    latents: dict[int, Tensor],
     fixed: Tensor | None,
     edits: list[FeatureEdit],
+) -> SiteFn:
+    """A hook on `m`'s input site that stores the input and this pass's latents of the
+    features at its layer (from the input, or the `fixed` clean latents), with `edits`
+    applied."""
+    layer = m.layer
+
+    def hook(activation: Tensor) -> None:
+        inputs[layer] = activation
+        current = (_dense_latents(m, activation) if fixed is None else fixed).clone()
+        for edit in edits:
+            value = current[:, edit.position, edit.latent]
+            current[:, edit.position, edit.latent] = edit.value if edit.value is not None else value * edit.scale
+        latents[layer] = current
+
+    return hook
+
+
+def _replaced_output(
+    m: LayerMap,
+    sources: list[tuple[int, Tensor]],
+    inputs: dict[int, Tensor],
+    latents: dict[int, Tensor],
     error: Tensor,
 ) -> SiteFn:
-    """The transcoder's output from this pass's input (or the `fixed` clean latents),
-    with `edits` applied, plus the clean error."""
-    layer = transcoder.cfg.layer
+    """A hook on `m`'s output site that writes this pass's reconstruction (from the
+    edited latents of every source layer writing into it) plus the clean `error`."""
 
     def hook(activation: Tensor) -> Tensor:
-        x = inputs[layer].to(transcoder.W_enc.dtype)
-        latents = (transcoder.encode(x) if fixed is None else fixed).clone()
-        for edit in edits:
-            current = latents[:, edit.position, edit.latent]
-            new = edit.value if edit.value is not None else current * edit.scale
-            latents[:, edit.position, edit.latent] = new
-        out = transcoder.decode(latents)
-        if transcoder.cfg.skip:
-            out = out + x @ transcoder.W_skip.T
-        return out.to(activation.dtype) + error
+        return _reconstruction(m, sources, inputs, latents).to(activation.dtype) + error
 
     return hook
