@@ -3,10 +3,11 @@
 The model runs with its transcoders spliced in: each replaced layer's MLP output is its
 reconstruction (from the edited latents of every feature writing into it: the layer's
 own for a per-layer transcoder, those of that layer and every earlier covered one for a
-cross-layer transcoder) plus its error on the clean prompt, held constant. With `freeze_attention` the attention patterns and norm scales are
-held at their clean values (as in the attribution graph's replacement model); with
-`constrained_layers` the features of those layers (other than the edited ones) keep
-their clean activations and layers without a transcoder keep their clean MLP output.
+cross-layer transcoder) plus its error on the clean prompt, held constant. With
+`freeze_attention` the attention patterns and norm scales are held at their clean
+values (as in the attribution graph's replacement model); with `constrained_layers` the
+features of those layers (other than the edited ones) keep their clean activations and
+layers without a transcoder keep their clean MLP output.
 Freezing attention and constraining every layer leaves a model that is linear in the
 features, where the change of a demeaned logit is exactly the graph's edge.
 """

@@ -34,7 +34,6 @@ from torch import Tensor, nn
 
 from tl_transcoders.attribution.errors import AttributionError
 from tl_transcoders.core.activations import SparseLatents
-from tl_transcoders.core.clt import CrossLayerTranscoder
 from tl_transcoders.core.placement import AnyTranscoder
 from tl_transcoders.core.transcoder import Transcoder
 from tl_transcoders.hooks.sites import SiteFn, attach, store_hook
@@ -52,7 +51,6 @@ __all__ = [
     "output_site",
     "quiet_norm_edits",
     "record_frozen_values",
-    "transcoders_by_layer",
     "writers",
 ]
 
@@ -61,20 +59,6 @@ NORMS = ("ln1", "ln1_post", "ln2", "ln2_post")
 
 class ReplacementError(AttributionError):
     """The transcoders or the input cannot form a replacement model."""
-
-
-def transcoders_by_layer(model: nn.Module, transcoders: Sequence[AnyTranscoder]) -> dict[int, Transcoder]:
-    """Check that `transcoders` fit `model` (as `splice` does), that each replaces a
-    different layer's MLP and is not an SAE, and return them keyed by layer. For the
-    functions that work with per-layer transcoders only (cross-layer transcoders are
-    refused with a clear error; `attribute` takes them through `layer_maps`)."""
-    clts = [t for t in transcoders if isinstance(t, CrossLayerTranscoder)]
-    if clts:
-        raise ReplacementError(
-            f"{describe(clts[0])}: this function works with per-layer transcoders only; "
-            "attribute() and evaluate_splice() take cross-layer transcoders"
-        )
-    return {m.layer: m.module for m in layer_maps(model, transcoders).values()}
 
 
 @dataclass(frozen=True)
