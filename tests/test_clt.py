@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ from tl_transcoders.attribution.virtual_weights import (
     logit_weights,
     top_downstream,
 )
+from tl_transcoders.core.native import stored_layout
 from tl_transcoders.evaluation.statistics import fvu
 from tl_transcoders.hooks.models import tiny_random_model
 from tl_transcoders.training import CrossLayerTrainer, TrainConfig, Trainer
@@ -126,6 +128,70 @@ def test_a_damaged_file_is_refused(tmp_path):
     weights.write_bytes(bytes(data))
     with pytest.raises(TranscoderFileError, match="checksum"):
         CrossLayerTranscoder.load(tmp_path / "clt")
+
+
+def bytes_read_from_storage() -> int:
+    """Bytes this process has caused to be read from storage (/proc/self/io)."""
+    line = next(line for line in Path("/proc/self/io").read_text().splitlines() if line.startswith("read_bytes:"))
+    return int(line.split()[1])
+
+
+def drop_decoders_from_page_cache(path: Path) -> None:
+    """Ask the system to forget the cached pages of the decoders in a weights file
+    (written to disk first), so that reading them again reads the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        for name, stored in stored_layout(path).items():
+            if name.startswith("W_dec"):
+                os.posix_fadvise(fd, stored.start, stored.end - stored.start, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_a_memory_mapped_clt_equals_the_loaded_one_and_never_changes_its_file(tmp_path):
+    clt = make_clt(activation="jumprelu")
+    clt.save(tmp_path / "clt")
+    mapped = CrossLayerTranscoder.load(tmp_path / "clt", mmap=True)
+    x = torch.randn(3, 4, 12)
+    assert torch.equal(mapped(x), clt(x)) and not mapped.training
+    with torch.no_grad():
+        mapped.W_dec[0].mul_(2)  # copy-on-write: the file keeps the saved weights
+    assert torch.equal(CrossLayerTranscoder.load(tmp_path / "clt")(x), clt(x))
+    with pytest.raises(TranscoderFileError, match="device='cpu'"):
+        CrossLayerTranscoder.load(tmp_path / "clt", device="meta", mmap=True)
+    with pytest.raises(TranscoderFileError, match="keeps the stored dtype"):
+        CrossLayerTranscoder.load(tmp_path / "clt", dtype=torch.float64, mmap=True)
+    weights = tmp_path / "clt" / "transcoder.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(TranscoderFileError, match="checksum"):
+        CrossLayerTranscoder.load(tmp_path / "clt", mmap=True)
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/io").is_file() or not hasattr(os, "posix_fadvise"), reason="reads I/O counts from /proc"
+)
+def test_attributing_through_a_memory_mapped_clt_reads_only_active_decoder_rows(model, tmp_path):
+    from tl_transcoders.attribution.attribute import attribute
+
+    clt = make_clt(model, layers=[0, 1, 2], d_latent=1 << 17, k=3)
+    clt.save(tmp_path / "clt")
+    tokens = torch.randint(3, model.cfg.d_vocab, (6,), generator=torch.Generator().manual_seed(0))
+    expected = attribute(model, [clt], tokens)
+    mapped = CrossLayerTranscoder.load(tmp_path / "clt", mmap=True)
+    decoder_bytes = sum(W.numel() * W.element_size() for W in mapped.W_dec)
+    drop_decoders_from_page_cache(tmp_path / "clt" / "transcoder.safetensors")
+    before = bytes_read_from_storage()
+    graph = attribute(model, [mapped], tokens)
+    read = bytes_read_from_storage() - before
+    assert torch.equal(graph.features, expected.features)
+    assert torch.allclose(graph.adjacency, expected.adjacency, rtol=1e-5, atol=1e-6)
+    assert read < 0.05 * decoder_bytes, f"attribution read {read} bytes of {decoder_bytes} in decoders"
+    before = bytes_read_from_storage()  # the count is sensitive: reading every decoder reads them from disk
+    assert all(torch.isfinite(W).all() for W in mapped.W_dec)
+    assert bytes_read_from_storage() - before > 0.5 * decoder_bytes
 
 
 @pytest.mark.parametrize("activation", ["topk", "jumprelu"])
@@ -320,9 +386,10 @@ def test_cross_layer_options_are_checked(tmp_path):
 CIRCUIT_TRACER = Path(__file__).parent / "fixtures" / "circuit_tracer"
 
 
+@pytest.mark.parametrize("mmap", [False, True])
 @pytest.mark.parametrize("name, activation", [("clt_relu", "relu"), ("clt_jumprelu", "jumprelu")])
-def test_circuit_tracer_clts_reproduce_the_librarys_outputs(name, activation):
-    clt = load_pretrained(CIRCUIT_TRACER / name)
+def test_circuit_tracer_clts_reproduce_the_librarys_outputs(name, activation, mmap):
+    clt = load_pretrained(CIRCUIT_TRACER / name, mmap=mmap)
     assert isinstance(clt, CrossLayerTranscoder)
     assert clt.cfg.activation == activation and clt.cfg.n_layers == 3 and clt.cfg.input_hook == "mlp.hook_in"
     expected = load_file(CIRCUIT_TRACER / "clt_expected.safetensors")
@@ -357,6 +424,14 @@ def test_a_saved_clt_loads_through_load_pretrained(tmp_path):
     assert isinstance(loaded, CrossLayerTranscoder) and loaded.cfg.model_name == "other"
     with pytest.raises(TranscoderFileError, match="do not apply"):
         load_pretrained(tmp_path / "clt", layers=[1])
+    mapped = load_pretrained(tmp_path / "clt", mmap=True)
+    x = torch.randn(3, 2, 12)
+    assert torch.equal(mapped(x), clt(x))
+    with pytest.raises(TranscoderFileError, match="keeps the stored dtype"):
+        load_pretrained(CIRCUIT_TRACER / "clt_relu", mmap=True, dtype=torch.float64)
+    Transcoder(dict(d_in=4, d_out=4, d_latent=8, layer=0, k=2)).save(tmp_path / "one")
+    with pytest.raises(TranscoderFileError, match="mmap=True applies to cross-layer transcoders"):
+        load_pretrained(tmp_path / "one", mmap=True)
 
 
 def test_a_damaged_circuit_tracer_clt_is_refused(tmp_path):
@@ -411,11 +486,8 @@ def test_virtual_weights_of_clt_features_sum_their_decoders_before_the_reader(mo
 
 
 def test_functions_for_per_layer_transcoders_refuse_a_clt_by_name(model, tokens, without_type_checker):
-    from tl_transcoders.attribution.interventions import intervene, zero
     from tl_transcoders.attribution.paths import run_prompt
 
     clt = make_clt(model)
     with pytest.raises(Exception, match="per-layer transcoders"):
         run_prompt(model, [clt], tokens[0])
-    with pytest.raises(Exception, match="per-layer transcoders"):
-        intervene(model, [clt], tokens[0], [zero(0, 1, 0)])

@@ -307,7 +307,7 @@ class _Attributor:
                 if not slots.numel():
                     continue
                 values, indices = features.sparse[source]
-                decoders = values[..., None].to(gradient.dtype) * W.to(gradient.dtype)[indices]
+                decoders = values[..., None].to(gradient.dtype) * W[indices].to(gradient.dtype)  # active rows only
                 edges = torch.bmm(gradient.transpose(0, 1), decoders.transpose(1, 2))
                 offset = features.offsets[source]
                 row[:, offset : offset + slots.numel()] += edges.transpose(0, 1).reshape(batch, -1)[:, slots]

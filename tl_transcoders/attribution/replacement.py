@@ -248,7 +248,7 @@ class ReplacementState:
             reconstruction = m.b_dec.to(torch.float64).expand_as(mlp_out).clone()
             for source, W in writers(self.maps).get(layer, []):
                 values, indices = self.latents(source)
-                reconstruction += torch.einsum("pk,pkd->pd", values.double(), W.double()[indices])
+                reconstruction += torch.einsum("pk,pkd->pd", values.double(), W[indices].double())
             if m.W_skip is not None:
                 reconstruction += self.inputs[layer][0].detach().double() @ m.W_skip.detach().double().T
         return mlp_out - reconstruction.to(mlp_out.dtype)

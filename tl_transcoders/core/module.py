@@ -18,7 +18,14 @@ import torch
 from torch import Tensor, nn
 
 from tl_transcoders.core.config import ConfigError
-from tl_transcoders.core.native import CONFIG_FILE, WEIGHTS_FILE, read_config, read_tensors, write_directory
+from tl_transcoders.core.native import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    check_mappable,
+    read_config,
+    read_tensors,
+    write_directory,
+)
 
 __all__ = ["NativeModule"]
 
@@ -68,6 +75,18 @@ class NativeModule(nn.Module):
                 f"the module was built? Build a new {type(self).__name__} from the config you want."
             )
 
+    def nonfinite_parameters(self) -> list[str]:
+        """The names of the parameters holding NaN or inf. Memory-mapped weights (`load`
+        with `mmap=True`) were checked as they were loaded and are read again only
+        after an in-place change, so that checking a module larger than memory does not
+        read it all."""
+        checked = getattr(self, "_checked_finite", {})
+        return [
+            name
+            for name, p in self.named_parameters()
+            if not p.is_meta and checked.get(name) != p._version and not torch.isfinite(p).all()
+        ]
+
     def save(self, directory: str | os.PathLike) -> Path:
         """Write `config.json` and `transcoder.safetensors` into `directory`, replacing a
         module saved there before as a whole (an interrupted save leaves the old one
@@ -84,9 +103,17 @@ class NativeModule(nn.Module):
         directory: str | os.PathLike,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        mmap: bool = False,
     ):
         """Read a module written by `save`, checking every field, the weights' checksum
         and every tensor; the module is returned in eval mode.
+
+        With `mmap=True` the weights stay in the file, mapped into memory (copy-on-write:
+        the file is never changed) and read when touched: a cross-layer transcoder
+        larger than memory can attribute a prompt, which reads only its active latents'
+        decoder rows. The checks still read the whole file once, one block at a time. It
+        keeps the stored dtype on the CPU (`device` and `dtype` must agree).
 
         Raises `TranscoderFileError` naming the file and the problem for a missing or
         corrupt file, an unknown format or version, a directory holding another kind of
@@ -94,8 +121,10 @@ class NativeModule(nn.Module):
         missing, unexpected, of the wrong shape or not finite."""
         directory = Path(directory)
         cfg, checksum = read_config(directory / CONFIG_FILE, kind=cls.KIND)
-        tensors = read_tensors(directory / WEIGHTS_FILE, cls.shapes_of(cfg), checksum)
-        return cls.from_tensors(cfg, tensors, device, dtype)
+        if mmap:
+            check_mappable(directory, device, dtype, cfg.dtype)
+        tensors = read_tensors(directory / WEIGHTS_FILE, cls.shapes_of(cfg), checksum, mmap=mmap)
+        return cls.from_tensors(cfg, tensors, device, dtype, checked_finite=mmap)
 
     @classmethod
     def from_tensors(
@@ -104,10 +133,14 @@ class NativeModule(nn.Module):
         tensors: dict[str, Tensor],
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        checked_finite: bool = False,
     ):
         """A module holding `tensors` (named and shaped as `shapes_of(cfg)`), in `dtype`
         (default: that of `W_enc`) on `device` (default: the tensors'), in eval mode;
-        built without a wasted random initialisation."""
+        built without a wasted random initialisation. `checked_finite`: the values were
+        checked as they were read (`read_tensors`), so `nonfinite_parameters` reads them
+        again only after an in-place change (for memory-mapped weights)."""
         cfg = dataclasses.replace(cfg, dtype=str(dtype or tensors["W_enc"].dtype).removeprefix("torch."))
         with torch.device("meta"):
             module = cls(cfg)
@@ -116,4 +149,6 @@ class NativeModule(nn.Module):
             {k: v.to(device=device, dtype=target).contiguous() for k, v in tensors.items()}, assign=True
         )
         module.validate()
+        if checked_finite:
+            module._checked_finite = {name: p._version for name, p in module.named_parameters()}
         return module.eval()

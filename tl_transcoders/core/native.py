@@ -8,12 +8,20 @@ interrupted save leaves the previous transcoder loadable. `read_config` and
 `read_tensors` check every field, the checksum and every tensor before anything is built
 from them, and raise `TranscoderFileError` naming the file and the problem. Version 1
 files (without a checksum) are still read.
+
+`read_tensors` checks a safetensors file from its header (`stored_layout`) and one
+streaming pass over its bytes (`scan_stored`: the checksum and finite values, one block
+in memory at a time), then loads the tensors into memory or, with `mmap=True`, maps
+them from the file (`map_stored`): pages are read when touched, so a module larger than
+memory can be used where only some rows are read (a prompt's active latents' decoders).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import mmap
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -34,10 +42,15 @@ __all__ = [
     "KINDS",
     "WEIGHTS_FILE",
     "SavedConfig",
+    "StoredTensor",
     "TranscoderFileError",
+    "check_mappable",
+    "map_stored",
     "read_config",
     "read_tensors",
     "saved_kind",
+    "scan_stored",
+    "stored_layout",
     "write_directory",
 ]
 
@@ -56,13 +69,120 @@ class TranscoderFileError(TranscodersError, ValueError):
     """A saved transcoder cannot be read or written: the message names the file and the problem."""
 
 
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file's bytes, read in blocks."""
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+"""The safetensors dtype names read, and their torch dtypes."""
+SCAN_BLOCK = 1 << 24
+"""Bytes read at a time by `scan_stored`."""
+
+
+class StoredTensor(NamedTuple):
+    """One tensor of a safetensors file as its header describes it: `start` and `end`
+    are byte offsets in the file."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def _corrupt(path: Path, problem: str) -> TranscoderFileError:
+    return TranscoderFileError(f"{path}: cannot read the safetensors file, it may be truncated or corrupt ({problem})")
+
+
+def stored_layout(path: Path) -> dict[str, StoredTensor]:
+    """Every tensor of the safetensors file at `path`, from its header alone; raises
+    `TranscoderFileError` for a header that is malformed or describes bytes the file
+    does not hold."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if size < 8 or length > size - 8:
+                raise _corrupt(path, f"a header of {length} bytes in a file of {size}")
+            header = json.loads(handle.read(length))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise _corrupt(path, str(err)) from err
+    if not isinstance(header, dict):
+        raise _corrupt(path, "the header is not a JSON object")
+    layout = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(int(n) for n in entry["shape"])
+            begin, end = (int(n) for n in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise _corrupt(path, f"tensor {name}'s entry {entry!r} is not understood") from err
+        nbytes = math.prod(shape) * dtype.itemsize
+        if end - begin != nbytes or begin < 0 or 8 + length + end > size:
+            raise _corrupt(path, f"tensor {name} of shape {shape} does not fit the bytes the file holds")
+        layout[name] = StoredTensor(dtype, shape, 8 + length + begin, 8 + length + end)
+    return layout
+
+
+def scan_stored(path: Path, layout: dict[str, StoredTensor]) -> str:
+    """Read the file at `path` once, one block at a time: raise `TranscoderFileError`
+    if a floating-point tensor of `layout` holds NaN or inf, and return the SHA-256 of
+    the file's bytes."""
     digest = hashlib.sha256()
+    block = bytearray(SCAN_BLOCK)
+    position = 0
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
+
+        def read(n: int) -> memoryview:
+            got = handle.readinto(memoryview(block)[:n])
+            if got != n:
+                raise _corrupt(path, "the file ended early")
+            digest.update(memoryview(block)[:n])
+            return memoryview(block)[:n]
+
+        for name, stored in sorted(layout.items(), key=lambda item: item[1].start):
+            while position < stored.start:
+                position += len(read(min(SCAN_BLOCK, stored.start - position)))
+            step = SCAN_BLOCK - SCAN_BLOCK % stored.dtype.itemsize
+            while position < stored.end:
+                chunk = read(min(step, stored.end - position))
+                position += len(chunk)
+                values = torch.frombuffer(chunk, dtype=stored.dtype)
+                if stored.dtype.is_floating_point and not torch.isfinite(values).all():
+                    raise TranscoderFileError(f"{path}: tensor {name} holds NaN or inf values")
+        for chunk in iter(lambda: handle.read(SCAN_BLOCK), b""):
+            digest.update(chunk)
     return digest.hexdigest()
+
+
+def map_stored(path: Path, layout: dict[str, StoredTensor], row_read: tuple[str, ...] = ()) -> dict[str, Tensor]:
+    """The tensors of `layout`, mapped copy-on-write from the file at `path`: nothing is
+    read until a tensor's pages are touched, and writing to a tensor never changes the
+    file. Tensors whose names start with one of `row_read` are read a few rows at a
+    time (decoders, gathered per active latent): the system reads no further ahead
+    than the pages touched there."""
+    with open(path, "rb") as handle:
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+    page = mmap.PAGESIZE
+    tensors = {}
+    for name, stored in layout.items():
+        n = math.prod(stored.shape)
+        if n == 0:
+            tensors[name] = torch.empty(stored.shape, dtype=stored.dtype)
+            continue
+        if name.startswith(row_read) and hasattr(mmap, "MADV_RANDOM"):
+            first = stored.start - stored.start % page
+            mapped.madvise(mmap.MADV_RANDOM, first, stored.end - first)
+        tensors[name] = torch.frombuffer(mapped, dtype=stored.dtype, count=n, offset=stored.start).view(stored.shape)
+    return tensors
 
 
 def write_directory(
@@ -96,7 +216,7 @@ def write_directory(
                 "format_version": FORMAT_VERSION,
                 "kind": kind,
                 "config": config,
-                "weights_sha256": file_sha256(tmp / WEIGHTS_FILE),
+                "weights_sha256": scan_stored(tmp / WEIGHTS_FILE, stored_layout(tmp / WEIGHTS_FILE)),
             }
             (tmp / CONFIG_FILE).write_text(json.dumps(header, indent=2) + "\n")
     except OSError as err:
@@ -163,34 +283,62 @@ def read_config(path: Path, kind: str = "transcoder") -> SavedConfig:
     return SavedConfig(config, header.get("weights_sha256"))
 
 
-def read_tensors(path: Path, shapes: dict[str, tuple[int, ...]], sha256: str | None = None) -> dict[str, Tensor]:
-    """Load a safetensors file and check it holds exactly `shapes`, all finite, and (when
-    `sha256` is given) that its bytes have that checksum."""
+def check_mappable(
+    path: Path, device: str | torch.device | None, dtype: torch.dtype | None, stored_dtype: str | None = None
+) -> None:
+    """Refuse, naming `path`, a `device` or `dtype` that memory-mapped weights (read on
+    the CPU, in their stored dtype: `stored_dtype` where known) cannot be given without
+    reading them all."""
+    if device is not None and torch.device(device).type != "cpu":
+        raise TranscoderFileError(
+            f"{path}: mmap=True maps the weights from the file into CPU memory; load it with "
+            f"device='cpu' (or None), or without mmap to put the weights on {device}"
+        )
+    if dtype is not None and (stored_dtype is None or dtype != getattr(torch, stored_dtype)):
+        raise TranscoderFileError(
+            f"{path}: mmap=True keeps the stored dtype ({stored_dtype or 'that of the files'}); "
+            f"load without mmap to convert to {dtype}"
+        )
+
+
+def read_tensors(
+    path: Path,
+    shapes: dict[str, tuple[int, ...]],
+    sha256: str | None = None,
+    *,
+    mmap: bool = False,
+    row_read: tuple[str, ...] = ("W_dec",),
+) -> dict[str, Tensor]:
+    """Load a safetensors file and check it holds exactly `shapes`, all floating-point and
+    finite, and (when `sha256` is given) that its bytes have that checksum; the checks
+    read the file once, one block at a time. With `mmap` the tensors are mapped from the
+    file (`map_stored`, `row_read` naming the tensors read by rows) instead of read into
+    memory."""
     if not path.is_file():
         raise TranscoderFileError(f"{path}: no such file (the transcoder's weights)")
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise TranscoderFileError(
-            f"{path}: cannot read the safetensors file, it may be truncated or corrupt ({err})"
-        ) from err
-    missing = sorted(set(shapes) - set(tensors))
-    unexpected = sorted(set(tensors) - set(shapes))
+    layout = stored_layout(path)
+    missing = sorted(set(shapes) - set(layout))
+    unexpected = sorted(set(layout) - set(shapes))
     if missing or unexpected:
         raise TranscoderFileError(
             f"{path}: tensors do not match the config: missing {missing}, unexpected {unexpected}"
         )
     for name, shape in shapes.items():
-        tensor = tensors[name]
-        if tuple(tensor.shape) != shape:
+        if layout[name].shape != shape:
             raise TranscoderFileError(
-                f"{path}: tensor {name} has shape {tuple(tensor.shape)}, the config requires {shape}"
+                f"{path}: tensor {name} has shape {layout[name].shape}, the config requires {shape}"
             )
-        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
-            raise TranscoderFileError(f"{path}: tensor {name} holds NaN, inf or non-float values")
-    if sha256 is not None and file_sha256(path) != sha256:
+        if not layout[name].dtype.is_floating_point:
+            raise TranscoderFileError(f"{path}: tensor {name} holds non-float values ({layout[name].dtype})")
+    digest = scan_stored(path, layout)
+    if sha256 is not None and digest != sha256:
         raise TranscoderFileError(
             f"{path}: the file's checksum does not match the one saved with its config; the "
             "weights were changed or damaged after saving (copy the transcoder again, or save it anew)"
         )
-    return tensors
+    if mmap:
+        return map_stored(path, layout, row_read)
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise _corrupt(path, str(err)) from err

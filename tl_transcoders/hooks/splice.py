@@ -22,7 +22,6 @@ import warnings
 import weakref
 from collections.abc import Iterator, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from tl_transcoders.core.clt import CrossLayerTranscoder, LayerTargets
@@ -201,7 +200,7 @@ def _check_module(model: nn.Module, transcoder: AnyTranscoder) -> None:
             f"{this_model!r}. If this is the same model under another name, set "
             "transcoder.cfg.model_name = None to skip this check."
         )
-    bad = [n for n, p in transcoder.named_parameters() if not p.is_meta and not torch.isfinite(p).all()]
+    bad = transcoder.nonfinite_parameters()
     if bad:
         raise SpliceError(
             f"{name} has NaN or inf in {bad}; a training run diverged or the weights were damaged: "
