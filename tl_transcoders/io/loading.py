@@ -10,6 +10,9 @@ Formats, detected from the files in a directory:
   safetensors file per layer; or a cross-layer transcoder (`model_kind:
   cross_layer_transcoder`, `W_enc_{i}.safetensors` and `W_dec_{i}.safetensors`), loaded
   as a `CrossLayerTranscoder` (as is our own saved one).
+- `clt-training` (EleutherAI's clt-training, a sparsify fork): a run's directory of
+  hookpoint directories (`layers.N.mlp/cfg.json` + `sae.safetensors`) whose coders
+  decode into later layers (`n_targets > 0`), loaded as a `CrossLayerTranscoder`.
 
 A directory of directories in one of the first three formats (a sparsify training
 run, our `layer_N/` checkpoints) loads as a list. `load_pretrained` returns a single
@@ -37,12 +40,13 @@ from tl_transcoders.core.native import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     TranscoderFileError,
+    check_mappable,
     read_config,
     read_tensors,
     saved_kind,
 )
 from tl_transcoders.core.transcoder import Transcoder, parameter_shapes
-from tl_transcoders.io.formats import circuit_tracer, saelens, sparsify
+from tl_transcoders.io.formats import circuit_tracer, clt_training, saelens, sparsify
 from tl_transcoders.io.formats.circuit_tracer import export_circuit_tracer
 from tl_transcoders.io.formats.common import AUTO, Placement, Source, build
 from tl_transcoders.io.formats.sparsify import hookpoint_sites as sparsify_hookpoint_sites
@@ -63,7 +67,7 @@ _DIRECTORY_FILES = {
     "saelens": saelens.FILES,
     "sparsify": sparsify.FILES,
 }
-FORMATS = (*_DIRECTORY_FILES, "circuit-tracer")
+FORMATS = (*_DIRECTORY_FILES, "circuit-tracer", "clt-training")
 
 _HUB_FILES = (
     *dict.fromkeys(name for pair in _DIRECTORY_FILES.values() for name in pair),
@@ -124,6 +128,8 @@ def detect_format(directory: str | Path) -> str:
         raise TranscoderFileError(f"{directory}: no such directory")
     if (directory / circuit_tracer.CONFIG_FILE).is_file():
         return "circuit-tracer"
+    if clt_training.holds_cross_layer(directory):
+        return "clt-training"
     found = _directory_format(directory)
     if found:
         return found
@@ -150,22 +156,30 @@ def load_directory(
     model_name: str | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    mmap: bool = False,
 ) -> Transcoder | list[Transcoder] | CrossLayerTranscoder:
     """Load the transcoders in a local directory, whatever its format (`detect_format`).
 
     Returns one `Transcoder` when `directory` holds one directly, else a list sorted by
     layer (always a list for circuit-tracer's transcoder sets); a `CrossLayerTranscoder`
-    for a directory holding one (ours, or circuit-tracer's `W_enc_{i}` / `W_dec_{i}`
-    layout). `layers` keeps only those layers (read
+    for a directory holding one (ours, circuit-tracer's `W_enc_{i}` / `W_dec_{i}`
+    layout, or a clt-training run). `layers` keeps only those layers (read
     from disk only for them). The other arguments override what the files say or
     imply: `layer` (only for a single transcoder), `input_site` / `output_site` (hook
     names, or templates with `{layer}`), `input_space` (`"auto"`: from the format and
     the input site; or one of `INPUT_SPACES` or None), `model_name`; `dtype` (default:
-    the file's) and `device`."""
+    the file's) and `device`. `mmap=True` maps a cross-layer transcoder's decoders from
+    its files (ours or circuit-tracer's) instead of reading them: see
+    `CrossLayerTranscoder.load`."""
     directory = Path(directory)
     if input_space != AUTO and input_space is not None and input_space not in INPUT_SPACES:
         raise TranscoderFileError(f"input_space must be {AUTO!r}, one of {INPUT_SPACES} or None, got {input_space!r}")
-    clt = _cross_layer(directory, input_space, model_name, device, dtype)
+    clt = _cross_layer(directory, input_space, model_name, device, dtype, mmap)
+    if mmap and clt is None:
+        raise TranscoderFileError(
+            f"{directory}: mmap=True applies to cross-layer transcoders (ours or circuit-tracer's); "
+            "load a saved Transcoder with Transcoder.load(directory, mmap=True)"
+        )
     if clt is not None:
         given = {"layers": layers, "layer": layer, "input_site": input_site, "output_site": output_site}
         bad = sorted(name for name, value in given.items() if value is not None)
@@ -206,18 +220,36 @@ def _cross_layer(
     model_name: str | None,
     device: str | torch.device | None,
     dtype: torch.dtype | None,
+    mmap: bool,
 ) -> CrossLayerTranscoder | None:
-    """The cross-layer transcoder in `directory` (ours, or circuit-tracer's layout), or
-    None when it holds none; `input_space` (unless `"auto"`) and `model_name` override
-    what the files say."""
+    """The cross-layer transcoder in `directory` (ours, circuit-tracer's layout or a
+    clt-training run), or None when it holds none; `input_space` (unless `"auto"`) and
+    `model_name` override what the files say. One layer's directory of a clt-training
+    run is refused, naming the run's directory to load instead."""
     if not directory.is_dir():
         return None
-    if (directory / CONFIG_FILE).is_file() and saved_kind(directory / CONFIG_FILE) == CrossLayerTranscoder.KIND:
-        clt = CrossLayerTranscoder.load(directory, device, dtype)
+    if clt_training.is_layer(directory):
+        raise TranscoderFileError(
+            f"{directory} holds one layer of a clt-training cross-layer transcoder (its decoders write "
+            f"into later layers too); load the run's directory, {directory.parent}"
+        )
+    if clt_training.holds_cross_layer(directory):  # before ours: its run's config.json is not ours
+        if mmap:
+            raise TranscoderFileError(
+                f"{directory}: a clt-training run's decoders are laid out anew as they are read, so they "
+                "cannot be memory-mapped; load it without mmap, save it (clt.save(path)) and load that "
+                "with mmap=True"
+            )
+        clt = CrossLayerTranscoder.from_tensors(*clt_training.read_cross_layer(directory, dtype), device, dtype)
+        cfg = clt.cfg
+    elif (directory / CONFIG_FILE).is_file() and saved_kind(directory / CONFIG_FILE) == CrossLayerTranscoder.KIND:
+        clt = CrossLayerTranscoder.load(directory, device, dtype, mmap=mmap)
         cfg = clt.cfg
     elif circuit_tracer.holds_cross_layer(directory):
-        cfg, tensors = circuit_tracer.read_cross_layer(directory, input_space, model_name, dtype)
-        clt = CrossLayerTranscoder.from_tensors(cfg, tensors, device, dtype)
+        if mmap:
+            check_mappable(directory, device, dtype)
+        cfg, tensors = circuit_tracer.read_cross_layer(directory, input_space, model_name, dtype, mmap)
+        clt = CrossLayerTranscoder.from_tensors(cfg, tensors, device, dtype, checked_finite=mmap)
         cfg = clt.cfg
     else:
         return None

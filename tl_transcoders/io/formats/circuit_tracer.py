@@ -244,7 +244,7 @@ def holds_cross_layer(directory: Path) -> bool:
 
 
 def read_cross_layer(
-    directory: Path, input_space: str | None, model_name: str | None, dtype: torch.dtype | None
+    directory: Path, input_space: str | None, model_name: str | None, dtype: torch.dtype | None, mmap: bool = False
 ) -> tuple[CrossLayerConfig, dict[str, Tensor]]:
     """The config and tensors (named as `CrossLayerTranscoder` parameters) of the
     circuit-tracer CLT in `directory`: `W_enc_{i}.safetensors` holding `W_enc_{i}`
@@ -253,7 +253,7 @@ def read_cross_layer(
     Hooks come from `config.yaml` (circuit-tracer's defaults without one); the input
     space, where the hook's values depend on folding, is `input_space`, or with
     `"auto"` the config's `input_space` (default unfolded, as circuit-tracer runs
-    models)."""
+    models). With `mmap` the decoders are mapped from their files (`read_tensors`)."""
     path = directory / CONFIG_FILE
     cfg = read_yaml(path) if path.is_file() else {}
     read_hook = field(cfg, path, "feature_input_hook", str, "hook_resid_mid")
@@ -280,7 +280,9 @@ def read_cross_layer(
         for name in tensors:
             if f"{name}_{i}" in layer:
                 tensors[name].append(layer[f"{name}_{i}"])
-        dec = read_tensors(directory / f"W_dec_{i}.safetensors", {f"W_dec_{i}": (d_latent, n_layers - i, d_model)})
+        dec = read_tensors(
+            directory / f"W_dec_{i}.safetensors", {f"W_dec_{i}": (d_latent, n_layers - i, d_model)}, mmap=mmap
+        )
         decoders[f"W_dec.{i}"] = dec[f"W_dec_{i}"]
     space = input_space
     if space == AUTO:
