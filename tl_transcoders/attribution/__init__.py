@@ -4,12 +4,12 @@ Input-invariant (weights only): `feature_weights`, `embedding_weights`, `logit_w
 and the blockwise top-k queries `top_upstream`, `top_downstream`, `top_tokens`,
 `top_logits`, `top_connections`.
 Input-dependent (one prompt): `run_prompt`, `path_contribution`, `find_paths`.
-Attribution graphs: `attribute` -> `Graph`; `prune`, `graph_scores`, `export_graph`
-(circuit-tracer's graph files), `plot_graph` (plotly); `intervene` to check a graph
-against the model.
+Attribution graphs: `attribute` -> `Graph` (`estimate_attribution_memory` predicts its
+peak memory); `prune`, `graph_scores`, `export_graph` (circuit-tracer's graph files),
+`plot_graph` (plotly); `intervene` to check a graph against the model.
 """
 
-from tl_transcoders.attribution.attribute import attribute
+from tl_transcoders.attribution.attribute import attribute, estimate_attribution_memory
 from tl_transcoders.attribution.errors import AttributionError, GraphFileError
 from tl_transcoders.attribution.export import export_graph, graph_json
 from tl_transcoders.attribution.graph import Graph
@@ -40,6 +40,7 @@ __all__ = [
     "Path",
     "attribute",
     "embedding_weights",
+    "estimate_attribution_memory",
     "export_graph",
     "feature_weights",
     "find_paths",

@@ -26,7 +26,15 @@ from torch import Tensor, nn
 
 from tl_transcoders.attribution.errors import AttributionError
 from tl_transcoders.attribution.graph import Graph
+from tl_transcoders.attribution.memory import (
+    AttributionMemory,
+    SavedTensorBytes,
+    available_memory,
+    current_memory,
+    plan,
+)
 from tl_transcoders.attribution.replacement import ReplacementState, frozen_replacement, writers
+from tl_transcoders.attribution.rows import RowStore
 from tl_transcoders.core.activations import SparseLatents
 from tl_transcoders.core.placement import AnyTranscoder
 from tl_transcoders.hooks.sites import model_device, model_name
@@ -37,6 +45,7 @@ __all__ = [
     "ActiveFeatures",
     "active_features",
     "attribute",
+    "estimate_attribution_memory",
     "most_probable_tokens",
     "partial_influences",
     "starts_with_bos",
@@ -54,6 +63,7 @@ def attribute(
     batch_size: int = 64,
     update_interval: int = 4,
     device: str | torch.device | None = None,
+    memory_budget: int | None = None,
 ) -> Graph:
     """The attribution graph of a prompt (see `Graph` for nodes and edge convention).
 
@@ -70,9 +80,15 @@ def attribute(
             tokens, as few as cover `desired_logit_prob`, at most `max_n_logits`.
         max_feature_nodes: keep at most this many features, chosen by influence on the
             logits; None keeps every active feature.
-        batch_size: rows (targets) per backward pass.
+        batch_size: rows (targets) per backward pass, at most (smaller where the
+            memory budget needs it).
         update_interval: batches between recomputations of the feature influences.
         device: where the edges are kept (default: the model's device).
+        memory_budget: bytes the call may hold at its peak, the model included (this
+            process's resident memory on the CPU, allocated memory on a GPU); default:
+            most of what is available. The rows go to a temporary file and the batches
+            shrink where they would not fit (`estimate_attribution_memory` predicts it);
+            `AttributionError` if even that cannot fit.
 
     Logit targets are the logits before any output soft-cap, minus their mean."""
     counts = {"max_n_logits": max_n_logits, "batch_size": batch_size, "update_interval": update_interval}
@@ -83,20 +99,24 @@ def attribute(
         raise AttributionError(f"desired_logit_prob must be in (0, 1], got {desired_logit_prob}")
     if max_feature_nodes is not None and max_feature_nodes < 0:
         raise AttributionError(f"max_feature_nodes must be None or non-negative, got {max_feature_nodes}")
+    if memory_budget is not None and memory_budget <= 0:
+        raise AttributionError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
     check_not_spliced(model, "attribute")
     tokens = prompt_tokens(model, prompt_or_tokens)
-    with torch.enable_grad(), frozen_replacement(model, transcoders) as state:
-        logits = model(tokens[None])
-    probabilities = torch.softmax(logits[0, -1].detach().float(), dim=-1)
-    logit_tokens, logit_probabilities = most_probable_tokens(probabilities, max_n_logits, desired_logit_prob)
     storage = torch.device(device) if device is not None else model_device(model)
-    attributor = _Attributor(model, state, starts_with_bos(model, tokens), storage)
+    recorded = _record(model, transcoders, tokens, max_n_logits, desired_logit_prob, storage)
+    attributor = _Attributor(model, recorded.state, starts_with_bos(model, tokens), storage)
+    memory = attributor.plan(recorded, max_feature_nodes, batch_size, memory_budget)
+    logit_tokens, logit_probabilities = recorded.logit_tokens, recorded.logit_probabilities
     rows, row_features, n_logit_rows = attributor.rows(
-        logit_tokens, logit_probabilities, max_feature_nodes, batch_size, update_interval
+        logit_tokens, logit_probabilities, max_feature_nodes, memory, update_interval
     )
+    recorded.state.release_graph()  # the backward passes are done: the adjacency may use that memory
     adjacency = attributor.adjacency(rows, row_features, n_logit_rows)
+    rows.close()
     features = attributor.features
     selected = row_features[n_logit_rows:].sort().values
+    state = recorded.state
     return Graph(
         tokens=tokens.cpu(),
         features=torch.stack([features.layers, features.positions, features.latents], dim=1)[selected].cpu(),
@@ -122,8 +142,62 @@ def attribute(
             "desired_logit_prob": desired_logit_prob,
             "max_feature_nodes": max_feature_nodes,
             "n_active_features": features.n,
+            "batch_size": memory.batch_size,
+            "rows_spilled": memory.spill,
         },
     )
+
+
+def estimate_attribution_memory(
+    model: nn.Module,
+    transcoders: Sequence[AnyTranscoder],
+    prompt_or_tokens: str | Tensor,
+    *,
+    max_n_logits: int = 10,
+    desired_logit_prob: float = 0.95,
+    max_feature_nodes: int | None = None,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    memory_budget: int | None = None,
+) -> AttributionMemory:
+    """The peak memory `attribute` with these arguments would reach, by part, and the
+    batch size and row storage it would choose (`AttributionMemory`), from one forward
+    pass of the replacement model (no backward pass). Raises `AttributionError` where
+    `attribute` would, including when nothing fits `memory_budget`."""
+    check_not_spliced(model, "estimate_attribution_memory")
+    tokens = prompt_tokens(model, prompt_or_tokens)
+    storage = torch.device(device) if device is not None else model_device(model)
+    recorded = _record(model, transcoders, tokens, max_n_logits, desired_logit_prob, storage)
+    attributor = _Attributor(model, recorded.state, starts_with_bos(model, tokens), storage)
+    return attributor.plan(recorded, max_feature_nodes, batch_size, memory_budget)
+
+
+@dataclass
+class _Recorded:
+    """One recorded pass of the replacement model: its state, the logit targets, the
+    memory in use before it (`base`) and the bytes its autograd graph keeps."""
+
+    state: ReplacementState
+    logit_tokens: Tensor
+    logit_probabilities: Tensor
+    base: int
+    forward: int
+
+
+def _record(
+    model: nn.Module,
+    transcoders: Sequence[AnyTranscoder],
+    tokens: Tensor,
+    max_n_logits: int,
+    desired_logit_prob: float,
+    storage: torch.device,
+) -> _Recorded:
+    base = current_memory(storage)
+    with torch.enable_grad(), frozen_replacement(model, transcoders) as state, SavedTensorBytes(model) as saved:
+        last = model(tokens[None])[0, -1].detach()  # the other positions' logits are freed here
+    probabilities = torch.softmax(last.float(), dim=-1)
+    logit_tokens, logit_probabilities = most_probable_tokens(probabilities, max_n_logits, desired_logit_prob)
+    return _Recorded(state, logit_tokens, logit_probabilities, base, saved.bytes)
 
 
 def starts_with_bos(model: nn.Module, tokens: Int[Tensor, " n_pos"]) -> bool:
@@ -213,6 +287,7 @@ class _Attributor:
         if bos:
             self._move_bos_features_into_errors()
         self.embed = state.embed[0].detach()
+        self.dtype = torch.promote_types(self.embed.dtype, torch.float32)
         self.n_columns = self.features.n + (self.n_layers + 1) * self.n_pos
 
     def _move_bos_features_into_errors(self) -> None:
@@ -223,37 +298,60 @@ class _Attributor:
                 decoded = values[0] @ W[indices[0]]
                 self.errors[target][0] += decoded.to(self.errors[target].dtype)
 
+    def plan(
+        self, recorded: _Recorded, max_feature_nodes: int | None, batch_size: int, memory_budget: int | None
+    ) -> AttributionMemory:
+        """The batch size and row storage for computing this prompt's rows within
+        `memory_budget` (default: `available_memory`), and the predicted peak."""
+        n_features = self.features.n
+        n_rows = int(recorded.logit_tokens.shape[0])
+        n_rows += n_features if max_feature_nodes is None else min(max_feature_nodes, n_features)
+        widths = [self.state.latents(layer).indices.shape[-1] for layer in self.maps]
+        budget = memory_budget if memory_budget is not None else available_memory(self.storage)
+        return plan(
+            n_pos=self.n_pos,
+            n_layers=self.n_layers,
+            d_model=self.embed.shape[-1],
+            n_features=n_features,
+            n_rows=n_rows,
+            n_nodes=self.n_columns - n_features + n_rows,
+            max_active=max(widths, default=0),
+            itemsize=self.dtype.itemsize,
+            base=recorded.base,
+            forward=recorded.forward,
+            batch_size=batch_size,
+            budget=budget,
+        )
+
     def rows(
         self,
         logit_tokens: Tensor,
         logit_probabilities: Tensor,
         max_feature_nodes: int | None,
-        batch_size: int,
+        memory: AttributionMemory,
         update_interval: int,
-    ) -> tuple[Tensor, Tensor, int]:
-        """All computed rows `[n_rows, n_columns]`, the feature (index into
-        `self.features`) of each row (-1 for logit rows) and the number of logit rows,
-        which come first."""
+    ) -> tuple[RowStore, Tensor, int]:
+        """All computed rows `[n_rows, n_columns]` (kept as `memory` says), the feature
+        (index into `self.features`) of each row (-1 for logit rows) and the number of
+        logit rows, which come first."""
         n_features = self.features.n
         budget = n_features if max_feature_nodes is None else min(max_feature_nodes, n_features)
         n_logits = int(logit_tokens.shape[0])
-        dtype = torch.promote_types(self.embed.dtype, torch.float32)
-        rows = torch.zeros(n_logits + budget, self.n_columns, device=self.storage, dtype=dtype)
+        batch_size = memory.batch_size
+        rows = RowStore(n_logits + budget, self.n_columns, self.dtype, self.storage, memory.spill)
         row_features = torch.full((n_logits + budget,), -1, dtype=torch.long, device="cpu")  # bookkeeping
         W_U = self.model.W_U.detach()
         logit_vectors = (W_U[:, logit_tokens] - W_U.mean(dim=1, keepdim=True)).T
         for start in range(0, n_logits, batch_size):
             stop = min(start + batch_size, n_logits)
-            rows[start:stop] = self._logit_rows(logit_vectors[start:stop]).to(self.storage)
+            rows.write(start, self._logit_rows(logit_vectors[start:stop]))
         visited = torch.zeros(n_features, dtype=torch.bool, device="cpu")
         filled = n_logits
         while filled < n_logits + budget:
             if budget == n_features:
                 pending = torch.arange(n_features)
             else:
-                influence = partial_influences(
-                    rows[:filled], row_features[:filled], logit_probabilities.to(self.storage)
-                )
+                influence = partial_influences(rows, filled, row_features[:filled], logit_probabilities)
                 ranked = influence[:n_features].argsort(descending=True).cpu()
                 queue = min(update_interval * batch_size, n_logits + budget - filled)
                 pending = ranked[~visited[ranked]][:queue]
@@ -261,7 +359,7 @@ class _Attributor:
             pending = pending[self.features.layers[pending].cpu().argsort(descending=True, stable=True)]
             for start in range(0, pending.numel(), batch_size):
                 batch = pending[start : start + batch_size]
-                rows[filled : filled + batch.numel()] = self._feature_rows(batch).to(self.storage)
+                rows.write(filled, self._feature_rows(batch))
                 row_features[filled : filled + batch.numel()] = batch
                 visited[batch] = True
                 filled += batch.numel()
@@ -319,7 +417,7 @@ class _Attributor:
             row[:, start:] = torch.einsum("bpd,pd->bp", gradients[-1][:, 0], self.embed)
         return row
 
-    def adjacency(self, rows: Tensor, row_features: Tensor, n_logit_rows: int) -> Float[Tensor, "n_nodes n_nodes"]:
+    def adjacency(self, rows: RowStore, row_features: Tensor, n_logit_rows: int) -> Float[Tensor, "n_nodes n_nodes"]:
         """The graph's adjacency from the computed rows: the features with rows, all
         errors and tokens, then the logits."""
         selected, order = row_features[n_logit_rows:].sort()
@@ -330,43 +428,49 @@ class _Attributor:
         adjacency = torch.zeros(n_nodes, n_nodes, device=self.storage, dtype=rows.dtype)
         # Gathering rows and columns in one indexing step copies only the kept block.
         feature_rows = (order + n_logit_rows).to(self.storage)
-        adjacency[:n_selected, :n_sources] = rows[feature_rows[:, None], columns]
+        adjacency[:n_selected, :n_sources] = rows.gather(feature_rows, columns)
         logit_rows = torch.arange(n_logit_rows, device=self.storage)
-        adjacency[n_sources:, :n_sources] = rows[logit_rows[:, None], columns]
+        adjacency[n_sources:, :n_sources] = rows.gather(logit_rows, columns)
         return adjacency
 
 
 def partial_influences(
-    rows: Float[Tensor, "n_rows n_columns"],
+    rows: RowStore,
+    n_rows: int,
     row_features: Int[Tensor, " n_rows"],
     logit_probabilities: Float[Tensor, " n_logits"],
 ) -> Float[Tensor, " n_columns"]:
-    """Each column's influence on the logits through the rows known so far: the sum
+    """Each column's influence on the logits through the first `n_rows` rows: the sum
     over path lengths of the logit probabilities propagated back through the
     row-normalised absolute edges (circuit-tracer's `compute_partial_influences`).
 
     Only rows carry influence on, so the propagation runs on the rows' own columns
-    and one final product spreads it to every column (in chunks of rows, so that no
-    copy of the whole matrix is made)."""
-    chunks = rows.split(_CHUNK)
-    weights = torch.cat([chunk.abs().sum(dim=1) for chunk in chunks]).clamp(min=1e-8)
-    n_logits = logit_probabilities.shape[0]
-    is_feature = (row_features >= 0).to(rows.device)
-    row_columns = row_features.clamp(min=0).to(rows.device)
+    and one final product spreads it to every column. The rows are read twice, one
+    block at a time, so that no copy of the whole matrix is made."""
+    device = rows.device
+    is_feature = (row_features >= 0).to(device)
+    row_columns = row_features.clamp(min=0).to(device)
+    weights, inner = [], []
+    for block in rows.blocks(n_rows):
+        weights.append(block.abs().sum(dim=1))
+        inner.append(block[:, row_columns].abs())
+    weight = torch.cat(weights).clamp(min=1e-8)
     # inner[i, j]: normalised |edge| from the feature of row j into the target of row i.
-    inner = rows[:, row_columns].abs() / weights[:, None]
+    inner = torch.cat(inner) / weight[:, None]
     inner[:, ~is_feature] = 0
-    current = torch.zeros(rows.shape[0], device=rows.device, dtype=rows.dtype)
-    current[:n_logits] = logit_probabilities.to(rows.dtype)
+    n_logits = logit_probabilities.shape[0]
+    current = torch.zeros(n_rows, device=device, dtype=rows.dtype)
+    current[:n_logits] = logit_probabilities.to(device=device, dtype=rows.dtype)
     total = current.clone()
-    for _ in range(rows.shape[0] + 1):
+    for _ in range(n_rows + 1):
         current = current @ inner
         if not current.any():
             break
         total += current
-    influence = rows.new_zeros(rows.shape[1])
-    for chunk, scaled in zip(chunks, (total / weights).split(_CHUNK)):
-        influence += scaled @ chunk.abs()
+    influence = torch.zeros(rows.n_columns, device=device, dtype=rows.dtype)
+    scaled = (total / weight).split(rows.block_rows)
+    for block, scale in zip(rows.blocks(n_rows), scaled):
+        influence += scale @ block.abs()
     return influence
 
 

@@ -236,6 +236,13 @@ class ReplacementState:
                 self._latents[layer] = self.maps[layer].encode_sparse(self.inputs[layer][0].detach())
         return self._latents[layer]
 
+    def release_graph(self) -> None:
+        """Drop the recorded tensors that hold the forward pass's autograd graph (no
+        backward pass can run after this); the latents and MLP outputs stay."""
+        self.inputs = {layer: x.detach() for layer, x in self.inputs.items()}
+        self.outputs.clear()
+        self.unembed_input = None
+
     def error(self, layer: int) -> Float[Tensor, "n_pos d_out"]:
         """Layer `layer`'s error vectors on the first sequence: MLP output minus its
         reconstruction (the decoded features writing into it, its bias and skip term);
