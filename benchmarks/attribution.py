@@ -17,7 +17,8 @@ configuration each tool runs in its own subprocess (so peak RSS is per tool), on
 the other, the order alternating between configurations:
 
   ours             `attribute(model, transcoders, tokens, max_feature_nodes=F)` on a TL 3.9
-                   HookedTransformer (defaults otherwise: batch_size 64)
+                   HookedTransformer, memory_budget --memory-budget-mib (default 8 GiB;
+                   defaults otherwise: batch_size 64 at most)
   circuit_tracer   `circuit_tracer.attribute(tokens, model, max_feature_nodes=F)` on its
                    TransformerLensReplacementModel (TL 3.2.1; defaults otherwise:
                    batch_size 512), benchmarks/circuit_tracer_run.py in
@@ -324,16 +325,18 @@ def worker_ours(args) -> None:
     model = load_tl_model(args.cache)
     transcoders = load_transcoders(args.cache)
     tokens = torch.tensor(prompt_tokens(args.cache, args.n_pos))
-    try:  # earlier commits have no estimate (--baseline runs)
+    options = {"max_feature_nodes": args.max_features}
+    try:  # earlier commits have no estimate and no budget (--baseline runs)
         from tl_transcoders.attribution.attribute import estimate_attribution_memory
     except ImportError:
         estimate = None
     else:
-        estimate = estimate_attribution_memory(model, transcoders, tokens, max_feature_nodes=args.max_features)
+        options["memory_budget"] = args.memory_budget_mib << 20
+        estimate = estimate_attribution_memory(model, transcoders, tokens, **options)
     reset_peak_rss()
     rss_before = rss_mib()
     start, cpu_start = time.perf_counter(), time.process_time()
-    graph = attribute(model, transcoders, tokens, max_feature_nodes=args.max_features)
+    graph = attribute(model, transcoders, tokens, **options)
     wall = time.perf_counter() - start
     cpu_s = time.process_time() - cpu_start
     peak = vm_hwm_mib()
@@ -443,8 +446,9 @@ def run_config(n_pos: int, max_features: int, first: str, args) -> dict:
     work = args.cache / "runs"
     work.mkdir(parents=True, exist_ok=True)
     shared = ["--n-pos", str(n_pos), "--max-features", str(max_features), "--threads", str(args.threads)]
+    budget = ["--memory-budget-mib", str(args.memory_budget_mib)]
     commands = {
-        "ours": [sys.executable, __file__, "--worker", "ours", "--cache", str(args.cache), *shared],
+        "ours": [sys.executable, __file__, "--worker", "ours", "--cache", str(args.cache), *shared, *budget],
         "circuit_tracer": [
             CT_PYTHON,
             str(HERE / "circuit_tracer_run.py"),
@@ -554,6 +558,9 @@ def main() -> None:
         help="comma-separated PxF: prompt tokens (BOS included) x max_feature_nodes",
     )
     parser.add_argument("--skip-circuit-tracer", action="store_true")
+    parser.add_argument(
+        "--memory-budget-mib", type=int, default=8192, help="attribute(memory_budget=) for our runs, in MiB"
+    )
     parser.add_argument("--ct-max-pos", type=int, default=64, help="circuit-tracer only on prompts up to this long")
     parser.add_argument("--baseline", type=Path, help="runs/ folder of an earlier run to compare our graphs with")
     parser.add_argument("--results", type=Path, default=RESULTS / "attribution.json")
