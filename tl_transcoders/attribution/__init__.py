@@ -6,7 +6,8 @@ and the blockwise top-k queries `top_upstream`, `top_downstream`, `top_tokens`,
 Input-dependent (one prompt): `run_prompt`, `path_contribution`, `find_paths`.
 Attribution graphs: `attribute` -> `Graph` (`estimate_attribution_memory` predicts its
 peak memory); `prune`, `graph_scores`, `export_graph` (circuit-tracer's graph files),
-`plot_graph` (plotly); `intervene` to check a graph against the model.
+`plot_graph` (plotly); `intervene` to check a graph against the model;
+`generate_steered` to generate text with features held.
 """
 
 from tl_transcoders.attribution.attribute import attribute, estimate_attribution_memory
@@ -17,6 +18,7 @@ from tl_transcoders.attribution.interventions import FeatureEdit, InterventionRe
 from tl_transcoders.attribution.paths import Node, Path, find_paths, path_contribution, run_prompt
 from tl_transcoders.attribution.plot import plot_graph
 from tl_transcoders.attribution.prune import graph_scores, prune
+from tl_transcoders.attribution.steering import SteeredGeneration, generate_steered
 from tl_transcoders.attribution.virtual_weights import (
     Head,
     embedding_weights,
@@ -38,12 +40,14 @@ __all__ = [
     "InterventionResult",
     "Node",
     "Path",
+    "SteeredGeneration",
     "attribute",
     "embedding_weights",
     "estimate_attribution_memory",
     "export_graph",
     "feature_weights",
     "find_paths",
+    "generate_steered",
     "graph_json",
     "graph_scores",
     "intervene",

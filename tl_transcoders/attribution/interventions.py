@@ -48,10 +48,11 @@ __all__ = [
 @dataclass(frozen=True)
 class FeatureEdit:
     """Set one feature's activation at one position to `value`, or multiply it by
-    `scale`; exactly one of the two is given."""
+    `scale`; exactly one of the two is given. `position=None` edits every newly
+    generated position (`generate_steered` only)."""
 
     layer: int
-    position: int
+    position: int | None
     latent: int
     value: float | None = None
     scale: float | None = None
@@ -63,6 +64,8 @@ class FeatureEdit:
         if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
             raise AttributionError(f"{self}: the value or scale must be a finite number, got {number!r}")
         for name in ("layer", "position", "latent"):
+            if name == "position" and self.position is None:
+                continue
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
                 raise AttributionError(f"{self}: {name} must be an integer, got {getattr(self, name)!r}")
 
@@ -177,6 +180,8 @@ def _check_edits(
             raise AttributionError(
                 f"{edit}: no transcoder replaces layer {edit.layer}; transcoders are at layers {sorted(maps)}"
             )
+        if edit.position is None:
+            raise AttributionError(f"{edit}: position=None (every generated position) is for generate_steered")
         if not 0 <= edit.position < n_pos:
             raise AttributionError(f"{edit}: position {edit.position} is out of range, the prompt has {n_pos} tokens")
         d_latent = maps[edit.layer].d_latent
