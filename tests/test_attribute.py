@@ -152,6 +152,9 @@ def frozen_values(model, specs: dict, tokens, record: dict, removals: dict[str, 
         hooks.append((site, output))
     unembed: dict[str, torch.Tensor] = {}
     hooks.append(("unembed.hook_out", lambda act: unembed.__setitem__("out", act)))
+    residual: dict[int, torch.Tensor] = {}
+    for layer in range(model.cfg.n_layers):
+        hooks.append((f"blocks.{layer}.hook_resid_post", (lambda l: lambda act: residual.__setitem__(l, act))(layer)))
     with torch.no_grad(), attach(model, hooks):
         model(tokens[None].expand(batch, -1))
     values = []
@@ -159,7 +162,18 @@ def frozen_values(model, specs: dict, tokens, record: dict, removals: dict[str, 
         values.append(current[layer][:, position] @ specs[layer].W_enc[latent])
     logits = unembed["out"][:, -1]
     demeaned = logits - logits.mean(-1, keepdim=True)
-    values += [demeaned[:, v] for v in graph.logit_tokens.tolist()]
+    targets = graph.metadata.get("targets") or [{"kind": "logit", "token": v} for v in graph.logit_tokens.tolist()]
+    for t in targets:
+        if t["kind"] == "logit":
+            values.append(demeaned[:, t["token"]])
+        elif t["kind"] == "logit_difference":
+            values.append(logits[:, t["token"]] - logits[:, t["other"]])
+        elif t["kind"] == "residual":
+            direction = torch.tensor(t["direction"], dtype=logits.dtype)
+            values.append(residual[t["layer"]][:, t["position"]].to(logits.dtype) @ direction)
+        else:
+            x = current[t["layer"]][:, t["position"]]
+            values.append(x @ specs[t["layer"]].W_enc[t["latent"]].to(x.dtype))
     return torch.stack(values, dim=1)
 
 
@@ -212,11 +226,11 @@ def clean_activations(specs: dict, record: dict, graph) -> torch.Tensor:
     return torch.stack(acts)
 
 
-def check_every_edge(model, transcoders: list, tokens: torch.Tensor) -> None:
+def check_every_edge(model, transcoders: list, tokens: torch.Tensor, targets=None) -> None:
     """attribute()'s graph against the reference: sampled edges, row totals, the
     shape of the graph and the features' activations."""
     specs = specs_of(transcoders)
-    graph = attribute(model, transcoders, tokens, batch_size=128)
+    graph = attribute(model, transcoders, tokens, batch_size=128, targets=targets)
     graph.validate()
     n_sources = graph.n_nodes - graph.n_logits
     targets = list(range(graph.n_features)) + [graph.logit_node(i) for i in range(graph.n_logits)]
@@ -441,3 +455,80 @@ def test_the_memory_estimate_is_the_plan_attribute_follows():
     assert estimate.forward > 0 and estimate.total > estimate.base + estimate.forward
     with pytest.raises(AttributionError, match="memory budget"):
         attribute(model, transcoders, tokens, memory_budget=1000)
+
+
+def some_targets(model, transcoders) -> list:
+    """One target of each kind: a logit, a logit difference, a residual direction at an
+    inner position and the pre-activation of an (in)active latent of the last layer."""
+    from tl_transcoders.attribution.targets import (
+        FeaturePreActivation,
+        LogitDifference,
+        LogitTarget,
+        ResidualDirection,
+    )
+
+    dtype = next(model.parameters()).dtype
+    direction = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    last = max(specs_of(transcoders))
+    return [
+        LogitTarget(5),
+        LogitDifference(7, 3),
+        ResidualDirection(1, 4, direction, label="probe"),
+        FeaturePreActivation(last, 5, 2),
+    ]
+
+
+@pytest.mark.parametrize("name", MODEL_PARAMS)
+def test_every_edge_into_chosen_targets_is_the_exact_effect_of_its_source(name):
+    model = float64_model(name)
+    transcoders = transcoders_for(model, "relu", True)
+    check_every_edge(model, transcoders, prompt(model), targets=some_targets(model, transcoders))
+
+
+def test_a_cross_layer_transcoders_edges_into_chosen_targets():
+    model = float64_model(MODEL_PARAMS[0])
+    clt = make_clt(model, layers=[0, 1, 2], activation="relu").to(torch.float64)
+    clt.cfg.dtype = "float64"
+    check_every_edge(model, [clt], prompt(model), targets=some_targets(model, [clt]))
+
+
+def test_targets_are_recorded_exported_and_checked(without_type_checker):
+    from tl_transcoders.attribution.export import graph_json
+    from tl_transcoders.attribution.prune import prune
+    from tl_transcoders.attribution.targets import FeaturePreActivation, LogitDifference, ResidualDirection
+
+    model = build_model("bridge-llama")
+    transcoders = transcoders_for(model, "relu", True)
+    tokens = prompt(model)
+    targets = some_targets(model, transcoders)
+    graph = attribute(model, transcoders, tokens, targets=targets, max_feature_nodes=10)
+    assert graph.n_logits == 4 and [t["kind"] for t in graph.metadata["targets"]] == [
+        "logit",
+        "logit_difference",
+        "residual",
+        "feature",
+    ]
+    assert graph.logit_tokens.tolist() == [5, -2, -3, -4]
+    assert torch.allclose(graph.logit_probabilities, torch.full((4,), 0.25))
+    assert graph.target_positions() == [6, 6, 4, 5]
+    labels = graph.target_labels(model.tokenizer)
+    assert labels[2].startswith("probe after block 1 at 4")
+    pruned = prune(graph)
+    assert pruned.graph.n_logits == 4 and pruned.graph.metadata["targets"] == graph.metadata["targets"]
+    nodes = graph_json(graph, "targets", tokenizer=model.tokenizer)["nodes"]
+    target_nodes = [n for n in nodes if n["feature_type"] == "logit"]
+    assert len({n["node_id"] for n in target_nodes}) == 4
+    assert any("probe" in n["clerp"] for n in target_nodes)
+    bad = [
+        (ResidualDirection(1, 99, targets[2].direction), "position 99 is out of range"),
+        (ResidualDirection(1, 2, torch.zeros(3)), "direction must be a float tensor"),
+        (FeaturePreActivation(1, 2, 0), "no transcoder replaces layer 1"),
+        (LogitDifference(4, 4), "the two tokens are the same"),
+        (LogitDifference(4, model.cfg.d_vocab), "not an id in the vocabulary"),
+        ("logit", "is not a target"),
+    ]
+    for target, message in bad:
+        with pytest.raises(ValueError, match=message):
+            attribute(model, transcoders, tokens, targets=[target])
+    with pytest.raises(ValueError, match="targets is empty"):
+        attribute(model, transcoders, tokens, targets=[])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from jaxtyping import Float, Int
@@ -33,8 +34,16 @@ from tl_transcoders.attribution.memory import (
     current_memory,
     plan,
 )
-from tl_transcoders.attribution.replacement import ReplacementState, frozen_replacement, writers
+from tl_transcoders.attribution.replacement import ReplacementState, frozen_replacement, layer_maps, writers
 from tl_transcoders.attribution.rows import RowStore
+from tl_transcoders.attribution.targets import (
+    LogitDifference,
+    LogitTarget,
+    ResidualDirection,
+    Target,
+    check_targets,
+    target_record,
+)
 from tl_transcoders.core.activations import SparseLatents
 from tl_transcoders.core.placement import AnyTranscoder
 from tl_transcoders.hooks.sites import model_device, model_name
@@ -64,6 +73,7 @@ def attribute(
     update_interval: int = 4,
     device: str | torch.device | None = None,
     memory_budget: int | None = None,
+    targets: Sequence[Target] | None = None,
 ) -> Graph:
     """The attribution graph of a prompt (see `Graph` for nodes and edge convention).
 
@@ -89,6 +99,10 @@ def attribute(
             most of what is available. The rows go to a temporary file and the batches
             shrink where they would not fit (`estimate_attribution_memory` predicts it);
             `AttributionError` if even that cannot fit.
+        targets: what the graph explains instead of the top logits (`targets.py`: a
+            logit, a logit difference, a residual-stream direction, a feature's
+            pre-activation), one target node each, weighted equally for the influence
+            ordering and pruning; `graph.metadata["targets"]` describes them.
 
     Logit targets are the logits before any output soft-cap, minus their mean."""
     counts = {"max_n_logits": max_n_logits, "batch_size": batch_size, "update_interval": update_interval}
@@ -104,12 +118,12 @@ def attribute(
     check_not_spliced(model, "attribute")
     tokens = prompt_tokens(model, prompt_or_tokens)
     storage = torch.device(device) if device is not None else model_device(model)
-    recorded = _record(model, transcoders, tokens, max_n_logits, desired_logit_prob, storage)
+    recorded = _record(model, transcoders, tokens, max_n_logits, desired_logit_prob, storage, targets)
     attributor = _Attributor(model, recorded.state, starts_with_bos(model, tokens), storage)
     memory = attributor.plan(recorded, max_feature_nodes, batch_size, memory_budget)
     logit_tokens, logit_probabilities = recorded.logit_tokens, recorded.logit_probabilities
     rows, row_features, n_logit_rows = attributor.rows(
-        logit_tokens, logit_probabilities, max_feature_nodes, memory, update_interval
+        recorded.targets, logit_probabilities, max_feature_nodes, memory, update_interval
     )
     recorded.state.release_graph()  # the backward passes are done: the adjacency may use that memory
     adjacency = attributor.adjacency(rows, row_features, n_logit_rows)
@@ -117,6 +131,8 @@ def attribute(
     features = attributor.features
     selected = row_features[n_logit_rows:].sort().values
     state = recorded.state
+    tokenizer = getattr(model, "tokenizer", None)
+    described = {} if targets is None else {"targets": [target_record(t, tokenizer) for t in recorded.targets]}
     return Graph(
         tokens=tokens.cpu(),
         features=torch.stack([features.layers, features.positions, features.latents], dim=1)[selected].cpu(),
@@ -144,6 +160,7 @@ def attribute(
             "n_active_features": features.n,
             "batch_size": memory.batch_size,
             "rows_spilled": memory.spill,
+            **described,
         },
     )
 
@@ -159,6 +176,7 @@ def estimate_attribution_memory(
     batch_size: int = 64,
     device: str | torch.device | None = None,
     memory_budget: int | None = None,
+    targets: Sequence[Target] | None = None,
 ) -> AttributionMemory:
     """The peak memory `attribute` with these arguments would reach, by part, and the
     batch size and row storage it would choose (`AttributionMemory`), from one forward
@@ -167,17 +185,20 @@ def estimate_attribution_memory(
     check_not_spliced(model, "estimate_attribution_memory")
     tokens = prompt_tokens(model, prompt_or_tokens)
     storage = torch.device(device) if device is not None else model_device(model)
-    recorded = _record(model, transcoders, tokens, max_n_logits, desired_logit_prob, storage)
+    recorded = _record(model, transcoders, tokens, max_n_logits, desired_logit_prob, storage, targets)
     attributor = _Attributor(model, recorded.state, starts_with_bos(model, tokens), storage)
     return attributor.plan(recorded, max_feature_nodes, batch_size, memory_budget)
 
 
 @dataclass
 class _Recorded:
-    """One recorded pass of the replacement model: its state, the logit targets, the
-    memory in use before it (`base`) and the bytes its autograd graph keeps."""
+    """One recorded pass of the replacement model: its state, the targets (checked; the
+    top logits by default), their tokens (-1 - rank for targets that are not one logit)
+    and weights, the memory in use before it (`base`) and the bytes its autograd graph
+    keeps."""
 
     state: ReplacementState
+    targets: list[Target]
     logit_tokens: Tensor
     logit_probabilities: Tensor
     base: int
@@ -191,13 +212,28 @@ def _record(
     max_n_logits: int,
     desired_logit_prob: float,
     storage: torch.device,
+    targets: Sequence[Target] | None,
 ) -> _Recorded:
     base = current_memory(storage)
-    with torch.enable_grad(), frozen_replacement(model, transcoders) as state, SavedTensorBytes(model) as saved:
+    if targets is not None:
+        widths = {m.layer: m.d_latent for m in layer_maps(model, transcoders).values()}
+        targets = check_targets(model, targets, int(tokens.shape[0]), widths)
+    residual_layers = sorted({t.layer for t in targets or () if isinstance(t, ResidualDirection)})
+    with (
+        torch.enable_grad(),
+        frozen_replacement(model, transcoders, residual_layers) as state,
+        SavedTensorBytes(model) as saved,
+    ):
         last = model(tokens[None])[0, -1].detach()  # the other positions' logits are freed here
-    probabilities = torch.softmax(last.float(), dim=-1)
-    logit_tokens, logit_probabilities = most_probable_tokens(probabilities, max_n_logits, desired_logit_prob)
-    return _Recorded(state, logit_tokens, logit_probabilities, base, saved.bytes)
+    if targets is None:
+        probabilities = torch.softmax(last.float(), dim=-1)
+        logit_tokens, logit_probabilities = most_probable_tokens(probabilities, max_n_logits, desired_logit_prob)
+        targets = [LogitTarget(int(t)) for t in logit_tokens.tolist()]
+    else:
+        ids = [t.token if isinstance(t, LogitTarget) else -1 - rank for rank, t in enumerate(targets)]
+        logit_tokens = torch.tensor(ids, device=last.device)
+        logit_probabilities = torch.full((len(targets),), 1 / len(targets), device=last.device)
+    return _Recorded(state, targets, logit_tokens, logit_probabilities, base, saved.bytes)
 
 
 def starts_with_bos(model: nn.Module, tokens: Int[Tensor, " n_pos"]) -> bool:
@@ -269,6 +305,17 @@ def active_features(state: ReplacementState, bos: bool) -> ActiveFeatures:
     return ActiveFeatures(layers, positions, latents, acts, sparse, slots, offsets)
 
 
+class _Injection(NamedTuple):
+    """A target's row, as the gradient to inject: `vector` at `position` of `site`
+    (`"unembed"`, `("input", layer)` or `("residual", layer)`), reading source gradients
+    at the MLP outputs of the layers below `n_read`."""
+
+    site: Any
+    position: int
+    vector: Tensor
+    n_read: int
+
+
 class _Attributor:
     """Computes graph rows from one recorded replacement pass.
 
@@ -325,7 +372,7 @@ class _Attributor:
 
     def rows(
         self,
-        logit_tokens: Tensor,
+        targets: list[Target],
         logit_probabilities: Tensor,
         max_feature_nodes: int | None,
         memory: AttributionMemory,
@@ -336,15 +383,13 @@ class _Attributor:
         logit rows, which come first."""
         n_features = self.features.n
         budget = n_features if max_feature_nodes is None else min(max_feature_nodes, n_features)
-        n_logits = int(logit_tokens.shape[0])
+        n_logits = len(targets)
         batch_size = memory.batch_size
         rows = RowStore(n_logits + budget, self.n_columns, self.dtype, self.storage, memory.spill)
         row_features = torch.full((n_logits + budget,), -1, dtype=torch.long, device="cpu")  # bookkeeping
-        W_U = self.model.W_U.detach()
-        logit_vectors = (W_U[:, logit_tokens] - W_U.mean(dim=1, keepdim=True)).T
+        injections = [self._target_injection(target) for target in targets]
         for start in range(0, n_logits, batch_size):
-            stop = min(start + batch_size, n_logits)
-            rows.write(start, self._logit_rows(logit_vectors[start:stop]))
+            rows.write(start, self._inject(injections[start : start + batch_size]))
         visited = torch.zeros(n_features, dtype=torch.bool, device="cpu")
         filled = n_logits
         while filled < n_logits + budget:
@@ -365,25 +410,53 @@ class _Attributor:
                 filled += batch.numel()
         return rows, row_features, n_logits
 
-    def _logit_rows(self, vectors: Float[Tensor, "batch d_model"]) -> Tensor:
-        grad = vectors.new_zeros(vectors.shape[0], *self.state.unembed_input.shape)
-        grad[:, 0, -1] = vectors.to(grad.dtype)
-        return self._backward([self.state.unembed_input], [grad], self.n_layers)
+    def _target_injection(self, target: Target) -> _Injection:
+        """Where and what to inject for one target's row."""
+        if isinstance(target, (LogitTarget, LogitDifference)):
+            W_U = self.model.W_U.detach()
+            if isinstance(target, LogitTarget):
+                vector = W_U[:, target.token] - W_U.mean(dim=1)
+            else:
+                vector = W_U[:, target.token] - W_U[:, target.other]
+            return _Injection("unembed", self.n_pos - 1, vector, self.n_layers)
+        if isinstance(target, ResidualDirection):
+            return _Injection(("residual", target.layer), target.position, target.direction, target.layer + 1)
+        W_enc = self.maps[target.layer].W_enc
+        return _Injection(("input", target.layer), target.position, W_enc[target.latent], target.layer)
 
     def _feature_rows(self, batch: Tensor) -> Tensor:
         features = self.features
-        layers = features.layers[batch]
-        positions, latents = features.positions[batch], features.latents[batch]
+        layers, positions, latents = (features.layers[batch], features.positions[batch], features.latents[batch])
+        return self._inject(
+            [
+                _Injection(("input", layer), position, self.maps[layer].W_enc[latent], layer)
+                for layer, position, latent in zip(layers.tolist(), positions.tolist(), latents.tolist())
+            ]
+        )
+
+    def _inject(self, injections: list[_Injection]) -> Tensor:
+        """The rows of a batch of targets: each injection's vector is the gradient at its
+        site and position, one row each, in one batched backward pass."""
+        by_site: dict[Any, list[int]] = {}
+        for row, injection in enumerate(injections):
+            by_site.setdefault(injection.site, []).append(row)
         outputs, grads = [], []
-        for layer in layers.unique().tolist():
-            rows = (layers == layer).nonzero(as_tuple=True)[0]
-            site = self.state.inputs[layer]
-            W_enc = self.maps[layer].W_enc
-            grad = site.new_zeros(batch.numel(), *site.shape)
-            grad[rows, 0, positions[rows]] = W_enc[latents[rows]].to(grad.dtype)
-            outputs.append(site)
+        for site in sorted(by_site, key=str):
+            tensor = self._site(site)
+            grad = tensor.new_zeros(len(injections), *tensor.shape)
+            rows = by_site[site]
+            positions = [injections[r].position for r in rows]
+            grad[rows, 0, positions] = torch.stack([injections[r].vector for r in rows]).to(grad.dtype)
+            outputs.append(tensor)
             grads.append(grad)
-        return self._backward(outputs, grads, int(layers.max()))
+        return self._backward(outputs, grads, max(injection.n_read for injection in injections))
+
+    def _site(self, site: Any) -> Tensor:
+        """The recorded tensor of an injection site."""
+        if site == "unembed":
+            return self.state.unembed_input
+        kind, layer = site
+        return self.state.inputs[layer] if kind == "input" else self.state.residuals[layer]
 
     def _backward(self, outputs: list[Tensor], grads: list[Tensor], n_read: int) -> Tensor:
         """Rows for targets injected as `grads` (batched) at `outputs`, reading source

@@ -77,7 +77,7 @@ def graph_json(
     (layer, latent) to a feature's label."""
     result = prune(graph, node_threshold, edge_threshold)
     prompt_tokens = token_labels(graph.tokens, tokenizer)
-    logit_labels = token_labels(graph.logit_tokens, tokenizer)
+    logit_labels = graph.target_labels(tokenizer)
     clerps = clerps or {}
     influence = result.cumulative_influence.tolist()
 
@@ -211,7 +211,7 @@ def _node(graph: Graph, index: int, influence: float, logit_labels: list[str], c
     else:
         rank = index - first_logit
         token, probability = int(graph.logit_tokens[rank]), float(graph.logit_probabilities[rank])
-        layer, pos = str(graph.n_layers + 1), graph.n_pos - 1
+        layer, pos = str(graph.n_layers + 1), graph.target_positions()[rank]
         node.update(
             node_id=f"{layer}_{token}_{pos}",
             feature=token,
@@ -221,7 +221,11 @@ def _node(graph: Graph, index: int, influence: float, logit_labels: list[str], c
             jsNodeId=f"L_{token}-{pos}",
             token_prob=probability,
             is_target_logit=rank == 0,
-            clerp=f'Output "{logit_labels[rank]}" (p={probability:.3f})',
+            clerp=(
+                f'Output "{logit_labels[rank]}" (p={probability:.3f})'
+                if "targets" not in graph.metadata
+                else f"Target: {logit_labels[rank]} (weight {probability:.3f})"
+            ),
             influence=None,
         )
     return {key: node[key] for key in NODE_FIELDS}

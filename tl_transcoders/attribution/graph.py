@@ -91,6 +91,20 @@ class Graph:
         """Index of the `index`-th logit node."""
         return self.n_features + (self.n_layers + 1) * self.n_pos + index
 
+    def target_labels(self, tokenizer: Any | None = None) -> list[str]:
+        """A label per target (logit) node: the token of a top-logit target (decoded by
+        `tokenizer`, as `token_labels`), else the target's own label (`attribute(targets=)`)."""
+        described = self.metadata.get("targets")
+        if described is None:
+            return token_labels(self.logit_tokens, tokenizer)
+        return [t["label"] for t in described]
+
+    def target_positions(self) -> list[int]:
+        """The position of each target node: the last one for logits and logit
+        differences, the target's own for a residual direction or a feature."""
+        described = self.metadata.get("targets") or [{}] * self.n_logits
+        return [int(t.get("position", self.n_pos - 1)) for t in described]
+
     def feature_node(self, layer: int, position: int, latent: int) -> int:
         """Index of the feature node (`layer`, `position`, `latent`); KeyError if absent."""
         match = (self.features == torch.tensor([layer, position, latent])).all(dim=1).nonzero()

@@ -52,7 +52,7 @@ def plot_graph(
     if edge_widths < 1:
         raise AttributionError(f"edge_widths must be at least 1, got {edge_widths}")
     labels = token_strings if token_strings is not None else token_labels(graph.tokens, tokenizer)
-    logit_labels = token_labels(graph.logit_tokens, tokenizer)
+    logit_labels = graph.target_labels(tokenizer)
     adjacency = graph.adjacency.detach().cpu()
     influence = node_influence(graph).cpu()
     has_edge = (adjacency != 0).any(dim=0) | (adjacency != 0).any(dim=1)
@@ -125,7 +125,7 @@ def plot_graph(
 
 def _place(graph: Graph, index: int) -> tuple[str, int, int]:
     """(kind, row, position) of node `index`: row 0 holds tokens, row layer + 1 a layer's
-    features and errors, row n_layers + 1 the logits (at the last position)."""
+    features and errors, row n_layers + 1 the targets (logits at the last position)."""
     if index < graph.error_node(0, 0):
         layer, pos, _ = graph.features[index].tolist()
         return "feature", layer + 1, pos
@@ -134,7 +134,7 @@ def _place(graph: Graph, index: int) -> tuple[str, int, int]:
         return "error", layer + 1, pos
     if index < graph.logit_node(0):
         return "token", 0, index - graph.token_node(0)
-    return "logit", graph.n_layers + 1, graph.n_pos - 1
+    return "logit", graph.n_layers + 1, graph.target_positions()[index - graph.logit_node(0)]
 
 
 def _layout(cells: list[tuple[int, int]]) -> list[tuple[float, float]]:
@@ -168,5 +168,7 @@ def _hover(
     else:
         rank = index - graph.logit_node(0)
         probability = float(graph.logit_probabilities[rank])
+        if "targets" in graph.metadata:
+            return f"target {logit_labels[rank]}<br>weight {probability:.3f}"
         return f"logit {logit_labels[rank]!r} (id {int(graph.logit_tokens[rank])})<br>p = {probability:.3f}"
     return f"{text}<br>influence {influence:.4g}"

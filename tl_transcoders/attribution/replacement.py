@@ -217,7 +217,8 @@ class ReplacementState:
     `embed` is the token-embedding leaf; `inputs[layer]` each replaced layer's feature
     input, where a feature's pre-activation gradient is injected; `outputs[layer]` each
     layer's MLP output, where source gradients are read; `unembed_input` the final
-    norm's output, where logit gradients are injected. All are `[batch, n_pos, width]`
+    norm's output, where logit gradients are injected; `residuals[layer]` the residual
+    stream after the blocks asked for (`residual_layers`). All are `[batch, n_pos, width]`
     and part of the autograd graph. `mlp_outputs[layer]` is the (detached) MLP output
     itself; `maps` how each replaced layer is replaced."""
 
@@ -226,6 +227,7 @@ class ReplacementState:
     unembed_input: Tensor | None = None
     inputs: dict[int, Tensor] = field(default_factory=dict)
     outputs: dict[int, Tensor] = field(default_factory=dict)
+    residuals: dict[int, Tensor] = field(default_factory=dict)
     mlp_outputs: dict[int, Tensor] = field(default_factory=dict)
     _latents: dict[int, SparseLatents] = field(default_factory=dict)
 
@@ -241,6 +243,7 @@ class ReplacementState:
         backward pass can run after this); the latents and MLP outputs stay."""
         self.inputs = {layer: x.detach() for layer, x in self.inputs.items()}
         self.outputs.clear()
+        self.residuals.clear()
         self.unembed_input = None
 
     def error(self, layer: int) -> Float[Tensor, "n_pos d_out"]:
@@ -262,10 +265,13 @@ class ReplacementState:
 
 
 @contextlib.contextmanager
-def frozen_replacement(model: nn.Module, transcoders: Sequence[AnyTranscoder]) -> Iterator[ReplacementState]:
+def frozen_replacement(
+    model: nn.Module, transcoders: Sequence[AnyTranscoder], residual_layers: Sequence[int] = ()
+) -> Iterator[ReplacementState]:
     """Run every forward pass inside the block as the frozen replacement model (see the
-    module docstring) and yield the `ReplacementState` it fills. Passes must run with
-    gradients enabled for the recorded tensors to carry a graph."""
+    module docstring) and yield the `ReplacementState` it fills (with the residual
+    stream after each block of `residual_layers`). Passes must run with gradients
+    enabled for the recorded tensors to carry a graph."""
     maps = layer_maps(model, transcoders)
     state = ReplacementState(maps=maps)
     hooks: list[tuple[str, SiteFn]] = [("hook_embed", _embedding_leaf(state))]
@@ -277,6 +283,7 @@ def frozen_replacement(model: nn.Module, transcoders: Sequence[AnyTranscoder]) -
         # The MLP's own computation never carries gradient: only the skip term does.
         hooks.append((f"blocks.{layer}.mlp.hook_in", lambda activation: activation.detach()))
         hooks.append((output_site(layer, maps), _linear_output(state, layer, m)))
+    hooks += [(f"blocks.{layer}.hook_resid_post", store_hook(state.residuals, layer)) for layer in residual_layers]
     hooks.append(("unembed.hook_in", _store_unembed_input(state)))
     with attach(model, hooks), quiet_norm_edits():
         yield state
