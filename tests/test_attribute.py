@@ -129,13 +129,18 @@ def record_clean(model, specs: dict, tokens: torch.Tensor) -> dict[str, torch.Te
     return record
 
 
-def frozen_values(model, specs: dict, tokens, record: dict, removals: dict[str, torch.Tensor], graph) -> torch.Tensor:
+def frozen_values(
+    model, specs: dict, tokens, record: dict, removals: dict[str, torch.Tensor], graph, captured: dict | None = None
+) -> torch.Tensor:
     """The graph's target values `[batch, n_targets]` in the frozen model, with
-    `removals[site]` (`[batch, n_pos, d]`) subtracted at the embedding and MLP outputs."""
+    `removals[site]` (`[batch, n_pos, d]`) subtracted at the embedding and MLP outputs.
+    Sites named in `captured` are left live (not frozen) and their values stored there."""
     batch = next(iter(removals.values())).shape[0]
     current: dict[int, torch.Tensor] = {}
-    frozen = [s for s in model.hook_dict if FROZEN.search(s)]
+    captured = {} if captured is None else captured
+    frozen = [s for s in model.hook_dict if FROZEN.search(s) and s not in captured]
     hooks = [(s, (lambda s: lambda act: record[s].expand_as(act).clone())(s)) for s in frozen]
+    hooks += [(s, (lambda s: lambda act: captured.__setitem__(s, act.clone()))(s)) for s in captured]
     hooks.append(("hook_embed", lambda act: record["hook_embed"] - removals["hook_embed"]))
     for layer in range(model.cfg.n_layers):
         site, spec = out_site(layer, specs), specs.get(layer)
@@ -177,11 +182,14 @@ def frozen_values(model, specs: dict, tokens, record: dict, removals: dict[str, 
     return torch.stack(values, dim=1)
 
 
-def reference(model, specs: dict, tokens, graph, n_checked: int = 40) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def reference(
+    model, specs: dict, tokens, graph, n_checked: int = 40, captured: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Edges `[n_targets, n_checked_sources]` by removing each of a sample of sources
     (every error and token node and `n_checked` features), each target's clean value
     minus its value with every source removed, and the sampled source nodes. A feature
-    is removed at every layer its decoders write into."""
+    is removed at every layer its decoders write into. `captured` as for
+    `frozen_values` (batch rows: clean, every source removed, then each checked one)."""
     record = record_clean(model, specs, tokens)
     n_pos, n_layers = graph.n_pos, graph.n_layers
     sources: list[list[tuple[str, int, torch.Tensor]]] = []
@@ -214,7 +222,7 @@ def reference(model, specs: dict, tokens, graph, n_checked: int = 40) -> tuple[t
         for site, position, vector in sources[node]:
             removals[site][row, position] += vector.to(embed.dtype)
     with torch.no_grad():
-        values = frozen_values(model, specs, tokens, record, removals, graph)
+        values = frozen_values(model, specs, tokens, record, removals, graph, captured)
     return (values[0] - values[2:]).T, values[0] - values[1], checked
 
 

@@ -7,7 +7,8 @@ Input-dependent (one prompt): `run_prompt`, `path_contribution`, `find_paths`.
 Attribution graphs: `attribute` -> `Graph` (`estimate_attribution_memory` predicts its
 peak memory); `prune`, `graph_scores`, `export_graph` (circuit-tracer's graph files),
 `plot_graph` (plotly); `intervene` to check a graph against the model;
-`generate_steered` to generate text with features held.
+`generate_steered` to generate text with features held; `attribute_qk` to split an
+attention score into pairs of nodes.
 """
 
 from tl_transcoders.attribution.attribute import attribute, estimate_attribution_memory
@@ -18,6 +19,7 @@ from tl_transcoders.attribution.interventions import FeatureEdit, InterventionRe
 from tl_transcoders.attribution.paths import Node, Path, find_paths, path_contribution, run_prompt
 from tl_transcoders.attribution.plot import plot_graph
 from tl_transcoders.attribution.prune import graph_scores, prune
+from tl_transcoders.attribution.qk import QKAttribution, attribute_qk
 from tl_transcoders.attribution.steering import SteeredGeneration, generate_steered
 from tl_transcoders.attribution.virtual_weights import (
     Head,
@@ -40,8 +42,10 @@ __all__ = [
     "InterventionResult",
     "Node",
     "Path",
+    "QKAttribution",
     "SteeredGeneration",
     "attribute",
+    "attribute_qk",
     "embedding_weights",
     "estimate_attribution_memory",
     "export_graph",

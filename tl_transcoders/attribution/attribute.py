@@ -52,6 +52,8 @@ from tl_transcoders.hooks.tokens import prompt_tokens
 
 __all__ = [
     "ActiveFeatures",
+    "Attributor",
+    "Injection",
     "active_features",
     "attribute",
     "estimate_attribution_memory",
@@ -119,7 +121,7 @@ def attribute(
     tokens = prompt_tokens(model, prompt_or_tokens)
     storage = torch.device(device) if device is not None else model_device(model)
     recorded = _record(model, transcoders, tokens, max_n_logits, desired_logit_prob, storage, targets)
-    attributor = _Attributor(model, recorded.state, starts_with_bos(model, tokens), storage)
+    attributor = Attributor(model, recorded.state, starts_with_bos(model, tokens), storage)
     memory = attributor.plan(recorded, max_feature_nodes, batch_size, memory_budget)
     logit_tokens, logit_probabilities = recorded.logit_tokens, recorded.logit_probabilities
     rows, row_features, n_logit_rows = attributor.rows(
@@ -186,7 +188,7 @@ def estimate_attribution_memory(
     tokens = prompt_tokens(model, prompt_or_tokens)
     storage = torch.device(device) if device is not None else model_device(model)
     recorded = _record(model, transcoders, tokens, max_n_logits, desired_logit_prob, storage, targets)
-    attributor = _Attributor(model, recorded.state, starts_with_bos(model, tokens), storage)
+    attributor = Attributor(model, recorded.state, starts_with_bos(model, tokens), storage)
     return attributor.plan(recorded, max_feature_nodes, batch_size, memory_budget)
 
 
@@ -305,10 +307,12 @@ def active_features(state: ReplacementState, bos: bool) -> ActiveFeatures:
     return ActiveFeatures(layers, positions, latents, acts, sparse, slots, offsets)
 
 
-class _Injection(NamedTuple):
-    """A target's row, as the gradient to inject: `vector` at `position` of `site`
-    (`"unembed"`, `("input", layer)` or `("residual", layer)`), reading source gradients
-    at the MLP outputs of the layers below `n_read`."""
+class Injection(NamedTuple):
+    """A target's row, as the gradient to inject: `vector` (shaped as one position of
+    the site) at `position` of `site` (`"unembed"`, or `(kind, layer)` with kind
+    `"input"`, `"residual"`, `"query"` or `"key"`: a recorded tensor of
+    `ReplacementState`), reading source gradients at the MLP outputs of the layers below
+    `n_read`."""
 
     site: Any
     position: int
@@ -316,7 +320,7 @@ class _Injection(NamedTuple):
     n_read: int
 
 
-class _Attributor:
+class Attributor:
     """Computes graph rows from one recorded replacement pass.
 
     Row columns: every active feature, then the errors (layer-major), then the tokens.
@@ -389,7 +393,7 @@ class _Attributor:
         row_features = torch.full((n_logits + budget,), -1, dtype=torch.long, device="cpu")  # bookkeeping
         injections = [self._target_injection(target) for target in targets]
         for start in range(0, n_logits, batch_size):
-            rows.write(start, self._inject(injections[start : start + batch_size]))
+            rows.write(start, self.rows_for(injections[start : start + batch_size]))
         visited = torch.zeros(n_features, dtype=torch.bool, device="cpu")
         filled = n_logits
         while filled < n_logits + budget:
@@ -410,7 +414,7 @@ class _Attributor:
                 filled += batch.numel()
         return rows, row_features, n_logits
 
-    def _target_injection(self, target: Target) -> _Injection:
+    def _target_injection(self, target: Target) -> Injection:
         """Where and what to inject for one target's row."""
         if isinstance(target, (LogitTarget, LogitDifference)):
             W_U = self.model.W_U.detach()
@@ -418,23 +422,23 @@ class _Attributor:
                 vector = W_U[:, target.token] - W_U.mean(dim=1)
             else:
                 vector = W_U[:, target.token] - W_U[:, target.other]
-            return _Injection("unembed", self.n_pos - 1, vector, self.n_layers)
+            return Injection("unembed", self.n_pos - 1, vector, self.n_layers)
         if isinstance(target, ResidualDirection):
-            return _Injection(("residual", target.layer), target.position, target.direction, target.layer + 1)
+            return Injection(("residual", target.layer), target.position, target.direction, target.layer + 1)
         W_enc = self.maps[target.layer].W_enc
-        return _Injection(("input", target.layer), target.position, W_enc[target.latent], target.layer)
+        return Injection(("input", target.layer), target.position, W_enc[target.latent], target.layer)
 
     def _feature_rows(self, batch: Tensor) -> Tensor:
         features = self.features
         layers, positions, latents = (features.layers[batch], features.positions[batch], features.latents[batch])
-        return self._inject(
+        return self.rows_for(
             [
-                _Injection(("input", layer), position, self.maps[layer].W_enc[latent], layer)
+                Injection(("input", layer), position, self.maps[layer].W_enc[latent], layer)
                 for layer, position, latent in zip(layers.tolist(), positions.tolist(), latents.tolist())
             ]
         )
 
-    def _inject(self, injections: list[_Injection]) -> Tensor:
+    def rows_for(self, injections: list[Injection]) -> Tensor:
         """The rows of a batch of targets: each injection's vector is the gradient at its
         site and position, one row each, in one batched backward pass."""
         by_site: dict[Any, list[int]] = {}
@@ -456,7 +460,13 @@ class _Attributor:
         if site == "unembed":
             return self.state.unembed_input
         kind, layer = site
-        return self.state.inputs[layer] if kind == "input" else self.state.residuals[layer]
+        recorded = {
+            "input": self.state.inputs,
+            "residual": self.state.residuals,
+            "query": self.state.queries,
+            "key": self.state.keys,
+        }
+        return recorded[kind][layer]
 
     def _backward(self, outputs: list[Tensor], grads: list[Tensor], n_read: int) -> Tensor:
         """Rows for targets injected as `grads` (batched) at `outputs`, reading source

@@ -218,7 +218,10 @@ class ReplacementState:
     input, where a feature's pre-activation gradient is injected; `outputs[layer]` each
     layer's MLP output, where source gradients are read; `unembed_input` the final
     norm's output, where logit gradients are injected; `residuals[layer]` the residual
-    stream after the blocks asked for (`residual_layers`). All are `[batch, n_pos, width]`
+    stream after the blocks asked for (`residual_layers`); `queries[layer]` and
+    `keys[layer]` the attention queries and keys (`attn.hook_q`, `attn.hook_k`, before
+    they are frozen) of the layers asked for (`attention_layers`),
+    `[batch, n_pos, heads, d_head]`. The others are `[batch, n_pos, width]`
     and part of the autograd graph. `mlp_outputs[layer]` is the (detached) MLP output
     itself; `maps` how each replaced layer is replaced."""
 
@@ -228,6 +231,8 @@ class ReplacementState:
     inputs: dict[int, Tensor] = field(default_factory=dict)
     outputs: dict[int, Tensor] = field(default_factory=dict)
     residuals: dict[int, Tensor] = field(default_factory=dict)
+    queries: dict[int, Tensor] = field(default_factory=dict)
+    keys: dict[int, Tensor] = field(default_factory=dict)
     mlp_outputs: dict[int, Tensor] = field(default_factory=dict)
     _latents: dict[int, SparseLatents] = field(default_factory=dict)
 
@@ -244,6 +249,8 @@ class ReplacementState:
         self.inputs = {layer: x.detach() for layer, x in self.inputs.items()}
         self.outputs.clear()
         self.residuals.clear()
+        self.queries.clear()
+        self.keys.clear()
         self.unembed_input = None
 
     def error(self, layer: int) -> Float[Tensor, "n_pos d_out"]:
@@ -266,15 +273,22 @@ class ReplacementState:
 
 @contextlib.contextmanager
 def frozen_replacement(
-    model: nn.Module, transcoders: Sequence[AnyTranscoder], residual_layers: Sequence[int] = ()
+    model: nn.Module,
+    transcoders: Sequence[AnyTranscoder],
+    residual_layers: Sequence[int] = (),
+    attention_layers: Sequence[int] = (),
 ) -> Iterator[ReplacementState]:
     """Run every forward pass inside the block as the frozen replacement model (see the
     module docstring) and yield the `ReplacementState` it fills (with the residual
-    stream after each block of `residual_layers`). Passes must run with gradients
-    enabled for the recorded tensors to carry a graph."""
+    stream after each block of `residual_layers`, and the queries and keys of each
+    layer of `attention_layers` as they are computed, before being frozen). Passes must
+    run with gradients enabled for the recorded tensors to carry a graph."""
     maps = layer_maps(model, transcoders)
     state = ReplacementState(maps=maps)
     hooks: list[tuple[str, SiteFn]] = [("hook_embed", _embedding_leaf(state))]
+    for layer in attention_layers:  # before the hooks that freeze them
+        hooks.append((f"blocks.{layer}.attn.hook_q", store_hook(state.queries, layer)))
+        hooks.append((f"blocks.{layer}.attn.hook_k", store_hook(state.keys, layer)))
     hooks += freeze_hooks(model)
     for layer in range(model.cfg.n_layers):
         m = maps.get(layer)
