@@ -206,3 +206,33 @@ def test_transcoders_for_eval_may_be_a_directory_of_layers(monkeypatch, tmp_path
 def test_train_options_have_the_config_fields_documentation():
     text = cli.build_parser()._subparsers._group_actions[0].choices["train"].format_help()
     assert "Adam learning rate" in " ".join(text.split()) and "--overwrite" in text
+
+
+@pytest.mark.parametrize("name", [MODEL_PARAMS[0], "bridge-llama"])
+def test_attribute_writes_the_graph_its_pruned_form_and_circuit_tracers_files(name, monkeypatch, tmp_path, capsys):
+    from tl_transcoders.attribution.attribute import attribute
+    from tl_transcoders.attribution.graph import Graph
+    from tl_transcoders.attribution.targets import LogitDifference
+
+    model = build_model(name)
+    monkeypatch.setattr(cli, "load_model", lambda name, device=None: model)
+    transcoders = [make_transcoder(model, layer, activation="relu", seed=layer) for layer in (0, 2)]
+    for t in transcoders:
+        t.save(tmp_path / f"layer_{t.cfg.layer}")
+    tokens = torch.randint(3, model.cfg.d_vocab, (7,), generator=torch.Generator().manual_seed(0))
+    torch.save(tokens, tmp_path / "prompt.pt")
+    out = tmp_path / "graph"
+    base = ["attribute", "--model", "tiny", "--transcoders", str(tmp_path / "layer_0"), str(tmp_path / "layer_2")]
+    base += ["--tokens", str(tmp_path / "prompt.pt"), "--out", str(out)]
+    cli.main(base + ["--logit-diff", "#5", "#7", "--max-feature-nodes", "6"])
+    summary = json.loads(capsys.readouterr().out)
+    expected = attribute(model, transcoders, tokens, max_feature_nodes=6, targets=[LogitDifference(5, 7)])
+    graph = Graph.load(out / "graph.safetensors")
+    assert torch.equal(graph.adjacency, expected.adjacency) and torch.equal(graph.features, expected.features)
+    assert summary["features"] == 6 and len(summary["targets"]) == 1 and "- " in summary["targets"][0]
+    assert Graph.load(out / "pruned.safetensors").n_features == summary["pruned_features"] <= 6
+    files = json.loads((out / "graph-files" / "graph-metadata.json").read_text())
+    assert [g["slug"] for g in files["graphs"]] == ["graph"] and (out / "graph-files" / "graph.json").is_file()
+    with pytest.raises(SystemExit) as stop:
+        cli.main(base + ["--logit-diff", "#5", "#5"])
+    assert stop.value.code == 2 and "the two tokens are the same" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The `tl-transcoders` command: `demo`, `train` and `eval`.
+"""The `tl-transcoders` command: `demo`, `train`, `eval` and `attribute`.
 
 What the library refuses (a `TranscodersError`: a bad option, file, model name or token
 set) is printed as one line, `tl-transcoders: error: ...`, with exit status 2; `--debug`
@@ -52,12 +52,75 @@ def read_tokens(args: argparse.Namespace, model: torch.nn.Module) -> torch.Tenso
 
 def cmd_eval(args: argparse.Namespace) -> None:
     model = load_model(args.model, device=args.device)
-    transcoders = []
-    for path in args.transcoders:
-        loaded = load_pretrained(path, device=args.device)
-        transcoders += loaded if isinstance(loaded, list) else [loaded]
+    transcoders = load_transcoders(args.transcoders, args.device)
     report = evaluate_splice(model, transcoders, read_tokens(args, model), batch_size=args.batch_size)
     json.dump(report.to_dict(), sys.stdout, indent=2)
+    print()
+
+
+def load_transcoders(paths: list[str], device: str | None) -> list:
+    """The transcoders saved in `paths` (directories in any format read by
+    `load_pretrained`, or Hub repos), one list."""
+    transcoders = []
+    for path in paths:
+        loaded = load_pretrained(path, device=device)
+        transcoders += loaded if isinstance(loaded, list) else [loaded]
+    return transcoders
+
+
+def read_target_token(text: str) -> int | str:
+    """A token of `--logit` / `--logit-diff`: `#123` is an id, anything else the token's text."""
+    if text.startswith("#") and text[1:].isdigit():
+        return int(text[1:])
+    return text
+
+
+def cmd_attribute(args: argparse.Namespace) -> None:
+    from tl_transcoders.attribution.attribute import attribute
+    from tl_transcoders.attribution.export import export_graph
+    from tl_transcoders.attribution.prune import graph_scores, prune
+    from tl_transcoders.attribution.targets import LogitDifference, LogitTarget
+
+    model = load_model(args.model, device=args.device)
+    transcoders = load_transcoders(args.transcoders, args.device)
+    if args.tokens:
+        prompt = read_tokens(args, model)
+    else:
+        prompt = args.prompt
+    targets = [LogitTarget(read_target_token(t)) for t in args.logit or []]
+    targets += [LogitDifference(read_target_token(a), read_target_token(b)) for a, b in args.logit_diff or []]
+    out = Path(args.out)
+    graph = attribute(
+        model,
+        transcoders,
+        prompt,
+        max_feature_nodes=args.max_feature_nodes,
+        memory_budget=None if args.memory_budget_mib is None else args.memory_budget_mib << 20,
+        targets=targets or None,
+    )
+    tokenizer = getattr(model, "tokenizer", None)
+    graph.save(out / "graph.safetensors")
+    pruned = prune(graph, args.node_threshold, args.edge_threshold)
+    pruned.graph.save(out / "pruned.safetensors")
+    export_graph(
+        graph,
+        out / "graph-files",
+        args.slug,
+        tokenizer=tokenizer,
+        node_threshold=args.node_threshold,
+        edge_threshold=args.edge_threshold,
+    )
+    scores = graph_scores(graph)
+    summary = {
+        "features": graph.n_features,
+        "active_features": graph.metadata["n_active_features"],
+        "targets": graph.target_labels(tokenizer),
+        "pruned_features": pruned.graph.n_features,
+        "replacement_score": scores.replacement,
+        "completeness_score": scores.completeness,
+        "files": [str(out / name) for name in ("graph.safetensors", "pruned.safetensors", "graph-files")],
+    }
+    json.dump(summary, sys.stdout, indent=2)
     print()
 
 
@@ -160,6 +223,35 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=8, help="rows per forward pass")
     evaluate.add_argument("--device", default=None)
     evaluate.set_defaults(run=cmd_eval)
+
+    graph = commands.add_parser(
+        "attribute", help="the attribution graph of a prompt: the graph, its pruned form and circuit-tracer's JSON"
+    )
+    graph.add_argument("--model", required=True, help="Hugging Face name, local Hugging Face directory or .gguf file")
+    graph.add_argument(
+        "--transcoders", nargs="+", required=True, help="directories of saved transcoders (any format) or Hub repos"
+    )
+    prompt = graph.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the prompt's text (tokenized as the model does, with its BOS)")
+    prompt.add_argument("--tokens", help="a torch.save'd tensor of the prompt's token ids, [n_pos] or [1, n_pos]")
+    graph.add_argument(
+        "--logit", action="append", metavar="TOKEN", help="a logit to explain (repeatable; #id or the token's text)"
+    )
+    graph.add_argument(
+        "--logit-diff",
+        action="append",
+        nargs=2,
+        metavar=("TOKEN", "OTHER"),
+        help="explain logit(TOKEN) - logit(OTHER) (repeatable); without --logit / --logit-diff: the top logits",
+    )
+    graph.add_argument("--max-feature-nodes", type=int, default=None, help="features kept by influence (default: all)")
+    graph.add_argument("--node-threshold", type=float, default=0.8, help="pruning: share of influence kept by nodes")
+    graph.add_argument("--edge-threshold", type=float, default=0.98, help="pruning: share of influence kept by edges")
+    graph.add_argument("--memory-budget-mib", type=int, default=None, help="peak memory allowed (default: most of it)")
+    graph.add_argument("--slug", default="graph", help="the graph's name in circuit-tracer's files")
+    graph.add_argument("--out", required=True, help="output directory")
+    graph.add_argument("--device", default=None)
+    graph.set_defaults(run=cmd_attribute, text=None)
     return parser
 
 
