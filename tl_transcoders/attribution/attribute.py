@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from tl_transcoders.attribution.errors import AttributionError
 from tl_transcoders.attribution.graph import Graph
 from tl_transcoders.attribution.memory import (
+    DECODE_BLOCK_BYTES,
     AttributionMemory,
     SavedTensorBytes,
     available_memory,
@@ -284,12 +285,18 @@ def active_features(state: ReplacementState, bos: bool) -> ActiveFeatures:
     n = 0
     for layer in sorted(state.maps):
         values, indices = state.latents(layer)
-        indices, order = indices.sort(dim=-1)
-        values = values.gather(-1, order)
         active = values != 0
         if bos:
             active[0] = False
-        values = values * active
+        # Each position's nodes first, by latent, then as few padding slots as the
+        # widest position needs (a BOS position's many latents are not nodes).
+        d_latent = state.maps[layer].d_latent
+        keyed, order = torch.where(active, indices, d_latent).sort(dim=-1, stable=True)
+        counts = active.sum(dim=-1)
+        width = int(counts.max()) if counts.numel() else 0
+        values = (values * active).gather(-1, order)[:, :width]
+        indices = keyed[:, :width].clamp(max=d_latent - 1)
+        active = torch.arange(width, device=counts.device) < counts[:, None]
         position, slot = active.nonzero(as_tuple=True)
         sparse[layer] = SparseLatents(values, indices)
         slots[layer] = position * indices.shape[1] + slot
@@ -357,7 +364,7 @@ class Attributor:
         n_features = self.features.n
         n_rows = int(recorded.logit_tokens.shape[0])
         n_rows += n_features if max_feature_nodes is None else min(max_feature_nodes, n_features)
-        widths = [self.state.latents(layer).indices.shape[-1] for layer in self.maps]
+        widths = [self.features.sparse[layer].indices.shape[-1] for layer in self.maps]
         budget = memory_budget if memory_budget is not None else available_memory(self.storage)
         return plan(
             n_pos=self.n_pos,
@@ -488,10 +495,21 @@ class Attributor:
                 if not slots.numel():
                     continue
                 values, indices = features.sparse[source]
-                decoders = values[..., None].to(gradient.dtype) * W[indices].to(gradient.dtype)  # active rows only
-                edges = torch.bmm(gradient.transpose(0, 1), decoders.transpose(1, 2))
+                width = indices.shape[1]
                 offset = features.offsets[source]
-                row[:, offset : offset + slots.numel()] += edges.transpose(0, 1).reshape(batch, -1)[:, slots]
+                # Positions a block at a time: at most DECODE_BLOCK_BYTES of decoder vectors.
+                step = max(1, DECODE_BLOCK_BYTES // (width * W.shape[1] * gradient.element_size()))
+                for first in range(0, n_pos, step):
+                    last = min(first + step, n_pos)
+                    bounds = torch.tensor([first * width, last * width], device=slots.device)
+                    lo, hi = torch.searchsorted(slots, bounds).tolist()
+                    if lo == hi:
+                        continue
+                    active_rows = W[indices[first:last]].to(gradient.dtype)  # active latents' rows only
+                    decoders = values[first:last, :, None].to(gradient.dtype) * active_rows
+                    edges = torch.bmm(gradient[:, first:last].transpose(0, 1), decoders.transpose(1, 2))
+                    flat = edges.transpose(0, 1).reshape(batch, -1)
+                    row[:, offset + lo : offset + hi] += flat[:, slots[lo:hi] - first * width]
             errors = self.errors[layer].to(gradient.dtype)
             start = error_start + layer * n_pos
             row[:, start : start + n_pos] = torch.einsum("bpd,pd->bp", gradient, errors)

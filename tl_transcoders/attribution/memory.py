@@ -14,7 +14,7 @@ backward passes, and finally gathers the graph's adjacency from the rows. Its pe
 - `rows`: `n_rows x n_columns` values (every active feature, error and token is a
   column), or one block of them where the rows are spilled to a file (`rows.RowStore`);
 - `batch`: one backward batch: the gradients read at every layer's MLP output, the
-  batch's rows, and one layer's gathered decoder vectors;
+  batch's rows, and one block of gathered decoder vectors (`DECODE_BLOCK_BYTES`);
 - `adjacency`: the graph's `n_nodes x n_nodes` matrix.
 
 `plan` picks the largest backward batch, rows in memory if they fit, and otherwise
@@ -35,8 +35,17 @@ from torch import nn
 from tl_transcoders.attribution.errors import AttributionError
 from tl_transcoders.attribution.rows import block_rows
 
-__all__ = ["AttributionMemory", "SavedTensorBytes", "available_memory", "current_memory", "plan"]
+__all__ = [
+    "DECODE_BLOCK_BYTES",
+    "AttributionMemory",
+    "SavedTensorBytes",
+    "available_memory",
+    "current_memory",
+    "plan",
+]
 
+DECODE_BLOCK_BYTES = 64 << 20
+"""About the most bytes of decoder vectors a backward batch gathers at a time."""
 GRADIENT_COPIES = 8
 """Batch-sized `[n_pos, d_model]` tensors a backward pass holds besides the gradients it
 returns (the injected gradients and the intermediates of one layer's backward)."""
@@ -101,7 +110,8 @@ def plan(
 
     def option(size: int, spill: bool) -> AttributionMemory:
         gradients = (n_layers + 1 + GRADIENT_COPIES) * size * residual
-        decoders = 3 * n_pos * max_active * d_model * itemsize
+        position_bytes = max_active * d_model * itemsize  # one position's decoder vectors
+        decoders = 3 * min(n_pos * position_bytes, DECODE_BLOCK_BYTES + position_bytes)
         batch = gradients + 2 * size * row_bytes + decoders
         block = min(block_rows(row_bytes), n_rows) * row_bytes
         rows = 3 * block if spill else n_rows * row_bytes
