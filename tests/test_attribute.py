@@ -441,10 +441,12 @@ def test_the_memory_plan_spills_rows_and_shrinks_batches_to_fit_the_budget():
     shape = dict(n_pos=1024, n_layers=30, d_model=576, n_features=3_300_000, n_rows=1034, max_active=200)
     shape |= dict(n_nodes=1034 + 31 * 1024, itemsize=4, base=2 << 30, forward=2 << 30, batch_size=64)
     roomy = plan(**shape, budget=None)
-    assert not roomy.spill and roomy.batch_size == 64 and roomy.rows == 1034 * (3_300_000 + 31 * 1024) * 4
+    assert roomy.spill and roomy.batch_size == 64  # 13 GiB of rows: a file whatever the budget
+    short = plan(**(shape | dict(n_pos=64, n_features=170_000, n_nodes=1034 + 31 * 64)), budget=None)
+    assert not short.spill and short.rows == 1034 * (170_000 + 31 * 64) * 4
     tight = plan(**shape, budget=8 << 30)
     assert tight.spill and tight.total <= 8 << 30 and tight.batch_size < 64
-    assert tight.rows < roomy.rows / 50
+    assert tight.rows < 1034 * (3_300_000 + 31 * 1024) * 4 / 50
     with pytest.raises(AttributionError, match="memory budget of 3.00 GiB"):
         plan(**shape, budget=3 << 30)
 

@@ -17,9 +17,9 @@ backward passes, and finally gathers the graph's adjacency from the rows. Its pe
   batch's rows, and one block of gathered decoder vectors (`DECODE_BLOCK_BYTES`);
 - `adjacency`: the graph's `n_nodes x n_nodes` matrix.
 
-`plan` picks the largest backward batch, rows in memory if they fit, and otherwise
-spilled rows, such that the peak fits the memory budget (by default most of the memory
-still available), or refuses with the breakdown.
+`plan` picks the largest backward batch, rows in memory if they fit and are at most
+`ROWS_IN_MEMORY_BYTES`, and otherwise spilled rows, such that the peak fits the memory
+budget (by default most of the memory still available), or refuses with the breakdown.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from tl_transcoders.attribution.rows import block_rows
 
 __all__ = [
     "DECODE_BLOCK_BYTES",
+    "ROWS_IN_MEMORY_BYTES",
     "AttributionMemory",
     "SavedTensorBytes",
     "available_memory",
@@ -44,6 +45,9 @@ __all__ = [
     "plan",
 ]
 
+ROWS_IN_MEMORY_BYTES = 1 << 30
+"""Rows larger than this always go to a file: reading them back a block at a time costs
+little beside the backward passes, and memory then does not grow with the rows."""
 DECODE_BLOCK_BYTES = 64 << 20
 """About the most bytes of decoder vectors a backward batch gathers at a time."""
 GRADIENT_COPIES = 8
@@ -100,7 +104,8 @@ def plan(
     budget: int | None,
 ) -> AttributionMemory:
     """The attribution memory for the largest backward batch up to `batch_size`, with
-    rows in memory if they fit `budget` and spilled otherwise (None: no limit). `n_rows`
+    rows in memory if they fit `budget` and `ROWS_IN_MEMORY_BYTES`, spilled otherwise
+    (`budget` None: no limit). `n_rows`
     rows of `n_features` plus error and token columns; `max_active` the most active
     features of a layer at one position. Raises `AttributionError` with the smallest
     breakdown when nothing fits."""
@@ -121,7 +126,9 @@ def plan(
     sizes = [batch_size]
     while sizes[-1] > 1:
         sizes.append(sizes[-1] // 2)
-    options = [option(batch_size, False)] + [option(size, True) for size in sizes]
+    options = [option(size, True) for size in sizes]
+    if n_rows * row_bytes <= ROWS_IN_MEMORY_BYTES:
+        options.insert(0, option(batch_size, False))
     for candidate in options:
         if budget is None or candidate.total <= budget:
             return candidate
