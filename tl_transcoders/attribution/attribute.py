@@ -34,6 +34,7 @@ from tl_transcoders.attribution.memory import (
     available_memory,
     current_memory,
     plan,
+    return_freed_memory,
 )
 from tl_transcoders.attribution.replacement import ReplacementState, frozen_replacement, layer_maps, writers
 from tl_transcoders.attribution.rows import RowStore
@@ -190,7 +191,10 @@ def estimate_attribution_memory(
     storage = torch.device(device) if device is not None else model_device(model)
     recorded = _record(model, transcoders, tokens, max_n_logits, desired_logit_prob, storage, targets)
     attributor = Attributor(model, recorded.state, starts_with_bos(model, tokens), storage)
-    return attributor.plan(recorded, max_feature_nodes, batch_size, memory_budget)
+    memory = attributor.plan(recorded, max_feature_nodes, batch_size, memory_budget)
+    del recorded, attributor  # the recorded pass's tensors
+    return_freed_memory()
+    return memory
 
 
 @dataclass

@@ -25,6 +25,8 @@ budget (by default most of the memory still available), or refuses with the brea
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,7 @@ __all__ = [
     "available_memory",
     "current_memory",
     "plan",
+    "return_freed_memory",
 ]
 
 ROWS_IN_MEMORY_BYTES = 1 << 30
@@ -165,6 +168,17 @@ def available_memory(device: torch.device) -> int | None:
         return None
     available = int(fields["MemAvailable"].split()[0]) * 1024
     return int(0.8 * (available + current_memory(device)))
+
+
+def return_freed_memory() -> None:
+    """Hand memory freed inside the process back to the system where the C library can
+    (glibc's `malloc_trim`), so that what an estimate's forward pass freed does not stay
+    in this process's resident memory and count as the next call's base."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError, TypeError):  # not glibc
+        pass
 
 
 class SavedTensorBytes(contextlib.AbstractContextManager):
