@@ -265,7 +265,12 @@ class ReplacementState:
             reconstruction = m.b_dec.to(torch.float64).expand_as(mlp_out).clone()
             for source, W in writers(self.maps).get(layer, []):
                 values, indices = self.latents(source)
-                reconstruction += torch.einsum("pk,pkd->pd", values.double(), W[indices].double())
+                # A block of positions at a time: a BOS position can hold most latents.
+                step = max(1, (64 << 20) // max(1, indices.shape[-1] * W.shape[-1] * 8))
+                for first in range(0, indices.shape[0], step):
+                    rows = slice(first, first + step)
+                    decoded = torch.einsum("pk,pkd->pd", values[rows].double(), W[indices[rows]].double())
+                    reconstruction[rows] += decoded
             if m.W_skip is not None:
                 reconstruction += self.inputs[layer][0].detach().double() @ m.W_skip.detach().double().T
         return mlp_out - reconstruction.to(mlp_out.dtype)
