@@ -29,7 +29,6 @@ from tl_transcoders.attribution.virtual_weights import (
     logit_weights,
     top_downstream,
 )
-from tl_transcoders.core.native import stored_layout
 from tl_transcoders.evaluation.statistics import fvu
 from tl_transcoders.hooks.models import tiny_random_model
 from tl_transcoders.training import CrossLayerTrainer, TrainConfig, Trainer
@@ -136,15 +135,13 @@ def bytes_read_from_storage() -> int:
     return int(line.split()[1])
 
 
-def drop_decoders_from_page_cache(path: Path) -> None:
-    """Ask the system to forget the cached pages of the decoders in a weights file
-    (written to disk first), so that reading them again reads the disk."""
+def drop_from_page_cache(path: Path) -> None:
+    """Ask the system to forget a file's cached pages (written to disk first), so that
+    reading them again reads the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
-        for name, stored in stored_layout(path).items():
-            if name.startswith("W_dec"):
-                os.posix_fadvise(fd, stored.start, stored.end - stored.start, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
 
@@ -181,14 +178,17 @@ def test_attributing_through_a_memory_mapped_clt_reads_only_active_decoder_rows(
     tokens = torch.randint(3, model.cfg.d_vocab, (6,), generator=torch.Generator().manual_seed(0))
     expected = attribute(model, [clt], tokens)
     mapped = CrossLayerTranscoder.load(tmp_path / "clt", mmap=True)
+    weights = tmp_path / "clt" / "transcoder.safetensors"
     decoder_bytes = sum(W.numel() * W.element_size() for W in mapped.W_dec)
-    drop_decoders_from_page_cache(tmp_path / "clt" / "transcoder.safetensors")
+    other_bytes = weights.stat().st_size - decoder_bytes  # encoders and the rest: read whole
+    drop_from_page_cache(weights)
     before = bytes_read_from_storage()
     graph = attribute(model, [mapped], tokens)
     read = bytes_read_from_storage() - before
     assert torch.equal(graph.features, expected.features)
     assert torch.allclose(graph.adjacency, expected.adjacency, rtol=1e-5, atol=1e-6)
-    assert read < 0.05 * decoder_bytes, f"attribution read {read} bytes of {decoder_bytes} in decoders"
+    limit = other_bytes + 0.25 * decoder_bytes  # the encoders' read-ahead may run into the decoders
+    assert read < limit, f"attribution read {read} bytes, {other_bytes} outside the {decoder_bytes} of decoders"
     before = bytes_read_from_storage()  # the count is sensitive: reading every decoder reads them from disk
     assert all(torch.isfinite(W).all() for W in mapped.W_dec)
     assert bytes_read_from_storage() - before > 0.5 * decoder_bytes
