@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_clt, make_transcoder
+from conftest import MODEL_PARAMS, build_model, make_clt, make_transcoder
 from safetensors.torch import load_file
 
 from tl_transcoders import (
@@ -170,9 +170,11 @@ def test_a_memory_mapped_clt_equals_the_loaded_one_and_never_changes_its_file(tm
 @pytest.mark.skipif(
     not Path("/proc/self/io").is_file() or not hasattr(os, "posix_fadvise"), reason="reads I/O counts from /proc"
 )
-def test_attributing_through_a_memory_mapped_clt_reads_only_active_decoder_rows(model, tmp_path):
+def test_attributing_through_a_memory_mapped_clt_reads_only_active_decoder_rows(tmp_path):
+    # reads from storage, which no backend changes: one model is enough (the file is 75 MB)
     from tl_transcoders.attribution.attribute import attribute
 
+    model = build_model(MODEL_PARAMS[0])
     clt = make_clt(model, layers=[0, 1, 2], d_latent=1 << 17, k=3)
     clt.save(tmp_path / "clt")
     tokens = torch.randint(3, model.cfg.d_vocab, (6,), generator=torch.Generator().manual_seed(0))
