@@ -209,7 +209,9 @@ def make_transcoder(
     """A transcoder for `layer` of `model` with random weights, biases and skip, so that
     every term of its output is non-zero."""
     cfg = transcoder_config(model, layer, d_latent=d_latent, activation=activation, k=k, skip=skip, **sites)
-    transcoder = Transcoder(cfg)
+    with torch.random.fork_rng(devices=[]):  # the decoder keeps its initialisation: seed it too
+        torch.manual_seed(seed)
+        transcoder = Transcoder(cfg)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in transcoder.named_parameters():
@@ -230,7 +232,9 @@ def make_clt(model=None, layers=None, activation="topk", skip=True, d_latent=40,
         cfg = CrossLayerConfig(
             d_model=12, d_latent=d_latent, n_layers=3, first_layer=1, activation=activation, k=k, skip=skip
         )
-    clt = CrossLayerTranscoder(cfg)
+    with torch.random.fork_rng(devices=[]):  # the decoders keep their initialisation: seed them too
+        torch.manual_seed(seed)
+        clt = CrossLayerTranscoder(cfg)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in clt.named_parameters():
