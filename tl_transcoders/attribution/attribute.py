@@ -109,22 +109,10 @@ def attribute(
             ordering and pruning; `graph.metadata["targets"]` describes them.
 
     Logit targets are the logits before any output soft-cap, minus their mean."""
-    counts = {"max_n_logits": max_n_logits, "batch_size": batch_size, "update_interval": update_interval}
-    for name, value in counts.items():
-        if value < 1:
-            raise AttributionError(f"{name} must be at least 1, got {value}")
-    if not 0 < desired_logit_prob <= 1:
-        raise AttributionError(f"desired_logit_prob must be in (0, 1], got {desired_logit_prob}")
-    if max_feature_nodes is not None and max_feature_nodes < 0:
-        raise AttributionError(f"max_feature_nodes must be None or non-negative, got {max_feature_nodes}")
-    if memory_budget is not None and memory_budget <= 0:
-        raise AttributionError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
-    check_not_spliced(model, "attribute")
-    tokens = prompt_tokens(model, prompt_or_tokens)
-    storage = torch.device(device) if device is not None else model_device(model)
-    recorded = _record(model, transcoders, tokens, max_n_logits, desired_logit_prob, storage, targets)
-    attributor = Attributor(model, recorded.state, starts_with_bos(model, tokens), storage)
-    memory = attributor.plan(recorded, max_feature_nodes, batch_size, memory_budget)
+    options = _Options(max_n_logits, desired_logit_prob, max_feature_nodes, batch_size, update_interval, memory_budget)
+    tokens, recorded, attributor, memory = _prepare(
+        model, transcoders, prompt_or_tokens, "attribute", options, device, targets
+    )
     logit_tokens, logit_probabilities = recorded.logit_tokens, recorded.logit_probabilities
     rows, row_features, n_logit_rows = attributor.rows(
         recorded.targets, logit_probabilities, max_feature_nodes, memory, update_interval
@@ -186,12 +174,10 @@ def estimate_attribution_memory(
     batch size and row storage it would choose (`AttributionMemory`), from one forward
     pass of the replacement model (no backward pass). Raises `AttributionError` where
     `attribute` would, including when nothing fits `memory_budget`."""
-    check_not_spliced(model, "estimate_attribution_memory")
-    tokens = prompt_tokens(model, prompt_or_tokens)
-    storage = torch.device(device) if device is not None else model_device(model)
-    recorded = _record(model, transcoders, tokens, max_n_logits, desired_logit_prob, storage, targets)
-    attributor = Attributor(model, recorded.state, starts_with_bos(model, tokens), storage)
-    memory = attributor.plan(recorded, max_feature_nodes, batch_size, memory_budget)
+    options = _Options(max_n_logits, desired_logit_prob, max_feature_nodes, batch_size, 1, memory_budget)
+    _, recorded, attributor, memory = _prepare(
+        model, transcoders, prompt_or_tokens, "estimate_attribution_memory", options, device, targets
+    )
     del recorded, attributor  # the recorded pass's tensors
     return_freed_memory()
     return memory
@@ -241,6 +227,50 @@ def _record(
         logit_tokens = torch.tensor(ids, device=last.device)
         logit_probabilities = torch.full((len(targets),), 1 / len(targets), device=last.device)
     return _Recorded(state, targets, logit_tokens, logit_probabilities, base, saved.bytes)
+
+
+@dataclass(frozen=True)
+class _Options:
+    """`attribute`'s numeric options, checked when built."""
+
+    max_n_logits: int
+    desired_logit_prob: float
+    max_feature_nodes: int | None
+    batch_size: int
+    update_interval: int
+    memory_budget: int | None
+
+    def __post_init__(self) -> None:
+        for name in ("max_n_logits", "batch_size", "update_interval"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise AttributionError(f"{name} must be an integer of at least 1, got {value!r}")
+        if not 0 < self.desired_logit_prob <= 1:
+            raise AttributionError(f"desired_logit_prob must be in (0, 1], got {self.desired_logit_prob}")
+        if self.max_feature_nodes is not None and self.max_feature_nodes < 0:
+            raise AttributionError(f"max_feature_nodes must be None or non-negative, got {self.max_feature_nodes}")
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise AttributionError(f"memory_budget must be a positive number of bytes, got {self.memory_budget}")
+
+
+def _prepare(
+    model: nn.Module,
+    transcoders: Sequence[AnyTranscoder],
+    prompt_or_tokens: str | Tensor,
+    caller: str,
+    options: _Options,
+    device: str | torch.device | None,
+    targets: Sequence[Target] | None,
+) -> tuple[Tensor, _Recorded, Attributor, AttributionMemory]:
+    """The checked prompt tokens, the recorded forward pass, its `Attributor` and the
+    memory plan that `attribute` and `estimate_attribution_memory` both start from."""
+    check_not_spliced(model, caller)
+    tokens = prompt_tokens(model, prompt_or_tokens)
+    storage = torch.device(device) if device is not None else model_device(model)
+    recorded = _record(model, transcoders, tokens, options.max_n_logits, options.desired_logit_prob, storage, targets)
+    attributor = Attributor(model, recorded.state, starts_with_bos(model, tokens), storage)
+    memory = attributor.plan(recorded, options.max_feature_nodes, options.batch_size, options.memory_budget)
+    return tokens, recorded, attributor, memory
 
 
 def starts_with_bos(model: nn.Module, tokens: Int[Tensor, " n_pos"]) -> bool:

@@ -170,9 +170,12 @@ def _clean_pass(model: nn.Module, maps: dict[int, LayerMap], tokens: Tensor) -> 
     return _CleanPass(logits, frozen, outputs, latents, errors)
 
 
-def _check_edits(
-    edits: Sequence[FeatureEdit], maps: dict[int, LayerMap], latents: dict[int, Tensor], n_pos: int
+def check_edit_targets(
+    edits: Sequence[FeatureEdit], maps: dict[int, LayerMap], n_prompt: int, *, generating: bool
 ) -> None:
+    """Refuse edits that are not `FeatureEdit`s or name a layer without a transcoder, a
+    position outside the prompt's `n_prompt` tokens or a latent out of range.
+    `position=None` (every newly generated position) is allowed only when `generating`."""
     for edit in edits:
         if not isinstance(edit, FeatureEdit):
             raise AttributionError(f"edits must be FeatureEdit objects (see zero()), got {type(edit).__name__}")
@@ -180,15 +183,25 @@ def _check_edits(
             raise AttributionError(
                 f"{edit}: no transcoder replaces layer {edit.layer}; transcoders are at layers {sorted(maps)}"
             )
-        if edit.position is None:
+        if edit.position is None and not generating:
             raise AttributionError(f"{edit}: position=None (every generated position) is for generate_steered")
-        if not 0 <= edit.position < n_pos:
-            raise AttributionError(f"{edit}: position {edit.position} is out of range, the prompt has {n_pos} tokens")
+        if edit.position is not None and not 0 <= edit.position < n_prompt:
+            raise AttributionError(
+                f"{edit}: position {edit.position} is out of range, outside the prompt's {n_prompt} tokens"
+                + ("; use position=None to edit every newly generated position" if generating else "")
+            )
         d_latent = maps[edit.layer].d_latent
         if not 0 <= edit.latent < d_latent:
             raise AttributionError(
                 f"{edit}: latent {edit.latent} is out of range, the transcoder has {d_latent} latents"
             )
+
+
+def _check_edits(
+    edits: Sequence[FeatureEdit], maps: dict[int, LayerMap], latents: dict[int, Tensor], n_pos: int
+) -> None:
+    check_edit_targets(edits, maps, n_pos, generating=False)
+    for edit in edits:
         inactive = latents[edit.layer][0, edit.position, edit.latent] == 0
         if (edit.scale is not None or edit.value == 0) and inactive:
             raise AttributionError(

@@ -26,7 +26,7 @@ from jaxtyping import Int
 from torch import Tensor, nn
 
 from tl_transcoders.attribution.errors import AttributionError
-from tl_transcoders.attribution.interventions import FeatureEdit
+from tl_transcoders.attribution.interventions import FeatureEdit, check_edit_targets
 from tl_transcoders.attribution.replacement import LayerMap, layer_maps, writers
 from tl_transcoders.core.placement import AnyTranscoder
 from tl_transcoders.hooks.sites import SiteFn, attach
@@ -82,7 +82,7 @@ def generate_steered(
         )
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
         raise AttributionError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    _check_steering_edits(edits, maps, n_prompt)
+    check_edit_targets(edits, maps, n_prompt, generating=True)
     generator = torch.Generator(device=tokens.device)
     if seed is not None:
         generator.manual_seed(seed)
@@ -107,25 +107,6 @@ def generate_steered(
             break
     text = tokenizer.decode(tokens[n_prompt:].tolist()) if tokenizer is not None else None
     return SteeredGeneration(tokens, n_prompt, text)
-
-
-def _check_steering_edits(edits: Sequence[FeatureEdit], maps: dict[int, LayerMap], n_prompt: int) -> None:
-    for edit in edits:
-        if not isinstance(edit, FeatureEdit):
-            raise AttributionError(f"edits must be FeatureEdit objects, got {type(edit).__name__}")
-        if edit.layer not in maps:
-            raise AttributionError(
-                f"{edit}: no transcoder replaces layer {edit.layer}; transcoders are at layers {sorted(maps)}"
-            )
-        if edit.position is not None and not 0 <= edit.position < n_prompt:
-            raise AttributionError(
-                f"{edit}: position {edit.position} is outside the prompt's {n_prompt} tokens; use "
-                "position=None to edit every newly generated position"
-            )
-        if not 0 <= edit.latent < maps[edit.layer].d_latent:
-            raise AttributionError(
-                f"{edit}: latent {edit.latent} is out of range, the transcoder has {maps[edit.layer].d_latent} latents"
-            )
 
 
 def _edit_features(

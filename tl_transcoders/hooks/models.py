@@ -51,22 +51,14 @@ __all__ = [
     "tiny_random_model",
 ]
 
-TINY_SHAPE = dict(
-    n_layers=4,
-    d_model=64,
-    d_head=16,
-    n_heads=4,
-    d_mlp=256,
-    n_ctx=128,
-    d_vocab=512,
-    act_fn="silu",
-    normalization_type="RMS",
-    gated_mlp=True,
-    positional_embedding_type="rotary",
-    rotary_dim=16,
-    n_key_value_heads=2,
-    final_rms=True,
+LLAMA_ARCHITECTURE = dict(
+    act_fn="silu", normalization_type="RMS", gated_mlp=True, positional_embedding_type="rotary", final_rms=True
 )
+"""The HookedTransformerConfig fields of a LLaMA-style block (RMSNorm, gated SiLU MLP, rotary)."""
+
+TINY_SHAPE = dict(
+    n_layers=4, d_model=64, d_head=16, n_heads=4, d_mlp=256, n_ctx=128, d_vocab=512, **LLAMA_ARCHITECTURE
+) | dict(rotary_dim=16, n_key_value_heads=2)
 """A LLaMA-shaped model small enough to run anything in seconds on a CPU."""
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -175,21 +167,8 @@ def set_bos_token(model: nn.Module, token: str) -> None:
 
 
 SMOLLM2_SHAPE = dict(
-    n_layers=30,
-    d_model=576,
-    d_head=64,
-    n_heads=9,
-    d_mlp=1536,
-    n_ctx=2048,
-    d_vocab=49152,
-    act_fn="silu",
-    normalization_type="RMS",
-    gated_mlp=True,
-    positional_embedding_type="rotary",
-    rotary_dim=64,
-    n_key_value_heads=3,
-    final_rms=True,
-)
+    n_layers=30, d_model=576, d_head=64, n_heads=9, d_mlp=1536, n_ctx=2048, d_vocab=49152, **LLAMA_ARCHITECTURE
+) | dict(rotary_dim=64, n_key_value_heads=3)
 """SmolLM2-135M's shape, for benchmarks that need its cost but not its weights."""
 
 
