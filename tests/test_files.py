@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from safetensors.torch import save_file
 
 from tl_transcoders import Transcoder, TranscoderConfig, TranscoderFileError
 from tl_transcoders.core import native
-from tl_transcoders.core.files import atomic_directory, check_writable_directory
+from tl_transcoders.core.files import OutputPathError, atomic_directory, atomic_write, check_writable_directory
 
 
 def transcoder(seed: int, activation: str = "topk") -> Transcoder:
@@ -136,7 +137,32 @@ def test_atomic_directory_cleans_up_after_a_failure(tmp_path):
 
 def test_writable_directory_check(tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(NotADirectoryError):
+    with pytest.raises(OutputPathError, match="exists and is not a directory"):
         check_writable_directory(tmp_path / "file")
     assert check_writable_directory(tmp_path / "new" / "dir").is_dir()
     assert list((tmp_path / "new" / "dir").iterdir()) == []
+
+
+def test_unwritable_output_paths_are_refused_by_name(tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(OutputPathError, match="it is a directory"):
+        atomic_write(tmp_path / "dir", lambda tmp: Path(tmp).write_text("y"))
+    with pytest.raises(OutputPathError, match="cannot write"):
+        atomic_write(tmp_path / "file" / "inside", lambda tmp: Path(tmp).write_text("y"))
+    with pytest.raises(OutputPathError, match="exists and is not a directory"), atomic_directory(tmp_path / "file"):
+        pass
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    try:
+        if os.access(read_only, os.W_OK):  # root ignores permissions
+            pytest.skip("this user can write into read-only directories")
+        with pytest.raises(OutputPathError, match="cannot write"):
+            atomic_write(read_only / "out.json", lambda tmp: Path(tmp).write_text("y"))
+        with pytest.raises(OutputPathError, match="cannot write"):
+            check_writable_directory(read_only / "sub")
+    finally:
+        read_only.chmod(0o755)
+    assert (tmp_path / "file").read_text() == "x" and list((tmp_path / "dir").iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file", "read_only"]  # no temporary file left

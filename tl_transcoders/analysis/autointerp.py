@@ -57,12 +57,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from tl_transcoders.analysis.dashboards import check_latents, token_strings, visible
+from tl_transcoders.analysis.dashboards import check_latents, token_strings, transcoder_inputs, visible
 from tl_transcoders.analysis.errors import AnalysisError
 from tl_transcoders.core.errors import TranscodersError
 from tl_transcoders.core.transcoder import Transcoder
 from tl_transcoders.evaluation.statistics import mean_and_sem
-from tl_transcoders.hooks.sites import capture
 from tl_transcoders.hooks.splice import check_compatible
 from tl_transcoders.hooks.tokens import TokenInput, token_batches_of
 
@@ -128,12 +127,10 @@ def latent_activations(
         raise AnalysisError(f"batch_size must be at least 1, got {batch_size}")
     check_compatible(model, [transcoder])
     chosen = check_latents(transcoder, latents)
-    site = transcoder.cfg.input_site
     out = []
     with torch.no_grad():
         for batch in token_batches_of(model, tokens, batch_size, min_positions=1):
-            x = capture(model, batch, [site])[site].to(transcoder.W_enc.dtype)
-            acts = transcoder.encode(x)[:, chosen].float().cpu()
+            acts = transcoder.encode(transcoder_inputs(model, batch, transcoder))[:, chosen].float().cpu()
             out.append(acts.T.reshape(len(chosen), *batch.shape))
     return torch.cat(out, dim=1)
 

@@ -24,10 +24,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from tl_transcoders.analysis.dashboards import transcoder_inputs
 from tl_transcoders.analysis.errors import AnalysisError
 from tl_transcoders.core.transcoder import Transcoder
 from tl_transcoders.evaluation import compute_ablation_baselines, evaluate_splice
-from tl_transcoders.hooks.sites import capture
 from tl_transcoders.hooks.tokens import TokenInput, check_tokens, token_batches_of
 from tl_transcoders.training import TrainConfig, Trainer, fit_together
 
@@ -89,10 +89,10 @@ def latent_frequencies(
     counts = torch.zeros(transcoder.cfg.d_latent, dtype=torch.float64, device=transcoder.W_enc.device)
     n = 0
     for batch in token_batches_of(model, tokens, batch_size):
-        x = capture(model, batch, [transcoder.cfg.input_site])[transcoder.cfg.input_site]
+        x = transcoder_inputs(model, batch, transcoder)
         x = x.reshape(batch.shape[0], batch.shape[1], -1)[:, 1:].reshape(-1, x.shape[-1])
         with torch.no_grad():
-            counts += (transcoder.encode(x.to(transcoder.W_enc.dtype)) > 0).sum(0).double()
+            counts += (transcoder.encode(x) > 0).sum(0).double()
         n += x.shape[0]
     return (counts / max(n, 1)).float()
 

@@ -41,7 +41,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from tl_transcoders.analysis.errors import AnalysisError
+from tl_transcoders.analysis.errors import AnalysisError, check_finite_activations
 from tl_transcoders.attribution.virtual_weights import (
     AttributionError,
     embedding_weights,
@@ -66,6 +66,7 @@ __all__ = [
     "latent_dashboards",
     "save_dashboards",
     "token_strings",
+    "transcoder_inputs",
     "top_latents",
     "visible",
 ]
@@ -162,17 +163,27 @@ def collect_activations(
     collector = _Collector(
         transcoder, check_latents(transcoder, latents), n_top, n_bins, window_before, window_after, int(skip_bos)
     )
-    site = transcoder.cfg.input_site
     with torch.no_grad():
         for batch in token_batches_of(model, batches, batch_size, min_positions=1):
-            x = capture(model, batch, [site])[site].to(transcoder.W_enc.dtype)
-            collector.add(batch, x)
+            collector.add(batch, transcoder_inputs(model, batch, transcoder))
     return collector.records()
+
+
+def transcoder_inputs(
+    model: nn.Module, batch: Int[Tensor, "batch pos"], transcoder: Transcoder
+) -> Float[Tensor, "batch_x_pos d_in"]:
+    """The activations `transcoder` reads (its input site) on `batch`, one row per token
+    (row-major over batch and position), in its dtype; `AnalysisError` where they hold
+    NaN or inf."""
+    site = transcoder.cfg.input_site
+    x = capture(model, batch, [site])[site]
+    check_finite_activations(x, site)
+    return x.to(transcoder.W_enc.dtype)
 
 
 def check_latents(transcoder: Transcoder, latents: Tensor | Sequence[int] | None) -> Int[Tensor, " n_chosen"]:
     """`latents` as a tensor of indices on the transcoder's device (every latent for
-    None); a `ValueError` for an empty, non-integer, repeated or out-of-range index."""
+    None); an `AnalysisError` (a `ValueError`) for an empty, non-integer, repeated or out-of-range index."""
     d_latent = transcoder.cfg.d_latent
     device = transcoder.W_enc.device
     if latents is None:
@@ -188,8 +199,8 @@ def check_latents(transcoder: Transcoder, latents: Tensor | Sequence[int] | None
     return chosen.long()
 
 
-def _out_of_range(latent: int, d_latent: int) -> ValueError:
-    return ValueError(f"latent {latent} is out of range: the transcoder has {d_latent} latents (0..{d_latent - 1})")
+def _out_of_range(latent: int, d_latent: int) -> AnalysisError:
+    return AnalysisError(f"latent {latent} is out of range: the transcoder has {d_latent} latents (0..{d_latent - 1})")
 
 
 class _Collector:
@@ -666,6 +677,5 @@ def save_dashboards(
         text = json.dumps({"title": title, "dashboards": [d.to_dict() for d in dashboards]}, indent=1)
     else:
         text = dashboard_page(dashboards, title)
-    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return path

@@ -31,7 +31,7 @@ from jaxtyping import Bool, Float, Int, Shaped
 from torch import Tensor, nn
 
 from tl_transcoders.analysis.dashboards import token_strings
-from tl_transcoders.analysis.errors import AnalysisError
+from tl_transcoders.analysis.errors import AnalysisError, check_finite_activations
 from tl_transcoders.core.transcoder import Transcoder
 from tl_transcoders.hooks.sites import capture, check_site_exists
 from tl_transcoders.hooks.splice import check_compatible
@@ -337,6 +337,8 @@ def collect_features(
             if len(positions) and (positions[:, 1] >= pos).any():
                 raise ProbeError(f"positions must be (sequence, position) pairs inside tokens of {pos} positions")
             acts = capture(model, batch, sites)
+            for site, x in acts.items():
+                check_finite_activations(x, site)
             here = ((positions[:, 0] >= first) & (positions[:, 0] < first + n)).nonzero()[:, 0]
             flat = (positions[here, 0] - first) * pos + positions[here, 1]
             order.append(here)

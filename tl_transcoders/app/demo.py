@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from tl_transcoders.core.errors import TranscodersError
+from tl_transcoders.core.files import check_writable_directory
 from tl_transcoders.evaluation import evaluate_splice, format_table
 from tl_transcoders.training import TrainConfig, Trainer
 
@@ -85,8 +86,7 @@ def run_demo(
 
     if model not in ("smollm2", "tiny"):
         raise TranscodersError(f"model must be 'smollm2' or 'tiny', got {model!r}")
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = check_writable_directory(output_dir)
     started = time.perf_counter()
     hooked, batches, heldout = (real_inputs if model == "smollm2" else tiny_inputs)(heldout_rows)
     layer = hooked.cfg.n_layers // 2 if layer is None else layer
@@ -104,6 +104,7 @@ def run_demo(
         max_tokens=tokens,
         checkpoint_every=10**9,
         output_dir=str(output_dir / "transcoders"),
+        overwrite=True,  # a demo run again replaces its own outputs
     )
     trained = time.perf_counter()
     transcoder = Trainer(hooked, cfg).fit(batches)[0].eval()

@@ -36,7 +36,13 @@ from tl_transcoders.attribution.memory import (
     plan,
     return_freed_memory,
 )
-from tl_transcoders.attribution.replacement import ReplacementState, frozen_replacement, layer_maps, writers
+from tl_transcoders.attribution.replacement import (
+    ReplacementState,
+    check_finite_logits,
+    frozen_replacement,
+    layer_maps,
+    writers,
+)
 from tl_transcoders.attribution.rows import RowStore
 from tl_transcoders.attribution.targets import (
     LogitDifference,
@@ -67,7 +73,7 @@ __all__ = [
 
 def attribute(
     model: nn.Module,
-    transcoders: Sequence[AnyTranscoder],
+    transcoders: AnyTranscoder | Sequence[AnyTranscoder],
     prompt_or_tokens: str | Tensor,
     *,
     max_n_logits: int = 10,
@@ -159,7 +165,7 @@ def attribute(
 
 def estimate_attribution_memory(
     model: nn.Module,
-    transcoders: Sequence[AnyTranscoder],
+    transcoders: AnyTranscoder | Sequence[AnyTranscoder],
     prompt_or_tokens: str | Tensor,
     *,
     max_n_logits: int = 10,
@@ -200,7 +206,7 @@ class _Recorded:
 
 def _record(
     model: nn.Module,
-    transcoders: Sequence[AnyTranscoder],
+    transcoders: AnyTranscoder | Sequence[AnyTranscoder],
     tokens: Tensor,
     max_n_logits: int,
     desired_logit_prob: float,
@@ -218,6 +224,7 @@ def _record(
         SavedTensorBytes(model) as saved,
     ):
         last = model(tokens[None])[0, -1].detach()  # the other positions' logits are freed here
+    check_finite_logits(last, "the replacement model")
     if targets is None:
         probabilities = torch.softmax(last.float(), dim=-1)
         logit_tokens, logit_probabilities = most_probable_tokens(probabilities, max_n_logits, desired_logit_prob)
@@ -255,7 +262,7 @@ class _Options:
 
 def _prepare(
     model: nn.Module,
-    transcoders: Sequence[AnyTranscoder],
+    transcoders: AnyTranscoder | Sequence[AnyTranscoder],
     prompt_or_tokens: str | Tensor,
     caller: str,
     options: _Options,

@@ -23,7 +23,7 @@ from typing import Any
 from tl_transcoders.attribution.errors import AttributionError
 from tl_transcoders.attribution.graph import Graph, token_labels
 from tl_transcoders.attribution.prune import prune
-from tl_transcoders.core.files import atomic_write
+from tl_transcoders.core.files import atomic_write, check_writable_directory
 
 __all__ = [
     "FEATURE_TYPES",
@@ -129,8 +129,7 @@ def export_graph(
     graph file's path. Serve the directory with circuit-tracer's viewer to browse it."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", slug):
         raise AttributionError(f"slug {slug!r} must be a file name of letters, digits, '_', '.' and '-'")
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = check_writable_directory(output_dir)
     data = graph_json(
         graph,
         slug,

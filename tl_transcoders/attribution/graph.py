@@ -165,7 +165,6 @@ class Graph:
             raise AttributionError(f"Graph.save: metadata must be JSON-serialisable ({err})") from err
         tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in TENSOR_FIELDS}
         header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "fields": fields}
-        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
         return path
 

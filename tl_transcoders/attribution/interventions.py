@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from tl_transcoders.attribution.errors import AttributionError
 from tl_transcoders.attribution.replacement import (
     LayerMap,
+    check_finite_logits,
     freeze_hooks,
     layer_maps,
     output_site,
@@ -91,9 +92,9 @@ class InterventionResult:
 
 def intervene(
     model: nn.Module,
-    transcoders: Sequence[AnyTranscoder],
+    transcoders: AnyTranscoder | Sequence[AnyTranscoder],
     prompt_or_tokens: str | Tensor,
-    edits: Sequence[FeatureEdit],
+    edits: FeatureEdit | Sequence[FeatureEdit],
     *,
     freeze_attention: bool = True,
     constrained_layers: Iterable[int] | None = None,
@@ -116,7 +117,8 @@ def intervene(
     if bad:
         raise AttributionError(f"constrained_layers {bad} are out of range: the model has {model.cfg.n_layers} layers")
     clean = _clean_pass(model, maps, tokens)
-    _check_edits(edits, maps, clean.latents, tokens.numel())
+    check_finite_logits(clean.logits, "the model")
+    edits = _check_edits(edits, maps, clean.latents, tokens.numel())
     hooks = freeze_hooks(model, clean.frozen) if freeze_attention else []
     inputs: dict[int, Tensor] = {}
     latents: dict[int, Tensor] = {}
@@ -133,6 +135,11 @@ def intervene(
             hooks.append((site, _constant(clean.outputs[layer])))
     with torch.no_grad(), attach(model, hooks), quiet_norm_edits():
         new_logits = model(tokens[None])[0]
+    if not torch.isfinite(new_logits).all():
+        raise AttributionError(
+            "the edited model produced NaN or inf logits: an edit's value or scale is too large for "
+            f"the model's dtype ({new_logits.dtype}); use a smaller one"
+        )
     original = clean.logits
     change = (new_logits - original)[-1]
     top = change.abs().topk(min(n_top, change.numel())).indices
@@ -171,11 +178,17 @@ def _clean_pass(model: nn.Module, maps: dict[int, LayerMap], tokens: Tensor) -> 
 
 
 def check_edit_targets(
-    edits: Sequence[FeatureEdit], maps: dict[int, LayerMap], n_prompt: int, *, generating: bool
-) -> None:
-    """Refuse edits that are not `FeatureEdit`s or name a layer without a transcoder, a
-    position outside the prompt's `n_prompt` tokens or a latent out of range.
-    `position=None` (every newly generated position) is allowed only when `generating`."""
+    edits: FeatureEdit | Sequence[FeatureEdit], maps: dict[int, LayerMap], n_prompt: int, *, generating: bool
+) -> list[FeatureEdit]:
+    """`edits` as a list (one edit is a list of one), after refusing any that is not a
+    `FeatureEdit` or names a layer without a transcoder, a position outside the prompt's
+    `n_prompt` tokens or a latent out of range. `position=None` (every newly generated
+    position) is allowed only when `generating`."""
+    if isinstance(edits, FeatureEdit):
+        edits = [edits]
+    elif isinstance(edits, (str, bytes)) or not isinstance(edits, Iterable):
+        raise AttributionError(f"edits must be a FeatureEdit or a list of them, got {type(edits).__name__}")
+    edits = list(edits)
     for edit in edits:
         if not isinstance(edit, FeatureEdit):
             raise AttributionError(f"edits must be FeatureEdit objects (see zero()), got {type(edit).__name__}")
@@ -195,12 +208,15 @@ def check_edit_targets(
             raise AttributionError(
                 f"{edit}: latent {edit.latent} is out of range, the transcoder has {d_latent} latents"
             )
+    return edits
 
 
 def _check_edits(
-    edits: Sequence[FeatureEdit], maps: dict[int, LayerMap], latents: dict[int, Tensor], n_pos: int
-) -> None:
-    check_edit_targets(edits, maps, n_pos, generating=False)
+    edits: FeatureEdit | Sequence[FeatureEdit], maps: dict[int, LayerMap], latents: dict[int, Tensor], n_pos: int
+) -> list[FeatureEdit]:
+    """`check_edit_targets` for `intervene`, which also refuses zeroing or scaling a
+    feature that is not active (it would change nothing)."""
+    edits = check_edit_targets(edits, maps, n_pos, generating=False)
     for edit in edits:
         inactive = latents[edit.layer][0, edit.position, edit.latent] == 0
         if (edit.scale is not None or edit.value == 0) and inactive:
@@ -208,6 +224,7 @@ def _check_edits(
                 f"{edit}: the feature is not active at position {edit.position} of this prompt, so "
                 "zeroing or scaling it changes nothing; set it with value= to switch it on"
             )
+    return edits
 
 
 def _constant(value: Tensor) -> SiteFn:

@@ -112,7 +112,7 @@ class QKAttribution:
 
 def attribute_qk(
     model: nn.Module,
-    transcoders: Sequence[AnyTranscoder],
+    transcoders: AnyTranscoder | Sequence[AnyTranscoder],
     prompt_or_tokens: str | Tensor,
     layer: int,
     head: int,

@@ -37,13 +37,14 @@ from tl_transcoders.core.activations import SparseLatents
 from tl_transcoders.core.placement import AnyTranscoder
 from tl_transcoders.core.transcoder import Transcoder
 from tl_transcoders.hooks.sites import SiteFn, attach, store_hook
-from tl_transcoders.hooks.splice import SpliceError, check_compatible, describe, placements_of
+from tl_transcoders.hooks.splice import SpliceError, check_compatible, describe, placements_of, transcoder_list
 
 __all__ = [
     "NORMS",
     "LayerMap",
     "ReplacementError",
     "ReplacementState",
+    "check_finite_logits",
     "freeze_hooks",
     "frozen_replacement",
     "frozen_sites",
@@ -59,6 +60,16 @@ NORMS = ("ln1", "ln1_post", "ln2", "ln2_post")
 
 class ReplacementError(AttributionError):
     """The transcoders or the input cannot form a replacement model."""
+
+
+def check_finite_logits(logits: Tensor, source: str) -> None:
+    """Refuse NaN or inf `logits` (an `AttributionError` saying that `source` produced
+    them), so that no graph, edit or generation is built on them."""
+    if not torch.isfinite(logits).all():
+        raise AttributionError(
+            f"{source} produced NaN or inf logits on this prompt; check the model's and the transcoders' "
+            "weights and dtype (fp16 overflows easily)"
+        )
 
 
 @dataclass(frozen=True)
@@ -115,10 +126,13 @@ class LayerMap:
         return f"{describe(self.module)} at layer {self.layer}"
 
 
-def layer_maps(model: nn.Module, transcoders: Sequence[AnyTranscoder]) -> dict[int, LayerMap]:
+def layer_maps(model: nn.Module, transcoders: AnyTranscoder | Sequence[AnyTranscoder]) -> dict[int, LayerMap]:
     """Check that `transcoders` (per-layer and cross-layer) fit `model` (as `splice`
     does), replace different layers and are not SAEs; their `LayerMap`s by layer."""
-    transcoders = list(transcoders)
+    try:
+        transcoders = transcoder_list(transcoders)
+    except SpliceError as err:
+        raise ReplacementError(str(err)) from err
     if not transcoders:  # a model of error nodes only
         return {}
     try:
@@ -279,7 +293,7 @@ class ReplacementState:
 @contextlib.contextmanager
 def frozen_replacement(
     model: nn.Module,
-    transcoders: Sequence[AnyTranscoder],
+    transcoders: AnyTranscoder | Sequence[AnyTranscoder],
     residual_layers: Sequence[int] = (),
     attention_layers: Sequence[int] = (),
 ) -> Iterator[ReplacementState]:

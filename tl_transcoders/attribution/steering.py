@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from tl_transcoders.attribution.errors import AttributionError
 from tl_transcoders.attribution.interventions import FeatureEdit, check_edit_targets
-from tl_transcoders.attribution.replacement import LayerMap, layer_maps, writers
+from tl_transcoders.attribution.replacement import LayerMap, check_finite_logits, layer_maps, writers
 from tl_transcoders.core.placement import AnyTranscoder
 from tl_transcoders.hooks.sites import SiteFn, attach
 from tl_transcoders.hooks.splice import check_not_spliced
@@ -52,9 +52,9 @@ class SteeredGeneration:
 
 def generate_steered(
     model: nn.Module,
-    transcoders: Sequence[AnyTranscoder],
+    transcoders: AnyTranscoder | Sequence[AnyTranscoder],
     prompt_or_tokens: str | Tensor,
-    edits: Sequence[FeatureEdit],
+    edits: FeatureEdit | Sequence[FeatureEdit],
     *,
     max_new_tokens: int = 20,
     temperature: float = 0.0,
@@ -82,7 +82,7 @@ def generate_steered(
         )
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
         raise AttributionError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    check_edit_targets(edits, maps, n_prompt, generating=True)
+    edits = check_edit_targets(edits, maps, n_prompt, generating=True)
     generator = torch.Generator(device=tokens.device)
     if seed is not None:
         generator.manual_seed(seed)
@@ -98,6 +98,7 @@ def generate_steered(
             hooks.append((maps[target].output_site, _add_changes(into[target], changes)))
         with torch.no_grad(), attach(model, hooks):
             logits = model(tokens[None])[0, -1].float()
+        check_finite_logits(logits, "the steered model")
         if temperature == 0:
             new = logits.argmax()
         else:

@@ -91,6 +91,12 @@ def _token_id(model: nn.Module, token: int | str, what: str) -> int:
             raise AttributionError(
                 f"{what}: {token!r} is {len(ids)} tokens for this tokenizer ({ids}); a target names one token"
             )
+        unknown = getattr(tokenizer, "unk_token_id", None)
+        if ids[0] == unknown and token != tokenizer.unk_token:
+            raise AttributionError(
+                f"{what}: {token!r} is not in the tokenizer's vocabulary (it encodes to the unknown token "
+                f"{tokenizer.unk_token!r}); name a token the model has, or give its id"
+            )
         token = ids[0]
     if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < model.cfg.d_vocab:
         raise AttributionError(f"{what}: token {token!r} is not an id in the vocabulary of {model.cfg.d_vocab}")

@@ -36,6 +36,7 @@ from tl_transcoders.core import encoder
 from tl_transcoders.core.activations import SparseLatents
 from tl_transcoders.core.config import ConfigError, CrossLayerConfig
 from tl_transcoders.core.encoder import EncoderWeights
+from tl_transcoders.core.errors import TensorInputError
 from tl_transcoders.core.module import NativeModule
 
 __all__ = ["CrossLayerOutput", "CrossLayerTranscoder", "LayerTargets", "cross_layer_shapes"]
@@ -139,7 +140,9 @@ class CrossLayerTranscoder(NativeModule):
         return layer - self.cfg.first_layer
 
     def encoder_weights(self, i: int, dtype: torch.dtype | None = None) -> EncoderWeights:
-        """Layer index `i`'s encoder tensors (cast differentiably to `dtype` when given)."""
+        """Layer index `i`'s encoder tensors (cast differentiably to `dtype` when given).
+        Refuses a config or a parameter changed after construction (`check_unchanged`)."""
+        self.check_unchanged()
         threshold = getattr(self, "threshold", None)
         weights = EncoderWeights(self.W_enc[i], self.b_enc[i], None if threshold is None else threshold[i])
         return weights if dtype is None else EncoderWeights(*(t if t is None else t.to(dtype) for t in weights))
@@ -208,7 +211,7 @@ class CrossLayerTranscoder(NativeModule):
         (`inputs[i]` is layer index i's), for training and inference alike; the options
         are `Transcoder.run`'s."""
         if inputs.ndim < 2 or inputs.shape[0] != self.cfg.n_layers or inputs.shape[-1] != self.cfg.d_model:
-            raise ValueError(
+            raise TensorInputError(
                 f"inputs must be [n_layers={self.cfg.n_layers}, ..., d_model={self.cfg.d_model}] "
                 f"(one MLP input per covered layer), got {list(inputs.shape)}"
             )

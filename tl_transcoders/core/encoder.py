@@ -66,6 +66,7 @@ def encode(
     BatchTopK's `k * n_tokens` latents across the batch (training) instead of its
     per-token threshold; `jumprelu_bandwidth` turns on JumpReLU's straight-through
     threshold gradient."""
+    kernels.check_encoder_input(x, weights.W_enc, weights.b_enc)
     if uses_sparse_kernels(activation, batch_wide):
         select = kernels.topk_encode if activation == "topk" else kernels.batchtopk_encode
         latents = select(x, weights.W_enc, weights.b_enc, k)

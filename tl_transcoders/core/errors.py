@@ -10,11 +10,20 @@ Messages say what is wrong and what to do about it.
 
 from __future__ import annotations
 
-__all__ = ["TranscodersError", "summary"]
+__all__ = ["TensorDtypeError", "TensorInputError", "TranscodersError", "summary"]
 
 
 class TranscodersError(Exception):
     """Bad input or state that tl-transcoders refused, with a message that says what to do."""
+
+
+class TensorInputError(TranscodersError, ValueError):
+    """A tensor handed to a transcoder's forward pass that does not fit it: a scalar, or
+    a last dimension other than the transcoder's input width."""
+
+
+class TensorDtypeError(TensorInputError, TypeError):
+    """Activations of another dtype than the transcoder's weights (cast one of them)."""
 
 
 def summary(error: BaseException, limit: int = 300) -> str:

@@ -21,25 +21,48 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-__all__ = ["atomic_directory", "atomic_write", "check_writable_directory"]
+from tl_transcoders.core.errors import TranscodersError
+
+__all__ = ["OutputPathError", "atomic_directory", "atomic_write", "check_writable_directory"]
+
+
+class OutputPathError(TranscodersError, OSError):
+    """A file or directory cannot be written where asked: the path is a file where a
+    directory is needed (or the reverse), or it is not writable."""
+
+
+def _unwritable(path: Path, err: OSError) -> OutputPathError:
+    reason = err.strerror or str(err)
+    return OutputPathError(f"cannot write {path}: {reason}; choose a path in a directory you can write to")
+
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
-    """Call `write(temporary_path)` on a temporary file beside `path`, then rename it to
-    `path`: readers see the old file or the whole new one, never a part. The temporary
-    file is removed if `write` fails; the new file gets a normal file mode (the umask's)."""
+    """Call `write(temporary_path)` on a temporary file beside `path` (its directory made
+    if needed), then rename it to `path`: readers see the old file or the whole new one,
+    never a part. The temporary file is removed if `write` fails; the new file gets a
+    normal file mode (the umask's). `OutputPathError` where `path` is a directory or
+    cannot be written."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if path.is_dir():
+        raise OutputPathError(f"cannot write {path}: it is a directory; give the path of a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise _unwritable(path, err) from err
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and not isinstance(err, TranscodersError):
+            raise _unwritable(path, err) from err
         raise
 
 
@@ -47,12 +70,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary directory beside `path`; when the block ends normally it
     becomes `path`, replacing any directory there as a whole. On an exception (Ctrl-C
-    included) the temporary directory is removed and `path` is left as it was."""
+    included) the temporary directory is removed and `path` is left as it was.
+    `OutputPathError` where `path` is a file or its directory cannot be written."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path} exists and is not a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        raise OutputPathError(f"cannot write {path}: it exists and is not a directory; give a directory path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    except OSError as err:
+        raise _unwritable(path, err) from err
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private
@@ -64,13 +91,16 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
 
 def check_writable_directory(path: str | os.PathLike) -> Path:
     """Create `path` (and its parents) if needed and check that a file can be written in
-    it; raise `OSError` (with the path) if not. Returns the path."""
+    it; raise `OutputPathError` (an `OSError`, naming the path) if not. Returns the path."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"{path} exists and is not a directory")
-    path.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check.", delete=True):
-        pass
+        raise OutputPathError(f"cannot write into {path}: it exists and is not a directory; give a directory path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check.", delete=True):
+            pass
+    except OSError as err:
+        raise _unwritable(path, err) from err
     return path
 
 

@@ -34,8 +34,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from tl_transcoders.core.activations import SparseLatents
+from tl_transcoders.core.errors import TensorDtypeError, TensorInputError
 
-__all__ = ["topk_encode", "batchtopk_encode", "sparse_decode"]
+__all__ = ["batchtopk_encode", "check_encoder_input", "sparse_decode", "topk_encode"]
 
 _CHUNK_ELEMENTS = 1 << 22
 """Pre-activations are computed in blocks of about this many elements (16 MiB in
@@ -55,7 +56,7 @@ def topk_encode(
     order within a token (as `torch.topk(sorted=False)`); values are ReLU'd, so a
     kept latent with a negative pre-activation has value 0 and gets no gradient.
     Gradients flow to `x`, `W_enc` and `b_enc`; `indices` is not differentiable."""
-    _check_encoder(x, W_enc, b_enc)
+    check_encoder_input(x, W_enc, b_enc)
     d_latent = W_enc.shape[0]
     if not 1 <= k <= d_latent:
         raise ValueError(f"k must be between 1 and d_latent={d_latent}, got {k}")
@@ -79,7 +80,7 @@ def batchtopk_encode(
     keep, so the indices of a row are distinct and `to_dense` is exact. Selection is
     exact: each token's top `2k` pre-activations are candidates, and tokens whose
     candidates are all selected are searched in full."""
-    _check_encoder(x, W_enc, b_enc)
+    check_encoder_input(x, W_enc, b_enc)
     if k < 1:
         raise ValueError(f"k must be a positive integer, got {k}")
     batch = x.shape[:-1]
@@ -103,9 +104,21 @@ def sparse_decode(
     return out if b_dec is None else out + b_dec
 
 
-def _check_encoder(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> None:
+def check_encoder_input(x: Tensor, W_enc: Tensor, b_enc: Tensor) -> None:
+    """Refuse activations `x` that an encoder `W_enc` [d_latent, d_in] cannot read: not
+    at least one-dimensional, a last dimension other than d_in, or another dtype than the
+    weights (`TensorInputError`, `TensorDtypeError`)."""
+    d_in = W_enc.shape[-1]
+    if x.ndim < 1 or x.shape[-1] != d_in:
+        raise TensorInputError(
+            f"activations must be [..., d_in={d_in}] (the transcoder's input width), got shape {list(x.shape)}; "
+            "pass the activations of the site the transcoder reads (cfg.input_site)"
+        )
     if not (x.dtype == W_enc.dtype == b_enc.dtype):
-        raise TypeError(f"x, W_enc and b_enc must share a dtype, got {x.dtype}, {W_enc.dtype}, {b_enc.dtype}")
+        raise TensorDtypeError(
+            f"x, W_enc and b_enc must share a dtype, got {x.dtype}, {W_enc.dtype}, {b_enc.dtype}; cast the "
+            "activations (x.to(W_enc.dtype)) or the transcoder (transcoder.to(dtype))"
+        )
 
 
 # Autograd internals. Left unannotated: they run once per step on large tensors and

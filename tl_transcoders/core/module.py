@@ -8,6 +8,7 @@ without a wasted random initialisation.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from collections.abc import Mapping
@@ -74,6 +75,27 @@ class NativeModule(nn.Module):
                 f"the parameters do not match the config: {details}. Was cfg or a weight changed after "
                 f"the module was built? Build a new {type(self).__name__} from the config you want."
             )
+
+    def check_unchanged(self) -> None:
+        """`validate` again where the config or a parameter's shape changed since the
+        last check (cheap otherwise): the forward passes call it, so that a config
+        edited after construction (`cfg.k = 10000`, `cfg.skip = False`) or a replaced
+        weight is refused (`ConfigError`) instead of silently used."""
+        state = (vars(self.cfg), [(name, p.shape) for name, p in self.named_parameters()])
+        checked = self.__dict__.get("_validated_state")
+        if state == checked:
+            return
+        try:
+            self.validate()
+        except ConfigError as err:
+            if checked is None:
+                raise
+            changed = sorted(name for name, value in state[0].items() if checked[0].get(name) != value)
+            raise ConfigError(
+                f"{type(self).__name__}: the config was changed after the module was built "
+                f"({', '.join(changed) or 'a parameter'}): {err}"
+            ) from err
+        self.__dict__["_validated_state"] = copy.deepcopy(state)
 
     def nonfinite_parameters(self) -> list[str]:
         """The names of the parameters holding NaN or inf. Memory-mapped weights (`load`

@@ -113,7 +113,9 @@ class Transcoder(NativeModule):
 
     def weights(self, dtype: torch.dtype | None = None) -> Weights:
         """The parameters as used by the forward pass; cast (differentiably, so gradients
-        reach the parameters in their own dtype) to `dtype` when given."""
+        reach the parameters in their own dtype) to `dtype` when given. Refuses a config
+        or a parameter changed after construction (`check_unchanged`)."""
+        self.check_unchanged()
 
         def cast(p: Tensor | None) -> Tensor | None:
             return p if p is None or dtype is None else p.to(dtype)

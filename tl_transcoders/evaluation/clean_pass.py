@@ -25,11 +25,20 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from tl_transcoders.core.config import default_output_site, layer_of
+from tl_transcoders.core.errors import TranscodersError
 from tl_transcoders.core.placement import AnyTranscoder
 from tl_transcoders.hooks.sites import attach, check_resume, resumable_pass, store_hook
 from tl_transcoders.hooks.splice import placements_of, transcoder_hooks
 
-__all__ = ["CleanPass", "head_input"]
+__all__ = ["CleanPass", "EvaluationError", "NonFiniteLogitsError", "head_input"]
+
+
+class EvaluationError(TranscodersError, ValueError):
+    """An evaluation that cannot give a meaningful number (bad transcoders, NaN outputs)."""
+
+
+class NonFiniteLogitsError(EvaluationError, FloatingPointError):
+    """The model itself produced NaN or inf logits on the evaluation tokens."""
 
 
 @contextlib.contextmanager
@@ -94,7 +103,7 @@ class CleanPass:
         if not logits:
             return
         if not torch.isfinite(clean).all():
-            raise FloatingPointError(
+            raise NonFiniteLogitsError(
                 "the model itself produced NaN or inf logits on these tokens; check its "
                 "weights and dtype (fp16 overflows easily) before evaluating transcoders"
             )

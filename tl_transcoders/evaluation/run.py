@@ -32,11 +32,10 @@ from torch import Tensor, nn
 
 from tl_transcoders.core.activations import SparseLatents
 from tl_transcoders.core.config import default_output_site
-from tl_transcoders.core.errors import TranscodersError
 from tl_transcoders.core.placement import AnyTranscoder, Placement, describe, placements
 from tl_transcoders.core.transcoder import Transcoder
 from tl_transcoders.evaluation.baselines import AblationBaselines, TokenFingerprint
-from tl_transcoders.evaluation.clean_pass import CleanPass, head_input
+from tl_transcoders.evaluation.clean_pass import CleanPass, EvaluationError, head_input
 from tl_transcoders.evaluation.report import LayerReport, SpliceReport
 from tl_transcoders.evaluation.statistics import RunningFVU, difference_estimate, mean_estimate, ratio_estimate
 from tl_transcoders.hooks.sites import is_bridge
@@ -60,10 +59,6 @@ __all__ = [
 LOGITS_BUDGET_BYTES = 256 * 2**20
 """The default batch holds as many rows as fit one float32 copy of their logits in this
 many bytes (a few copies are alive at once)."""
-
-
-class EvaluationError(TranscodersError, ValueError):
-    """An evaluation that cannot give a meaningful number (bad transcoders, NaN outputs)."""
 
 
 def default_batch_size(model: nn.Module, n_pos: int) -> int:
@@ -120,11 +115,17 @@ def evaluate_splice(
 
 
 def compute_ablation_baselines(
-    model: nn.Module, tokens: TokenInput, sites: Sequence[str | int], *, batch_size: int | None = None
+    model: nn.Module, tokens: TokenInput, sites: str | int | Sequence[str | int], *, batch_size: int | None = None
 ) -> AblationBaselines:
     """Zero- and mean-ablation CE for each output site (a hook name, or a layer number
     for that layer's `hook_mlp_out`) on `tokens`, to reuse across `evaluate_splice`
     calls on the same tokens (e.g. every checkpoint of a training run)."""
+    if isinstance(sites, (str, int)):
+        sites = [sites]
+    n_layers = model.cfg.n_layers
+    bad = [s for s in sites if isinstance(s, int) and not 0 <= s < n_layers]
+    if bad:
+        raise EvaluationError(f"layer {bad[0]} is out of range: the model has {n_layers} layers (0..{n_layers - 1})")
     sites = [default_output_site(s) if isinstance(s, int) else s for s in sites]
     check_not_spliced(model, "compute_ablation_baselines")
     batches = token_batches_of(model, tokens, _rows_per_batch(model, batch_size))

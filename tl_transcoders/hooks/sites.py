@@ -30,6 +30,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from tl_transcoders.core.config import (
+    ConfigError,
     CrossLayerConfig,
     TranscoderConfig,
     default_input_site,
@@ -396,6 +397,27 @@ def model_name(model: nn.Module) -> str | None:
     return getattr(model.cfg, "model_name", None)
 
 
+def _check_size_and_layers(
+    model: nn.Module, caller: str, d_latent: int | None, expansion: int | None, layers: Sequence[int]
+) -> None:
+    """The dictionary size is given once (`d_latent`, or `expansion` as a positive
+    integer: `ConfigError`) and every layer is one of the model's (`SiteError`)."""
+    if (d_latent is None) == (expansion is None):
+        raise ConfigError(f"{caller}: give exactly one of d_latent= and expansion=")
+    if expansion is not None and (isinstance(expansion, bool) or not isinstance(expansion, int) or expansion < 1):
+        raise ConfigError(
+            f"{caller}: expansion must be a positive integer (d_latent = expansion * d_in), got {expansion!r}"
+        )
+    n_layers = model.cfg.n_layers
+    bad = [
+        layer for layer in layers if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers
+    ]
+    if bad:
+        raise SiteError(
+            f"{caller}: layer {bad[0]!r} is out of range: the model has {n_layers} layers (0..{n_layers - 1})"
+        )
+
+
 def transcoder_config(
     model: nn.Module,
     layer: int,
@@ -411,8 +433,7 @@ def transcoder_config(
     and `model_name` from the model. The dictionary has `d_latent` latents, or
     `expansion * d_in` when `d_latent` is None. Other fields (`activation`, `k`,
     `skip`, ...) are passed through."""
-    if (d_latent is None) == (expansion is None):
-        raise SiteError("transcoder_config: give exactly one of d_latent= and expansion=")
+    _check_size_and_layers(model, "transcoder_config", d_latent, expansion, [layer])
     input_site = input_site or default_input_site(layer)
     output_site = output_site or default_output_site(layer)
     info = probe_sites(model, [input_site, output_site])
@@ -443,9 +464,8 @@ def cross_layer_config(
     MLP's input and output; probed as `transcoder_config` does), `input_space` and
     `model_name` from the model. `d_latent` latents per layer, or `expansion * d_model`.
     Other fields (`activation`, `k`, `skip`, ...) are passed through."""
-    if (d_latent is None) == (expansion is None):
-        raise SiteError("cross_layer_config: give exactly one of d_latent= and expansion=")
     layers = list(range(model.cfg.n_layers) if layers is None else layers)
+    _check_size_and_layers(model, "cross_layer_config", d_latent, expansion, layers)
     if not layers or layers != list(range(layers[0], layers[0] + len(layers))):
         raise SiteError(f"a cross-layer transcoder covers consecutive layers in order, got {layers}")
     input_hook, output_hook = fields.pop("input_hook", "mlp.hook_in"), fields.pop("output_hook", "hook_mlp_out")

@@ -32,7 +32,9 @@ every batch and gradients are summed across processes before each step; with
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import re
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -89,6 +91,10 @@ class NonFiniteError(TranscodersError, FloatingPointError):
     """NaN or inf in the model's activations or in a training loss."""
 
 
+_SAVED_MODULE = re.compile(r"layer_\d+|cross_layer")
+"""The names of the directories a run saves its transcoders in."""
+
+
 class Trainer:
     """Trains one transcoder per layer in `cfg.layers` on `model`.
 
@@ -106,7 +112,7 @@ class Trainer:
     def __init__(self, model: nn.Module, cfg: TrainConfig):
         if not isinstance(cfg, TrainConfig):
             raise TrainingError(f"Trainer takes a TrainConfig, got {type(cfg).__name__}")
-        cfg.validate()
+        cfg = dataclasses.replace(cfg)  # a copy, checked again: later edits of the caller's cfg change nothing
         n_layers, n_ctx = model.cfg.n_layers, model.cfg.n_ctx
         bad = [layer for layer in cfg.layers if layer >= n_layers]
         if bad:
@@ -213,12 +219,29 @@ class Trainer:
             check_writable_directory(self.output_dir)
         except OSError as err:
             raise TrainingError(f"output_dir {self.output_dir} cannot be used: {err}") from err
+        if self.cfg.resume or self.cfg.overwrite:
+            return
         existing = checkpoint_files(self.checkpoint_path)
-        if existing and not (self.cfg.resume or self.cfg.overwrite):
+        if existing:
             raise TrainingError(
                 f"{self.output_dir} holds the checkpoint of an earlier run ({existing[0].name}); pass "
                 "resume=True to continue it, overwrite=True to start afresh, or another output_dir"
             )
+        saved = [path.name for path in self._earlier_outputs()]
+        if saved:
+            raise TrainingError(
+                f"{self.output_dir} holds the saved results of an earlier run ({', '.join(saved)}), which this "
+                "run would replace; pass overwrite=True to replace them, or another output_dir"
+            )
+
+    def _earlier_outputs(self) -> list[Path]:
+        """What an earlier run left in the output directory: its record and saved
+        transcoders."""
+        if not self.output_dir.is_dir():
+            return []
+        record = self.output_dir / RECORD_FILE
+        saved = sorted(p for p in self.output_dir.iterdir() if p.is_dir() and _SAVED_MODULE.fullmatch(p.name))
+        return ([record] if record.exists() else []) + saved
 
     @property
     def data_parallel(self) -> bool:
