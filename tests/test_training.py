@@ -383,6 +383,29 @@ def test_a_fresh_run_refuses_a_directory_holding_a_checkpoint(model, tmp_path):
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 2
 
 
+def test_a_fresh_run_refuses_a_directory_holding_a_finished_runs_transcoders(model, tmp_path):
+    """A run shorter than checkpoint_every leaves no checkpoint, only its record and its
+    transcoders: a second run must not replace them silently."""
+    short = dict(max_tokens=8 * 32 * 2, checkpoint_every=1000)
+    Trainer(model, config(tmp_path, **short)).fit(random_batches(model))
+    saved = (tmp_path / "layer_1" / "transcoder.safetensors").read_bytes()
+    refused = r"saved results of an earlier run \(training.json, layer_1\).*overwrite=True"
+    with pytest.raises(TrainingError, match=refused):
+        Trainer(model, config(tmp_path, seed=5, **short))
+    assert (tmp_path / "layer_1" / "transcoder.safetensors").read_bytes() == saved, "the refused run wrote nothing"
+    Trainer(model, config(tmp_path, seed=5, overwrite=True, **short)).fit(random_batches(model, seed=1))
+    assert (tmp_path / "layer_1" / "transcoder.safetensors").read_bytes() != saved
+
+
+def test_a_config_changed_after_the_trainer_was_built_changes_nothing(model, tmp_path):
+    cfg = config(tmp_path, max_tokens=8 * 32 * 2)
+    trainer = Trainer(model, cfg)
+    cfg.k, cfg.max_tokens = 0, 10**9
+    (transcoder,) = trainer.fit(random_batches(model))
+    assert transcoder.cfg.k == 8 and trainer.step == 2
+    assert json.loads((tmp_path / "training.json").read_text())["config"]["k"] == 8
+
+
 def test_resume_falls_back_to_the_previous_checkpoint_when_the_latest_is_truncated(model, tmp_path):
     whole = Trainer(model, config(tmp_path / "whole", max_tokens=8 * 32 * 6, checkpoint_every=2))
     expected = whole.fit(random_batches(model))

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tl_transcoders import ConfigError, Transcoder, TranscoderConfig, TranscoderFileError, activations
+from tl_transcoders.core.errors import TensorDtypeError, TensorInputError
 
 ALL = ["topk", "batchtopk", "relu", "jumprelu"]
 
@@ -95,6 +96,40 @@ def test_public_methods_are_shape_checked():
         transcoder.encode(torch.randint(0, 5, (3, 12)))
     with pytest.raises(jaxtyping.TypeCheckError):  # one threshold per latent
         activations.jumprelu(torch.randn(3, 40), torch.rand(41))
+
+
+@pytest.mark.parametrize("activation", ALL)
+def test_activations_that_do_not_fit_are_refused_by_name(activation, without_type_checker):
+    """Without the test suite's type checker, as a user runs it: the library's own checks."""
+    transcoder = random_transcoder(activation, d_in=12, d_out=10)
+    for call in (transcoder, transcoder.encode, transcoder.encode_sparse):
+        with pytest.raises(TensorInputError, match=r"\[..., d_in=12\].*got shape \[3, 13\]"):
+            call(torch.randn(3, 13))
+        with pytest.raises(TensorInputError, match=r"got shape \[\]"):
+            call(torch.tensor(1.0))
+        with pytest.raises(TensorDtypeError, match="must share a dtype.*cast"):
+            call(torch.randn(3, 12, dtype=torch.float64))
+    assert isinstance(TensorDtypeError("x"), TypeError)  # what the kernels raised before
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda t: setattr(t.cfg, "k", 1000), r"changed after the module was built \(k\).*k"),
+        (lambda t: setattr(t.cfg, "skip", False), r"changed after the module was built \(skip\).*W_skip"),
+        (lambda t: setattr(t.cfg, "activation", "nope"), r"changed after the module was built \(activation\)"),
+        (lambda t: setattr(t, "W_skip", torch.nn.Parameter(torch.zeros(10, 11))), r"\(a parameter\).*W_skip"),
+    ],
+)
+def test_a_module_changed_after_construction_is_refused_when_run(change, message, without_type_checker):
+    transcoder = random_transcoder("topk")
+    x = torch.randn(3, 12)
+    before = transcoder(x)
+    change(transcoder)
+    for call in (transcoder, transcoder.encode, transcoder.encode_sparse):
+        with pytest.raises(ConfigError, match=message):
+            call(x)
+    assert torch.equal(random_transcoder("topk")(x), before)  # an unchanged module runs as before
 
 
 @pytest.mark.parametrize("activation", ALL)
