@@ -37,6 +37,7 @@ judge for tests. Failures raise `LLMError`, whose `kind` says what went wrong.
 from __future__ import annotations
 
 import http.client
+import inspect
 import json
 import math
 import random
@@ -891,21 +892,21 @@ def score_latents(
     n_random: int = 20,
     window: int | None = None,
     skip_bos: bool = True,
-    batch_size: int = 5,
-    show_activations: bool = True,
-    fuzz_threshold: float = 0.3,
     seed: int = 0,
-    temperature: float = 0.0,
-    max_tokens: int = 512,
     raise_errors: bool = False,
-    reask: bool = True,
-    latent_timeout: float | None = None,
+    **scoring: Any,
 ) -> list[LatentScore]:
     """`sample_contexts` and `explain_and_score` for each latent: `activations[i]` belongs
-    to latent `latents[i]` (default: i). An `LLMError` on one latent (a timeout, an HTTP
-    or connection failure, its `latent_timeout` seconds spent, any exception of the
-    client) is recorded in its `error` and `failure` and the next latent goes on,
-    unless `raise_errors`."""
+    to latent `latents[i]` (default: i); `seed` seeds both, and `scoring` holds
+    `explain_and_score`'s other options (`batch_size`, `show_activations`,
+    `fuzz_threshold`, `temperature`, `max_tokens`, `reask`, `latent_timeout`). An
+    `LLMError` on one latent (a timeout, an HTTP or connection failure, its
+    `latent_timeout` seconds spent, any exception of the client) is recorded in its
+    `error` and `failure` and the next latent goes on, unless `raise_errors`."""
+    options = set(inspect.signature(explain_and_score).parameters) - {"client", "decode", "samples", "latent", "seed"}
+    unknown = sorted(set(scoring) - options)
+    if unknown:
+        raise AnalysisError(f"score_latents: unknown options {unknown}; explain_and_score takes {sorted(options)}")
     latents = list(range(activations.shape[0])) if latents is None else list(latents)
     if len(latents) != activations.shape[0]:
         raise AnalysisError(f"{len(latents)} latent ids for {activations.shape[0]} activation tensors")
@@ -915,22 +916,7 @@ def score_latents(
             tokens, activations[i], n_train, n_test_per_quantile, n_quantiles, n_random, seed, window, skip_bos
         )
         try:
-            scores.append(
-                explain_and_score(
-                    client,
-                    decode,
-                    samples,
-                    latent,
-                    batch_size,
-                    show_activations,
-                    fuzz_threshold,
-                    seed,
-                    temperature,
-                    max_tokens,
-                    reask,
-                    latent_timeout,
-                )
-            )
+            scores.append(explain_and_score(client, decode, samples, latent, seed=seed, **scoring))
         except LLMError as err:
             if raise_errors:
                 raise

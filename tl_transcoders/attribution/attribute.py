@@ -17,6 +17,8 @@ were computed.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -167,22 +169,23 @@ def estimate_attribution_memory(
     model: nn.Module,
     transcoders: AnyTranscoder | Sequence[AnyTranscoder],
     prompt_or_tokens: str | Tensor,
-    *,
-    max_n_logits: int = 10,
-    desired_logit_prob: float = 0.95,
-    max_feature_nodes: int | None = None,
-    batch_size: int = 64,
-    device: str | torch.device | None = None,
-    memory_budget: int | None = None,
-    targets: Sequence[Target] | None = None,
+    **options: Any,
 ) -> AttributionMemory:
-    """The peak memory `attribute` with these arguments would reach, by part, and the
-    batch size and row storage it would choose (`AttributionMemory`), from one forward
-    pass of the replacement model (no backward pass). Raises `AttributionError` where
-    `attribute` would, including when nothing fits `memory_budget`."""
-    options = _Options(max_n_logits, desired_logit_prob, max_feature_nodes, batch_size, 1, memory_budget)
+    """The peak memory `attribute(model, transcoders, prompt_or_tokens, **options)` would
+    reach, by part, and the batch size and row storage it would choose
+    (`AttributionMemory`), from one forward pass of the replacement model (no backward
+    pass). `options` are `attribute`'s keyword arguments, with its defaults. Raises
+    `AttributionError` where `attribute` would, including when nothing fits
+    `memory_budget`."""
+    try:
+        call = inspect.signature(attribute).bind(model, transcoders, prompt_or_tokens, **options)
+    except TypeError as err:
+        raise AttributionError(f"estimate_attribution_memory takes attribute's arguments: {err}") from None
+    call.apply_defaults()
+    given = call.arguments
+    checked = _Options(**{field.name: given[field.name] for field in dataclasses.fields(_Options)})
     _, recorded, attributor, memory = _prepare(
-        model, transcoders, prompt_or_tokens, "estimate_attribution_memory", options, device, targets
+        model, transcoders, prompt_or_tokens, "estimate_attribution_memory", checked, given["device"], given["targets"]
     )
     del recorded, attributor  # the recorded pass's tensors
     return_freed_memory()

@@ -113,32 +113,15 @@ def graph_json(
     return {"metadata": metadata, "qParams": qparams, "nodes": nodes, "links": links}
 
 
-def export_graph(
-    graph: Graph,
-    output_dir: str | os.PathLike,
-    slug: str,
-    *,
-    tokenizer: Any | None = None,
-    scan: str | list[str] | None = None,
-    node_threshold: float = 0.8,
-    edge_threshold: float = 0.98,
-    clerps: dict[tuple[int, int], str] | None = None,
-) -> Path:
-    """Write `graph_json(...)` to `output_dir/{slug}.json` and list it in
+def export_graph(graph: Graph, output_dir: str | os.PathLike, slug: str, **options: Any) -> Path:
+    """Write `graph_json(graph, slug, **options)` (`options`: its `tokenizer`, `scan`,
+    thresholds and `clerps`) to `output_dir/{slug}.json` and list it in
     `output_dir/graph-metadata.json` (replacing an entry of the same slug); returns the
     graph file's path. Serve the directory with circuit-tracer's viewer to browse it."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", slug):
         raise AttributionError(f"slug {slug!r} must be a file name of letters, digits, '_', '.' and '-'")
     output_dir = check_writable_directory(output_dir)
-    data = graph_json(
-        graph,
-        slug,
-        tokenizer=tokenizer,
-        scan=scan,
-        node_threshold=node_threshold,
-        edge_threshold=edge_threshold,
-        clerps=clerps,
-    )
+    data = graph_json(graph, slug, **options)
     path = output_dir / f"{slug}.json"
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data)))
 

@@ -1,8 +1,8 @@
 """Training forward passes and losses, one per activation function.
 
 `training_step(transcoder, x, y, ...)` returns the loss to minimise and the sparse
-latents; `cross_layer_training_step` the same for a cross-layer transcoder, whose loss
-sums every layer's. Every variant minimises FVU (squared error over the batch's variance of the
+latents, for a transcoder or a cross-layer transcoder (whose loss sums every
+layer's). Every variant minimises FVU (squared error over the batch's variance of the
 target) plus its sparsity term: AuxK for TopK, L1 for ReLU, L0 for JumpReLU (whose
 threshold learns through a straight-through rectangle-kernel gradient).
 
@@ -26,7 +26,7 @@ from tl_transcoders.core.transcoder import Transcoder
 from tl_transcoders.evaluation.statistics import SumRanks, fvu, no_ranks
 from tl_transcoders.training.config import TrainConfig
 
-__all__ = ["StepOutput", "cross_layer_training_step", "training_step"]
+__all__ = ["StepOutput", "training_step"]
 
 
 @dataclass
@@ -40,73 +40,56 @@ class StepOutput:
 
 
 def training_step(
-    transcoder: Transcoder,
+    module: Transcoder | CrossLayerTranscoder,
     x: Tensor,
     y: Tensor,
     dead: Tensor,
     cfg: TrainConfig,
     sum_ranks: SumRanks = no_ranks,
 ) -> StepOutput:
-    """Loss for one batch: `x` [n, d_in] -> `y` [n, d_out]; `dead` [d_latent] marks
-    latents that have not fired recently (the targets of AuxK); the coefficients, the
-    JumpReLU bandwidth and the compute dtype come from `cfg`. `fvu` in the result is the
-    global batch's."""
-    auxk = _uses_auxk(transcoder.cfg.activation, cfg, dead)
-    out = transcoder.run(x, **_run_options(cfg, auxk))
-    w = transcoder.weights()
-    loss, error = _layer_loss(
-        cfg,
-        transcoder.cfg.activation,
-        out.output,
-        y,
-        out.latents,
-        out.pre_activations,
-        w.W_dec,
-        w.threshold,
-        dead,
-        auxk,
-        sum_ranks,
-    )
-    detached = SparseLatents(out.latents.values.detach(), out.latents.indices)
-    return StepOutput(loss=loss, fvu=sum_ranks(error.detach()), latents=detached)
+    """Loss for one batch; the coefficients, the JumpReLU bandwidth and the compute
+    dtype come from `cfg`.
 
-
-def cross_layer_training_step(
-    clt: CrossLayerTranscoder,
-    x: Tensor,
-    y: Tensor,
-    dead: Tensor,
-    cfg: TrainConfig,
-    sum_ranks: SumRanks = no_ranks,
-) -> StepOutput:
-    """Loss for one batch of a cross-layer transcoder: `x` and `y` [n_layers, n,
-    d_model] (every covered layer's MLP input and output), `dead` [n_layers, d_latent].
-    The loss is the sum over target layers of each layer's FVU (normalised as the
-    per-layer FVU) and the sparsity terms of each source layer's latents; AuxK fits
-    each layer's dead latents to its own layer's residual error, through their decoders
-    into that layer. `fvu` in the result is `[n_layers]`."""
-    auxk = _uses_auxk(clt.cfg.activation, cfg, dead)
-    run = clt.run(x, **_run_options(cfg, auxk))
-    threshold = getattr(clt, "threshold", None)
+    A transcoder maps `x` [n, d_in] to `y` [n, d_out], with `dead` [d_latent] marking
+    the latents that have not fired recently (the targets of AuxK); `fvu` in the result
+    is the global batch's. A cross-layer transcoder takes `x` and `y` [n_layers, n,
+    d_model] (every covered layer's MLP input and output) and `dead` [n_layers,
+    d_latent]: its loss is the sum over target layers of each layer's FVU (normalised
+    as the per-layer FVU) and the sparsity terms of each source layer's latents; AuxK
+    fits each layer's dead latents to its own layer's residual error, through their
+    decoders into that layer; `fvu` is `[n_layers]` and `latents` one per layer."""
+    auxk = _uses_auxk(module.cfg.activation, cfg, dead)
+    run = module.run(x, **_run_options(cfg, auxk))
+    per_layer = isinstance(module, Transcoder)
+    threshold = getattr(module, "threshold", None)
+    if per_layer:  # as a cross-layer transcoder of one layer
+        outputs, ys, deads = [run.output], [y], [dead]
+        latents, pre, decoders, thresholds = [run.latents], [run.pre_activations], [module.W_dec], [threshold]
+    else:
+        outputs, ys, deads, latents, pre = run.outputs, y, dead, run.latents, run.pre_activations
+        decoders = list(module.W_dec)
+        thresholds = [None] * module.cfg.n_layers if threshold is None else list(threshold)
     loss, errors = x.new_zeros(()), []
-    for i in range(clt.cfg.n_layers):
+    for i in range(len(outputs)):
         layer_loss, error = _layer_loss(
             cfg,
-            clt.cfg.activation,
-            run.outputs[i],
-            y[i],
-            run.latents[i],
-            run.pre_activations[i],
-            clt.W_dec[i],
-            None if threshold is None else threshold[i],
-            dead[i],
-            auxk and bool(dead[i].any()),
+            module.cfg.activation,
+            outputs[i],
+            ys[i],
+            latents[i],
+            pre[i],
+            decoders[i],
+            thresholds[i],
+            deads[i],
+            auxk and bool(deads[i].any()),
             sum_ranks,
         )
         loss = loss + layer_loss
         errors.append(error.detach())
-    latents = [SparseLatents(z.values.detach(), z.indices) for z in run.latents]
-    return StepOutput(loss=loss, fvu=sum_ranks(torch.stack(errors)), latents=latents)
+    detached = [SparseLatents(z.values.detach(), z.indices) for z in latents]
+    if per_layer:
+        return StepOutput(loss=loss, fvu=sum_ranks(errors[0]), latents=detached[0])
+    return StepOutput(loss=loss, fvu=sum_ranks(torch.stack(errors)), latents=detached)
 
 
 def _uses_auxk(activation: str, cfg: TrainConfig, dead: Tensor) -> bool:

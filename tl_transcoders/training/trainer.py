@@ -75,7 +75,7 @@ from tl_transcoders.training.checkpoints import (
     write_record,
 )
 from tl_transcoders.training.config import TrainConfig
-from tl_transcoders.training.losses import cross_layer_training_step, training_step
+from tl_transcoders.training.losses import training_step
 
 __all__ = [
     "CrossLayerTrainer",
@@ -751,7 +751,7 @@ class CrossLayerTrainer(Trainer):
         x, y = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
         dead = torch.stack([self.since_fired[layer] >= cfg.dead_tokens for layer in self.layers])
         with torch.enable_grad():
-            out = cross_layer_training_step(clt, x, y, dead, cfg, self.sum_ranks)
+            out = training_step(clt, x, y, dead, cfg, self.sum_ranks)
             self._backward(out.loss, "the cross-layer transcoder")
         if clt.cfg.activation == "batchtopk":
             for i, latents in enumerate(out.latents):
