@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 from tl_transcoders.analysis.dashboards import check_latents, token_strings, transcoder_inputs, visible
 from tl_transcoders.analysis.errors import AnalysisError
-from tl_transcoders.core.errors import TranscodersError
+from tl_transcoders.core.errors import TranscodersError, check_at_least
 from tl_transcoders.core.transcoder import Transcoder
 from tl_transcoders.evaluation.statistics import mean_and_sem
 from tl_transcoders.hooks.splice import check_compatible
@@ -124,8 +124,7 @@ def latent_activations(
             "call transcoder.eval() first: a BatchTopK transcoder in training mode "
             "selects latents across the whole batch"
         )
-    if batch_size < 1:
-        raise AnalysisError(f"batch_size must be at least 1, got {batch_size}")
+    check_at_least(AnalysisError, batch_size=(batch_size, 1))
     check_compatible(model, [transcoder])
     chosen = check_latents(transcoder, latents)
     out = []
@@ -215,14 +214,13 @@ def sample_contexts(
             f"tokens {tuple(tokens.shape)} and activations {tuple(activations.shape)} "
             "must have the same [n_ctx, ctx_len] shape"
         )
-    for name, value, least in (
-        ("n_train", n_train, 0),
-        ("n_test_per_quantile", n_test_per_quantile, 0),
-        ("n_quantiles", n_quantiles, 1),
-        ("n_random", n_random, 0),
-    ):
-        if value < least:
-            raise AnalysisError(f"{name} must be at least {least}, got {value}")
+    check_at_least(
+        AnalysisError,
+        n_train=(n_train, 0),
+        n_test_per_quantile=(n_test_per_quantile, 0),
+        n_quantiles=(n_quantiles, 1),
+        n_random=(n_random, 0),
+    )
     acts = activations.detach().float().cpu().clone()
     toks = tokens.detach().cpu().long()
     if skip_bos and acts.shape[1]:
@@ -775,8 +773,7 @@ def explain_and_score(
     `latent_timeout` bounds the seconds all of the latent's requests may take together
     (None: no bound). Raises `LLMError` if the client fails (kind "budget" when
     `latent_timeout` ran out; any other exception of the client is wrapped into one)."""
-    if batch_size < 1:
-        raise AnalysisError(f"batch_size must be at least 1, got {batch_size}")
+    check_at_least(AnalysisError, batch_size=(batch_size, 1))
     if not 0 < fuzz_threshold <= 1:
         raise AnalysisError(f"fuzz_threshold must be in (0, 1], got {fuzz_threshold}")
     if latent_timeout is not None and not latent_timeout > 0:

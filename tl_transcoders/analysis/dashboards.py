@@ -47,6 +47,7 @@ from tl_transcoders.attribution.virtual_weights import (
     embedding_weights,
     logit_weights,
 )
+from tl_transcoders.core.errors import check_at_least
 from tl_transcoders.core.files import atomic_write
 from tl_transcoders.core.transcoder import Transcoder
 from tl_transcoders.hooks.sites import capture
@@ -150,15 +151,14 @@ def collect_activations(
             "a BatchTopK transcoder in training mode selects latents across the whole batch; "
             "call transcoder.eval() to encode each token on its own (with its threshold)"
         )
-    for name, value, least in (
-        ("n_top", n_top, 1),
-        ("n_bins", n_bins, 1),
-        ("batch_size", batch_size, 1),
-        ("window_before", window_before, 0),
-        ("window_after", window_after, 0),
-    ):
-        if value < least:
-            raise AnalysisError(f"{name} must be at least {least}, got {value}")
+    check_at_least(
+        AnalysisError,
+        n_top=(n_top, 1),
+        n_bins=(n_bins, 1),
+        batch_size=(batch_size, 1),
+        window_before=(window_before, 0),
+        window_after=(window_after, 0),
+    )
     check_compatible(model, [transcoder])
     collector = _Collector(
         transcoder, check_latents(transcoder, latents), n_top, n_bins, window_before, window_after, int(skip_bos)
@@ -508,8 +508,7 @@ def latent_dashboards(
     each token embedding dotted with the direction the latent's encoder reads."""
     if (model is None) != (transcoder is None):
         raise AnalysisError("pass both model and transcoder for the logit and de-embedding views, or neither")
-    if k_tokens < 1:
-        raise AnalysisError(f"k_tokens must be at least 1, got {k_tokens}")
+    check_at_least(AnalysisError, k_tokens=(k_tokens, 1))
     latents = [int(latent) for latent in latents]
     slots = [records.slot(latent) for latent in latents]
     if tokenizer is None and model is not None:

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from tl_transcoders.analysis.dashboards import token_strings
 from tl_transcoders.analysis.errors import AnalysisError, check_finite_activations
+from tl_transcoders.core.errors import check_at_least
 from tl_transcoders.core.transcoder import Transcoder
 from tl_transcoders.hooks.sites import capture, check_site_exists
 from tl_transcoders.hooks.splice import check_compatible
@@ -407,8 +408,7 @@ def probe_dictionaries(
     sequence_tasks, token_tasks = dict(sequence_tasks or {}), dict(token_tasks or {})
     if not sequence_tasks and not token_tasks:
         raise ProbeError("give at least one sequence task or token task")
-    if n_splits < 1:
-        raise ProbeError(f"n_splits must be at least 1, got {n_splits}")
+    check_at_least(ProbeError, n_splits=(n_splits, 1))
     for name, labels in sequence_tasks.items():
         if labels.shape != tokens.shape[:1]:
             raise ProbeError(f"sequence task {name!r}: {tuple(labels.shape)} labels for {len(tokens)} sequences")

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from tl_transcoders.attribution.errors import AttributionError
 from tl_transcoders.attribution.graph import Graph, token_labels
 from tl_transcoders.attribution.prune import node_influence
+from tl_transcoders.core.errors import check_at_least
 
 __all__ = ["EDGE_COLORS", "NODE_STYLES", "plot_graph"]
 
@@ -49,8 +50,7 @@ def plot_graph(
         raise ImportError("plot_graph needs plotly: pip install 'tl-transcoders[plot]'") from err
     if token_strings is not None and len(token_strings) != graph.n_pos:
         raise AttributionError(f"token_strings has {len(token_strings)} entries, the graph has {graph.n_pos} positions")
-    if edge_widths < 1:
-        raise AttributionError(f"edge_widths must be at least 1, got {edge_widths}")
+    check_at_least(AttributionError, edge_widths=(edge_widths, 1))
     labels = token_strings if token_strings is not None else token_labels(graph.tokens, tokenizer)
     logit_labels = graph.target_labels(tokenizer)
     adjacency = graph.adjacency.detach().cpu()

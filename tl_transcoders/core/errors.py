@@ -10,7 +10,10 @@ Messages say what is wrong and what to do about it.
 
 from __future__ import annotations
 
-__all__ = ["TensorDtypeError", "TensorInputError", "TranscodersError", "summary"]
+import operator
+from typing import Any
+
+__all__ = ["TensorDtypeError", "TensorInputError", "TranscodersError", "check_at_least", "summary"]
 
 
 class TranscodersError(Exception):
@@ -24,6 +27,18 @@ class TensorInputError(TranscodersError, ValueError):
 
 class TensorDtypeError(TensorInputError, TypeError):
     """Activations of another dtype than the transcoder's weights (cast one of them)."""
+
+
+def check_at_least(error: type[TranscodersError], **bounds: tuple[Any, int]) -> None:
+    """Raise `error` for the first option, given as `name=(value, least)`, whose value is
+    not an integer of at least `least`: `check_at_least(AnalysisError, n_top=(n_top, 1))`."""
+    for name, (value, least) in bounds.items():
+        try:
+            whole = None if isinstance(value, bool) else operator.index(value)  # ints, numpy ints
+        except TypeError:
+            whole = None
+        if whole is None or whole < least:
+            raise error(f"{name} must be at least {least} (an integer), got {value!r}")
 
 
 def summary(error: BaseException, limit: int = 300) -> str:

@@ -25,7 +25,7 @@ from jaxtyping import Int
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from tl_transcoders.core.errors import TranscodersError, summary
+from tl_transcoders.core.errors import TranscodersError, check_at_least, summary
 
 __all__ = [
     "BUILDERS",
@@ -293,12 +293,9 @@ def token_batches(
             f"expected one split of a dataset, got a {type(dataset).__name__} with splits "
             f"{list(dataset)}; pick one, e.g. dataset['train']"
         )
-    if context_size < 2:
-        raise DataError(f"context_size must be at least 2, got {context_size}")
-    if batch_size < 1:
-        raise DataError(f"batch_size must be at least 1, got {batch_size}")
-    if skip_batches < 0:
-        raise DataError(f"skip_batches must be >= 0, got {skip_batches}")
+    check_at_least(
+        DataError, context_size=(context_size, 2), batch_size=(batch_size, 1), skip_batches=(skip_batches, 0)
+    )
     max_batches = None
     if max_tokens is not None:
         max_batches = max_tokens // (batch_size * context_size)
