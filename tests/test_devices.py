@@ -46,6 +46,7 @@ def operations(model, tmp_path):
             max_tokens=4 * 8 * 3,
             output_dir=str(tmp_path / activation),
             checkpoint_every=2,
+            eval_every=2,  # the in-training evaluator makes tensors too
             dead_tokens=8,
             shuffle_buffer=1,
         )

@@ -20,6 +20,7 @@ import torch
 from tl_transcoders.app.demo import run_demo
 from tl_transcoders.core.config import field_docs
 from tl_transcoders.core.errors import TranscodersError
+from tl_transcoders.core.files import check_writable_directory
 from tl_transcoders.evaluation import evaluate_splice
 from tl_transcoders.hooks.models import load_model
 from tl_transcoders.hooks.tokens import TokenError, text_rows
@@ -77,10 +78,13 @@ def read_target_token(text: str) -> int | str:
 
 def cmd_attribute(args: argparse.Namespace) -> None:
     from tl_transcoders.attribution.attribute import attribute
-    from tl_transcoders.attribution.export import export_graph
-    from tl_transcoders.attribution.prune import graph_scores, prune
+    from tl_transcoders.attribution.export import check_slug, export_graph
+    from tl_transcoders.attribution.prune import check_thresholds, graph_scores, prune
     from tl_transcoders.attribution.targets import LogitDifference, LogitTarget
 
+    check_thresholds(args.node_threshold, args.edge_threshold)  # before the long part
+    check_slug(args.slug)
+    check_writable_directory(args.out)
     model = load_model(args.model, device=args.device)
     transcoders = load_transcoders(args.transcoders, args.device)
     if args.tokens:

@@ -55,6 +55,7 @@ from tl_transcoders.attribution.targets import (
     target_record,
 )
 from tl_transcoders.core.activations import SparseLatents
+from tl_transcoders.core.devices import checked_device
 from tl_transcoders.core.placement import AnyTranscoder
 from tl_transcoders.hooks.sites import model_device, model_name
 from tl_transcoders.hooks.splice import check_not_spliced
@@ -276,7 +277,7 @@ def _prepare(
     memory plan that `attribute` and `estimate_attribution_memory` both start from."""
     check_not_spliced(model, caller)
     tokens = prompt_tokens(model, prompt_or_tokens)
-    storage = torch.device(device) if device is not None else model_device(model)
+    storage = checked_device(device) or model_device(model)
     recorded = _record(model, transcoders, tokens, options.max_n_logits, options.desired_logit_prob, storage, targets)
     attributor = Attributor(model, recorded.state, starts_with_bos(model, tokens), storage)
     memory = attributor.plan(recorded, options.max_feature_nodes, options.batch_size, options.memory_budget)

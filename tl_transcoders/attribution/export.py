@@ -29,6 +29,7 @@ __all__ = [
     "FEATURE_TYPES",
     "INDEX_FILE",
     "NODE_FIELDS",
+    "check_slug",
     "export_graph",
     "graph_json",
 ]
@@ -113,20 +114,24 @@ def graph_json(
     return {"metadata": metadata, "qParams": qparams, "nodes": nodes, "links": links}
 
 
+def check_slug(slug: Any) -> None:
+    """Refuse a graph slug that is not a plain file name."""
+    if not isinstance(slug, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}", slug):
+        raise AttributionError(f"slug {slug!r} must be a file name of at most 200 letters, digits, '_', '.' and '-'")
+
+
 def export_graph(graph: Graph, output_dir: str | os.PathLike, slug: str, **options: Any) -> Path:
     """Write `graph_json(graph, slug, **options)` (`options`: its `tokenizer`, `scan`,
     thresholds and `clerps`) to `output_dir/{slug}.json` and list it in
     `output_dir/graph-metadata.json` (replacing an entry of the same slug); returns the
     graph file's path. Serve the directory with circuit-tracer's viewer to browse it."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", slug):
-        raise AttributionError(f"slug {slug!r} must be a file name of letters, digits, '_', '.' and '-'")
+    check_slug(slug)
     output_dir = check_writable_directory(output_dir)
+    index_path = output_dir / INDEX_FILE
+    index = _read_index(index_path) if index_path.is_file() else {"graphs": []}  # refused before anything is written
     data = graph_json(graph, slug, **options)
     path = output_dir / f"{slug}.json"
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data)))
-
-    index_path = output_dir / INDEX_FILE
-    index = _read_index(index_path) if index_path.is_file() else {"graphs": []}
     index["graphs"] = [entry for entry in index["graphs"] if entry.get("slug") != slug] + [data["metadata"]]
     atomic_write(index_path, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
     return path
@@ -138,7 +143,11 @@ def _read_index(path: Path) -> dict:
         index = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         index = None
-    if not isinstance(index, dict) or not isinstance(index.get("graphs"), list):
+    if (
+        not isinstance(index, dict)
+        or not isinstance(index.get("graphs"), list)
+        or not all(isinstance(entry, dict) for entry in index["graphs"])
+    ):
         raise AttributionError(
             f'{path}: not a graph index ({{"graphs": [...]}}); move it away or pick another directory'
         )

@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from tl_transcoders.attribution.errors import AttributionError, GraphFileError
+from tl_transcoders.core.devices import checked_device
 from tl_transcoders.core.files import atomic_write
 
 __all__ = [
@@ -140,12 +141,25 @@ class Graph:
                     f"{self.n_features} features + {self.n_layers} x {self.n_pos} errors + {self.n_pos} tokens "
                     f"+ {self.n_logits} logits"
                 )
-        for column, name, bound in ((0, "layers", self.n_layers), (1, "positions", self.n_pos)):
+        for column, name, bound in ((0, "layers", self.n_layers), (1, "positions", self.n_pos), (2, "latents", None)):
             values = self.features[:, column]
-            if self.n_features and (values.min() < 0 or values.max() >= bound):
-                raise AttributionError(f"feature {name} must lie in [0, {bound}), got {values.min()}..{values.max()}")
-        if not torch.isfinite(self.adjacency).all():
-            raise AttributionError("adjacency holds NaN or inf")
+            if self.n_features and (values.min() < 0 or (bound is not None and values.max() >= bound)):
+                limit = f"[0, {bound})" if bound is not None else ">= 0"
+                raise AttributionError(f"feature {name} must lie in {limit}, got {values.min()}..{values.max()}")
+        for name in ("adjacency", "activations", "logit_probabilities"):
+            if not torch.isfinite(getattr(self, name)).all():
+                raise AttributionError(f"{name} holds NaN or inf")
+        if not isinstance(self.metadata, dict):
+            raise AttributionError(f"metadata must be a dict, got {type(self.metadata).__name__}")
+        described = self.metadata.get("targets")
+        if described is not None and (
+            not isinstance(described, list)
+            or len(described) != self.n_logits
+            or not all(isinstance(t, dict) for t in described)
+        ):
+            raise AttributionError(
+                f"metadata['targets'] must describe each of the {self.n_logits} target nodes (a list of dicts)"
+            )
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the graph to one safetensors file at `path` (tensors on the CPU, the other
@@ -173,7 +187,7 @@ class Graph:
         """Read a graph written by `save`. Raises `GraphFileError` naming the file and the
         problem for a missing, corrupt or foreign file, an unsupported version, or fields
         that disagree with each other."""
-        path = Path(path)
+        path, device = Path(path), checked_device(device)
         if not path.is_file():
             raise GraphFileError(f"{path}: no such file (a graph written by Graph.save)")
         try:
@@ -219,4 +233,8 @@ def token_labels(token_ids: Int[Tensor, " n"], tokenizer: Any | None = None) -> 
     ids = [int(i) for i in token_ids.tolist()]
     if tokenizer is None:
         return [f"#{i}" for i in ids]
+    if not callable(getattr(tokenizer, "decode", None)):
+        raise AttributionError(
+            f"tokenizer must have a decode(list[int]) method (e.g. model.tokenizer), got {type(tokenizer).__name__}"
+        )
     return [tokenizer.decode([i]).replace("\n", "⏎").replace("\t", "→").replace("\r", "↵") for i in ids]

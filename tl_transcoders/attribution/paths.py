@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from jaxtyping import Float, Int
@@ -46,6 +46,7 @@ from tl_transcoders.attribution.virtual_weights import (
     read_directions,
     write_directions,
 )
+from tl_transcoders.core.errors import check_at_least
 from tl_transcoders.core.transcoder import Transcoder
 from tl_transcoders.hooks.sites import attach, model_device, store_hook
 from tl_transcoders.hooks.splice import describe, splice
@@ -83,6 +84,21 @@ class Node:
     position: int
     layer: int | None = None
     index: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in get_args(NodeKind):
+            raise AttributionError(f"node kind must be one of {get_args(NodeKind)}, got {self.kind!r}")
+        needed = {"position": True, "layer": self.kind != "embedding" and self.kind != "logit"}
+        needed["index"] = self.kind in ("feature", "head", "logit")
+        for name, required in needed.items():
+            value = getattr(self, name)
+            if value is None and not required:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                what = {"index": "latent, head or token id"}.get(name, name)
+                raise AttributionError(
+                    f"a {self.kind} node needs {name} (its {what}) as an integer >= 0, got {value!r}"
+                )
 
 
 @dataclass
@@ -219,15 +235,22 @@ def _transcoder(run: PromptRun, layer: int) -> Transcoder:
     return run.transcoders[layer]
 
 
-def _check_position(run: PromptRun, position: int) -> None:
-    if not 0 <= position < run.n_pos:
-        raise AttributionError(f"position {position} is out of range: the prompt has {run.n_pos} tokens")
+def _check_node(run: PromptRun, node: Node) -> None:
+    """Refuse a node outside this prompt or model: its position, layer, head or token id."""
+    if not node.position < run.n_pos:
+        raise AttributionError(f"{node}: position {node.position} is out of range: the prompt has {run.n_pos} tokens")
+    cfg = run.model.cfg
+    if node.layer is not None and not node.layer < cfg.n_layers:
+        raise AttributionError(f"{node}: layer {node.layer} is out of range: the model has {cfg.n_layers} layers")
+    bound = {"head": cfg.n_heads, "logit": cfg.d_vocab}.get(node.kind)
+    if bound is not None and not node.index < bound:
+        raise AttributionError(f"{node}: index {node.index} is out of range (0..{bound - 1})")
 
 
 def target_direction(run: PromptRun, target: Node) -> tuple[Float[Tensor, " d_model"], int]:
     """The residual direction a target node reads at its position (its frozen scale
     included), and the residual point it reads (see `virtual_weights`)."""
-    _check_position(run, target.position)
+    _check_node(run, target)
     if target.kind == "feature":
         transcoder = _transcoder(run, target.layer)
         direction = read_directions(run.model, transcoder, [target.index])[0]
@@ -267,7 +290,7 @@ def _pull_back_edge(
 
 def _source_vector(run: PromptRun, source: Node) -> Float[Tensor, " d_model"]:
     """What a source node writes into the residual stream on this prompt."""
-    _check_position(run, source.position)
+    _check_node(run, source)
     if source.kind == "feature":
         transcoder = _transcoder(run, source.layer)
         _check_latent(run, source)
@@ -294,7 +317,7 @@ def path_contribution(run: PromptRun, nodes: Sequence[Node]) -> float:
     if len(nodes) < 2:
         raise AttributionError("a path needs at least a source and a target node")
     for node in nodes:
-        _check_position(run, node.position)
+        _check_node(run, node)
     direction, point = target_direction(run, nodes[-1])
     destination = nodes[-1].position
     source = nodes[0]
@@ -368,6 +391,7 @@ def find_paths(run: PromptRun, target: Node, n_paths: int = 10, beam_width: int 
     absolute value of their contribution, from a beam search that at each depth keeps
     the `beam_width` edges of largest absolute flow and follows at most `max_edges`
     edges (heads and skips) per path."""
+    check_at_least(AttributionError, n_paths=(n_paths, 1), beam_width=(beam_width, 1), max_edges=(max_edges, 0))
     if target.kind == "feature":
         _check_latent(run, target)
     direction, point = target_direction(run, target)

@@ -17,7 +17,7 @@ logit nodes are always kept.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from jaxtyping import Bool, Float
@@ -29,6 +29,7 @@ from tl_transcoders.attribution.graph import Graph
 __all__ = [
     "GraphScores",
     "PruneResult",
+    "check_thresholds",
     "cumulative_share",
     "graph_scores",
     "keep_top",
@@ -62,14 +63,20 @@ def normalized_adjacency(adjacency: Float[Tensor, "n n"]) -> Float[Tensor, "n n"
 
 def path_influence(normalized: Float[Tensor, "n n"], weights: Float[Tensor, " n"]) -> Float[Tensor, " n"]:
     """`weights @ (N + N^2 + ...)`: each node's influence on the weighted targets over paths
-    of every length. Raises `AttributionError` when N is not nilpotent (the graph has a cycle)."""
+    of every length. Raises `AttributionError` when a cycle is reachable from the weighted
+    targets (N is not nilpotent there), judged on N's non-zero pattern, since products
+    along a cycle can underflow to zero."""
+    pattern = (normalized != 0).to(normalized.dtype)
     step = weights @ normalized
     total = step.clone()
+    reach = (weights != 0).to(normalized.dtype) @ pattern  # non-zero where a path of this length arrives
     for _ in range(normalized.shape[0]):
-        if not step.any():
+        if not reach.any():
             return total
-        step = step @ normalized
-        total += step
+        if step.any():
+            step = step @ normalized
+            total += step
+        reach = (reach != 0).to(normalized.dtype) @ pattern
     raise AttributionError("the adjacency has a cycle: an attribution graph must be a DAG")
 
 
@@ -101,15 +108,20 @@ def keep_top(scores: Float[Tensor, " n"], threshold: float) -> Bool[Tensor, " n"
     return scores >= ordered[min(index, len(ordered) - 1)]
 
 
+def check_thresholds(node_threshold: Any, edge_threshold: Any) -> None:
+    """Refuse pruning thresholds that are not numbers in [0, 1]."""
+    for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise AttributionError(f"{name} must be a number in [0, 1], got {value!r}")
+
+
 def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> PruneResult:
     """Keep the nodes holding `node_threshold` of the influence on the logits and the
     edges holding `edge_threshold` of the edge influence (module docstring); token and
     logit nodes always stay. The pruned graph keeps the kept features (in their order)
     and every error, token and logit node, with the adjacency zero outside kept edges;
     its metadata records the thresholds."""
-    for name, value in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
-        if not 0.0 <= value <= 1.0:
-            raise AttributionError(f"{name} must lie in [0, 1], got {value}")
+    check_thresholds(node_threshold, edge_threshold)
     n_features, first_token = graph.n_features, graph.token_node(0)
     adjacency = graph.adjacency.to(_dtype(graph))
     weights = logit_node_weights(graph)

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from tl_transcoders.attribution.attribute import Attributor, Injection, starts_with_bos
 from tl_transcoders.attribution.errors import AttributionError
 from tl_transcoders.attribution.replacement import frozen_replacement
+from tl_transcoders.core.errors import check_at_least, whole_number
 from tl_transcoders.core.placement import AnyTranscoder
 from tl_transcoders.hooks.sites import attach, model_device
 from tl_transcoders.hooks.splice import check_not_spliced
@@ -86,6 +87,7 @@ class QKAttribution:
     def top_pairs(self, n: int = 20) -> list[tuple[int, int, float]]:
         """The `n` pairs (query node, key node, contribution) of largest magnitude,
         without building the whole matrix (one block of query nodes at a time)."""
+        check_at_least(AttributionError, n=(n, 1))
         keys = self.form @ self.key.T
         best: list[tuple[int, int, float]] = []
         for start in range(0, self.query.shape[0], 1024):
@@ -101,6 +103,9 @@ class QKAttribution:
         """A node's name: `feature L{layer} #{latent} @ {position}`, `error L{layer} @
         {position}` or `token @ {position}`."""
         n_features, n_pos = self.features.shape[0], self.tokens.shape[0]
+        n_nodes = self.query.shape[0]
+        if whole_number(node) is None or not 0 <= node < n_nodes:
+            raise AttributionError(f"node {node!r} is out of range: the decomposition has {n_nodes} nodes")
         if node < n_features:
             layer, position, latent = self.features[node].tolist()
             return f"feature L{layer} #{latent} @ {position}"
@@ -125,12 +130,21 @@ def attribute_qk(
     check_not_spliced(model, "attribute_qk")
     tokens = prompt_tokens(model, prompt_or_tokens)
     n_pos = int(tokens.shape[0])
-    for name, value, bound in (("layer", layer, model.cfg.n_layers), ("head", head, model.cfg.n_heads)):
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < bound:
-            raise AttributionError(f"{name} {value!r} is out of range [0, {bound})")
-    for name, value in (("query_position", query_position), ("key_position", key_position)):
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < n_pos:
-            raise AttributionError(f"{name} {value!r} is out of range: the prompt has {n_pos} tokens")
+    checked = {}
+    for name, value, bound in (
+        ("layer", layer, model.cfg.n_layers),
+        ("head", head, model.cfg.n_heads),
+        ("query_position", query_position, n_pos),
+        ("key_position", key_position, n_pos),
+    ):
+        whole = whole_number(value)
+        if whole is None:
+            raise AttributionError(f"{name} must be an integer, got {value!r}")
+        if not 0 <= whole < bound:
+            within = f"the prompt has {n_pos} tokens" if name.endswith("position") else f"[0, {bound})"
+            raise AttributionError(f"{name} {whole} is out of range: {within}")
+        checked[name] = whole
+    layer, head, query_position, key_position = checked.values()
     if key_position > query_position:
         raise AttributionError(
             f"key_position {key_position} is after query_position {query_position}: a query attends only to "

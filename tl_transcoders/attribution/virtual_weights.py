@@ -63,6 +63,7 @@ from tl_transcoders.attribution.model_weights import (
 )
 from tl_transcoders.core.clt import CrossLayerTranscoder
 from tl_transcoders.core.config import layer_of
+from tl_transcoders.core.errors import check_at_least
 from tl_transcoders.core.transcoder import Transcoder
 from tl_transcoders.hooks.sites import probe_norm
 from tl_transcoders.hooks.splice import SpliceError, check_compatible, describe
@@ -259,6 +260,8 @@ def _latents(transcoder: Features, latents: Int[Tensor, " n"] | Sequence[int] | 
     if latents is None:
         return torch.arange(d_latent, device=device)
     latents = torch.as_tensor(latents, device=device).reshape(-1)
+    if latents.is_floating_point() or latents.is_complex() or latents.dtype == torch.bool:
+        raise AttributionError(f"{describe(module)}: latent indices must be integers, got dtype {latents.dtype}")
     bad = latents[(latents < 0) | (latents >= d_latent)]
     if bad.numel():
         raise AttributionError(f"{describe(module)}: latent index {int(bad[0])} is out of range (0..{d_latent - 1})")
@@ -388,6 +391,27 @@ def target_point(model: nn.Module, target: Features | None) -> int:
 
 
 def _check(model: nn.Module, *transcoders: Features | None, via: Sequence[Head | Transcoder] = ()) -> None:
+    """Refuse sources and targets that are not features, `via` edges that are not heads
+    or per-layer transcoders, heads outside the model, and transcoders that do not fit it."""
+    for t in transcoders:
+        if isinstance(t, CrossLayerTranscoder):
+            raise AttributionError(
+                "a cross-layer transcoder's features sit at one of its layers: pass CrossLayerFeatures(clt, layer)"
+            )
+        if t is not None and not isinstance(t, (Transcoder, CrossLayerFeatures)):
+            raise AttributionError(f"expected a Transcoder or CrossLayerFeatures, got {type(t).__name__}")
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    for edge in via:
+        if isinstance(edge, Head):
+            if not (0 <= edge.layer < n_layers and 0 <= edge.head < n_heads):
+                raise AttributionError(
+                    f"head {edge.head} of layer {edge.layer} is not a head of this model "
+                    f"({n_layers} layers of {n_heads} heads)"
+                )
+        elif not isinstance(edge, Transcoder):
+            raise AttributionError(
+                f"via takes Head(layer, head) edges and per-layer skip Transcoders, got {type(edge).__name__}"
+            )
     unique = {id(t): t for t in (*transcoders, *via) if isinstance(t, (Transcoder, CrossLayerFeatures))}
     check_transcoders(model, list(unique.values()))
 
@@ -476,8 +500,7 @@ def blockwise_topk(
 ) -> TopPairs:
     """The top `k` entries of `rows @ columns.T`, computed block by block with a
     running top-k, never holding more than `block_size` x `block_size` products."""
-    if k < 1:
-        raise AttributionError(f"k must be positive, got {k}")
+    check_at_least(AttributionError, k=(k, 1), block_size=(block_size, 1))
     n_rows, n_columns = rows.shape[0], columns.shape[0]
     best_scores = rows.new_empty(0)
     best = (rows.new_empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))

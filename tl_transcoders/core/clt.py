@@ -139,10 +139,20 @@ class CrossLayerTranscoder(NativeModule):
             )
         return layer - self.cfg.first_layer
 
+    def _check_index(self, i: int) -> None:
+        """Refuse a layer index outside 0..n_layers-1 (a negative one would silently
+        count from the end)."""
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.cfg.n_layers:
+            raise ConfigError(
+                f"layer index {i!r} is out of range: indices count the covered layers from 0 to "
+                f"{self.cfg.n_layers - 1} (layer = {self.cfg.first_layer} + index; index_of(layer) converts)"
+            )
+
     def encoder_weights(self, i: int, dtype: torch.dtype | None = None) -> EncoderWeights:
         """Layer index `i`'s encoder tensors (cast differentiably to `dtype` when given).
         Refuses a config or a parameter changed after construction (`check_unchanged`)."""
         self.check_unchanged()
+        self._check_index(i)
         threshold = getattr(self, "threshold", None)
         weights = EncoderWeights(self.W_enc[i], self.b_enc[i], None if threshold is None else threshold[i])
         return weights if dtype is None else EncoderWeights(*(t if t is None else t.to(dtype) for t in weights))
@@ -173,6 +183,7 @@ class CrossLayerTranscoder(NativeModule):
         self, i: int, encoded: encoder.Encoded, compute_dtype: torch.dtype | None = None
     ) -> Float[Tensor, "*batch n_targets d_model"]:
         """Layer index `i`'s latents decoded into layers i, i + 1, ... (no bias)."""
+        self._check_index(i)
         W = self.W_dec[i] if compute_dtype is None else self.W_dec[i].to(compute_dtype)
         flat = encoder.decode(encoded, W.flatten(1), None)
         return flat.unflatten(-1, (W.shape[1], W.shape[2]))

@@ -40,6 +40,7 @@ __all__ = [
     "default_output_site",
     "field_docs",
     "layer_of",
+    "site_for_layer",
 ]
 
 Activation = Literal["topk", "batchtopk", "relu", "jumprelu"]
@@ -86,6 +87,19 @@ def layer_of(site: str) -> int | None:
 
 class ConfigError(TranscodersError, ValueError):
     """A config (or a file's config) has a missing, unknown or bad field."""
+
+
+def site_for_layer(template: str, layer: int) -> str:
+    """The hook name `template` gives for `layer`: `template` is a hook name, or one with
+    `{layer}` in it (`'blocks.{layer}.hook_resid_mid'`); `ConfigError` for any other
+    placeholder or brace."""
+    try:
+        return template.format(layer=layer)
+    except (KeyError, IndexError, ValueError) as err:
+        raise ConfigError(
+            f"site template {template!r} is not a hook name or a template with {{layer}} in it "
+            f"(e.g. 'blocks.{{layer}}.hook_resid_mid'): {type(err).__name__} {err}"
+        ) from None
 
 
 # --- what every config shares ---------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 import operator
 from typing import Any
 
-__all__ = ["TensorDtypeError", "TensorInputError", "TranscodersError", "check_at_least", "summary"]
+__all__ = ["TensorDtypeError", "TensorInputError", "TranscodersError", "check_at_least", "summary", "whole_number"]
 
 
 class TranscodersError(Exception):
@@ -29,14 +29,22 @@ class TensorDtypeError(TensorInputError, TypeError):
     """Activations of another dtype than the transcoder's weights (cast one of them)."""
 
 
+def whole_number(value: Any) -> int | None:
+    """`value` as an int if it is an integer (a Python, NumPy or one-element integer torch
+    value; not a bool), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def check_at_least(error: type[TranscodersError], **bounds: tuple[Any, int]) -> None:
     """Raise `error` for the first option, given as `name=(value, least)`, whose value is
     not an integer of at least `least`: `check_at_least(AnalysisError, n_top=(n_top, 1))`."""
     for name, (value, least) in bounds.items():
-        try:
-            whole = None if isinstance(value, bool) else operator.index(value)  # ints, numpy ints
-        except TypeError:
-            whole = None
+        whole = whole_number(value)
         if whole is None or whole < least:
             raise error(f"{name} must be at least {least} (an integer), got {value!r}")
 

@@ -47,12 +47,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     normal file mode (the umask's). `OutputPathError` where `path` is a directory or
     cannot be written."""
     path = Path(path)
-    if path.is_dir():
-        raise OutputPathError(f"cannot write {path}: it is a directory; give the path of a file")
     try:
+        if path.is_dir():
+            raise OutputPathError(f"cannot write {path}: it is a directory; give the path of a file")
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as err:
+    except OutputPathError:
+        raise
+    except OSError as err:  # a name too long, a parent that is a file, no permission
         raise _unwritable(path, err) from err
     os.close(fd)
     try:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from tl_transcoders.core.config import ConfigError
+from tl_transcoders.core.devices import checked_device
 from tl_transcoders.core.native import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -135,13 +136,16 @@ class NativeModule(nn.Module):
         the file is never changed) and read when touched: a cross-layer transcoder
         larger than memory can attribute a prompt, which reads only its active latents'
         decoder rows. The checks still read the whole file once, one block at a time. It
-        keeps the stored dtype on the CPU (`device` and `dtype` must agree).
+        keeps the stored dtype on the CPU (`device` and `dtype` must agree). The file must
+        stay as it is while the module lives: one replaced in place (`cp` over it, a
+        `save` into the same directory is safe: it writes a new file) changes the
+        module's weights, and one truncated ends the process with SIGBUS.
 
         Raises `TranscoderFileError` naming the file and the problem for a missing or
         corrupt file, an unknown format or version, a directory holding another kind of
         module, a bad config field, a checksum that does not match, or a tensor that is
         missing, unexpected, of the wrong shape or not finite."""
-        directory = Path(directory)
+        directory, device = Path(directory), checked_device(device)
         cfg, checksum = read_config(directory / CONFIG_FILE, kind=cls.KIND)
         if mmap:
             check_mappable(directory, device, dtype, cfg.dtype)
@@ -163,6 +167,7 @@ class NativeModule(nn.Module):
         built without a wasted random initialisation. `checked_finite`: the values were
         checked as they were read (`read_tensors`), so `nonfinite_parameters` reads them
         again only after an in-place change (for memory-mapped weights)."""
+        device = checked_device(device)
         cfg = dataclasses.replace(cfg, dtype=str(dtype or tensors["W_enc"].dtype).removeprefix("torch."))
         with torch.device("meta"):
             module = cls(cfg)

@@ -13,6 +13,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -76,11 +77,20 @@ class AblationBaselines:
                 "compute them with compute_ablation_baselines for every output site you evaluate"
             )
 
-    def check_tokens(self, fingerprint: TokenFingerprint) -> None:
+    def check_matches(self, fingerprint: TokenFingerprint, per_row_clean: Float[Tensor, " n_rows"]) -> None:
         """Raise `BaselineError` unless `fingerprint` is of the token set these baselines
-        were computed on."""
+        were computed on and the clean CE of each row (`per_row_clean`, as measured now)
+        is theirs up to round-off: baselines of another model, or of other weights, would
+        give wrong CE recovered."""
         if fingerprint.hexdigest() != self.fingerprint:
             raise BaselineError(
                 "these ablation baselines were computed on other tokens; compute them with "
                 "compute_ablation_baselines on the same token set you evaluate"
+            )
+        ours, now = self.per_row_clean.double().cpu(), per_row_clean.double().cpu()
+        if not torch.allclose(ours, now, rtol=1e-3, atol=1e-4):
+            worst = float((ours - now).abs().max())
+            raise BaselineError(
+                f"these ablation baselines were computed with another model or other weights (the clean CE of a "
+                f"row differs by up to {worst:.3g}); compute them with compute_ablation_baselines on this model"
             )

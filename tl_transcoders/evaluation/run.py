@@ -102,6 +102,10 @@ def evaluate_splice(
     check_compatible(model, transcoders)
     check_not_spliced(model, "evaluate_splice")
     sites = [p.output_site for p in placements_of(transcoders)]
+    if baselines is not None and not isinstance(baselines, AblationBaselines):
+        raise EvaluationError(
+            f"baselines must come from compute_ablation_baselines (or be None), got {type(baselines).__name__}"
+        )
     if baselines is not None:
         baselines.check_sites(sites)
     batches = token_batches_of(model, tokens, _rows_per_batch(model, batch_size))
@@ -110,7 +114,7 @@ def evaluate_splice(
     if baselines is None:
         baselines = sweep.baselines
     else:
-        baselines.check_tokens(sweep.fingerprint)
+        baselines.check_matches(sweep.fingerprint, sweep.baselines.per_row_clean)
     return _report(sweep, transcoders, baselines)
 
 

@@ -34,6 +34,7 @@ from unittest import mock
 import torch
 from torch import nn
 
+from tl_transcoders.core.devices import checked_device
 from tl_transcoders.core.errors import TranscodersError, summary
 from tl_transcoders.hooks.sites import bridge_class
 
@@ -117,6 +118,7 @@ def load_model(
             `center_writing_weights`, `n_ctx`) or `TransformerBridge.boot_transformers`.
     """
     path = Path(name_or_path).expanduser()
+    checked_device(device)
     use_bridge = _use_bridge(bridge)
     if path.suffix.lower() == ".gguf":
         directory, name = _gguf_directory(path, bos_token), path.stem

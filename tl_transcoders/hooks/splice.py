@@ -127,6 +127,10 @@ def eval_mode(transcoders: Sequence[AnyTranscoder]) -> Iterator[None]:
             transcoder.train()
 
 
+_MLP_OUTPUT_SITES = ("hook_mlp_out", "mlp.hook_out")
+"""Site names of a block's MLP output: both hold the same tensor."""
+
+
 def check_compatible(model: nn.Module, transcoders: AnyTranscoder | Sequence[AnyTranscoder]) -> None:
     """Raise `SpliceError`, saying what is wrong and what to do, unless every transcoder
     fits `model`: its config is valid and matches its parameters (also after a change),
@@ -138,6 +142,7 @@ def check_compatible(model: nn.Module, transcoders: AnyTranscoder | Sequence[Any
     for transcoder in transcoders:
         _check_module(model, transcoder)
     seen_outputs: dict[str, AnyTranscoder] = {}
+    mlp_writers: dict[int, AnyTranscoder] = {}
     n_layers = model.cfg.n_layers
     for place in placements_of(transcoders):
         name = describe(place.module)
@@ -157,6 +162,13 @@ def check_compatible(model: nn.Module, transcoders: AnyTranscoder | Sequence[Any
                 f"write {place.output_site}; splice at most one transcoder per site"
             )
         seen_outputs[place.output_site] = place.module
+        if place.output_site.endswith(_MLP_OUTPUT_SITES):  # aliases of one tensor: the later write wins
+            if place.layer in mlp_writers:
+                raise SpliceError(
+                    f"{name} and {describe(mlp_writers[place.layer])} both replace the MLP output of the same "
+                    f"layer {place.layer}; splice at most one transcoder per MLP"
+                )
+            mlp_writers[place.layer] = place.module
 
     every = placements_of(transcoders)
     try:

@@ -25,7 +25,7 @@ from jaxtyping import Int
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from tl_transcoders.core.errors import TranscodersError, check_at_least, summary
+from tl_transcoders.core.errors import TranscodersError, check_at_least, summary, whole_number
 
 __all__ = [
     "BUILDERS",
@@ -172,8 +172,8 @@ def _special_token(value: int | None | _FromTokenizer, tokenizer: Any, attribute
         if tokenizer is None:
             raise DataError(f"{name}: there is no tokenizer to take it from; pass {name}=<token id> or None")
         return getattr(tokenizer, attribute, None)
-    if value is not None and value < 0:
-        raise DataError(f"{name} must be a token id >= 0 or None, got {value}")
+    if value is not None and (whole_number(value) is None or value < 0):
+        raise DataError(f"{name} must be a token id (an integer >= 0) or None, got {value!r}")
     return value
 
 
@@ -202,13 +202,18 @@ def _documents(dataset: Dataset | IterableDataset, tokenizer: Any, text_column: 
             column = _pick_column(list(chunk), text_column)
         values = chunk[column]
         if column == PRETOKENIZED_COLUMN:
-            yield from values
+            for ids in values:
+                if not isinstance(ids, (list, tuple)) or not all(whole_number(i) is not None for i in ids):
+                    raise DataError(
+                        f"column {column!r} should hold one list of integer token ids per document, found {ids!r:.80}"
+                    )
+                yield ids
             continue
         if tokenizer is None:
             raise DataError(f"column {column!r} holds text: pass a tokenizer to tokenize it")
-        bad = next((v for v in values if not isinstance(v, str)), None)
-        if bad is not None:
-            raise DataError(f"column {column!r} should hold strings, found a {type(bad).__name__}: {bad!r:.80}")
+        bad = [v for v in values if not isinstance(v, str)]
+        if bad:
+            raise DataError(f"column {column!r} should hold strings, found a {type(bad[0]).__name__}: {bad[0]!r:.80}")
         yield from tokenizer(values, add_special_tokens=False, verbose=False, return_attention_mask=False)["input_ids"]
 
 

@@ -35,6 +35,7 @@ import torch
 
 from tl_transcoders.core.clt import CrossLayerTranscoder
 from tl_transcoders.core.config import INPUT_SPACES
+from tl_transcoders.core.devices import checked_device
 from tl_transcoders.core.errors import summary
 from tl_transcoders.core.native import (
     CONFIG_FILE,
@@ -171,7 +172,7 @@ def load_directory(
     the file's) and `device`. `mmap=True` maps a cross-layer transcoder's decoders from
     its files (ours or circuit-tracer's) instead of reading them: see
     `CrossLayerTranscoder.load`."""
-    directory = Path(directory)
+    directory, device = Path(directory), checked_device(device)
     if input_space != AUTO and input_space is not None and input_space not in INPUT_SPACES:
         raise TranscoderFileError(f"input_space must be {AUTO!r}, one of {INPUT_SPACES} or None, got {input_space!r}")
     clt = _cross_layer(directory, input_space, model_name, device, dtype, mmap)

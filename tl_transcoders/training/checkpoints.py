@@ -70,10 +70,29 @@ def write_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     return path
 
 
+_STATE_KEYS = {
+    "config": dict,
+    "transcoders": dict,
+    "optimizer": dict,
+    "schedule": dict,
+    "step": int,
+    "batches_seen": int,
+    "since_fired": dict,
+    "scales": dict,
+    "buffer": dict,
+    "generator": torch.Tensor,
+    "history": list,
+}
+"""What a checkpoint written by `Trainer.save_checkpoint` holds, and the type of each."""
+
+
 def _load(path: Path) -> dict[str, Any]:
     state = torch.load(path, weights_only=False, map_location="cpu")
-    if not isinstance(state, dict) or "step" not in state:
+    if not isinstance(state, dict):
         raise ValueError("not a training checkpoint")
+    wrong = sorted(key for key, kind in _STATE_KEYS.items() if not isinstance(state.get(key), kind))
+    if wrong:
+        raise ValueError(f"not a whole training checkpoint: {wrong} missing or of the wrong type")
     return state
 
 

@@ -16,6 +16,7 @@ from tl_transcoders.core.config import (
     config_from_dict,
     default_input_site,
     default_output_site,
+    site_for_layer,
 )
 
 __all__ = ["TrainConfig"]
@@ -161,6 +162,8 @@ class TrainConfig:
             raise ConfigError("output_dir must be a directory path")
         for name in ("input_site", "output_site"):
             template = getattr(self, name)
+            if template is not None:
+                site_for_layer(template, self.layers[0])
             if template is not None and "{layer}" not in template and len(self.layers) > 1:
                 raise ConfigError(
                     f"{name}={template!r} names one site but {len(self.layers)} layers are trained: "
@@ -177,10 +180,10 @@ class TrainConfig:
 
     def sites(self, layer: int) -> tuple[str, str]:
         """The input and output site of the transcoder for `layer`."""
-        output_site = (self.output_site or default_output_site(layer)).format(layer=layer)
+        output_site = site_for_layer(self.output_site or default_output_site(layer), layer)
         if self.sae:
             return output_site, output_site
-        return (self.input_site or default_input_site(layer)).format(layer=layer), output_site
+        return site_for_layer(self.input_site or default_input_site(layer), layer), output_site
 
     def learning_rate(self, d_latent: int) -> float:
         return self.lr if self.lr is not None else 3e-3 / math.sqrt(d_latent / 2**14)

@@ -49,7 +49,7 @@ from tqdm import tqdm
 from tl_transcoders.core.activations import SparseLatents
 from tl_transcoders.core.clt import CrossLayerTranscoder
 from tl_transcoders.core.config import ConfigError
-from tl_transcoders.core.errors import TranscodersError
+from tl_transcoders.core.errors import TranscodersError, summary
 from tl_transcoders.core.files import check_writable_directory
 from tl_transcoders.core.placement import AnyTranscoder, Placement
 from tl_transcoders.core.transcoder import Transcoder
@@ -282,6 +282,11 @@ class Trainer:
         """Start the run: resume from the checkpoint (with `cfg.resume`) or clear an
         earlier run's (with `cfg.overwrite`), and set up logging and evaluation."""
         cfg = self.cfg
+        if (eval_tokens is None) != (cfg.eval_every == 0):
+            raise TrainingError(
+                "spliced-CE evaluation during training needs both eval_every > 0 and eval_tokens given to fit; "
+                f"got eval_every={cfg.eval_every} and eval_tokens {'not given' if eval_tokens is None else 'given'}"
+            )
         if cfg.resume and checkpoint_files(self.checkpoint_path):
             self.load_checkpoint()
         elif cfg.resume:
@@ -661,10 +666,16 @@ class Trainer:
                 f"{path} was written by a run with other options ({changed}); resume with the same "
                 "TrainConfig, or start afresh with overwrite=True"
             )
-        for layer, transcoder in self.transcoders.items():
-            transcoder.load_state_dict(state["transcoders"][layer])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
+        try:
+            for layer, transcoder in self.transcoders.items():
+                transcoder.load_state_dict(state["transcoders"][layer])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.schedule.load_state_dict(state["schedule"])
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise TrainingError(
+                f"{path} does not hold this run's transcoders and optimiser ({summary(err)}); the file was "
+                "changed after it was written: start afresh with overwrite=True"
+            ) from err
         self.step, self.batches_seen = state["step"], state["batches_seen"]
         self.since_fired = {layer: count.to(self.device) for layer, count in state["since_fired"].items()}
         self.scales = state["scales"]

@@ -17,7 +17,9 @@ from torch import Tensor
 
 from tl_transcoders.core.clt import CrossLayerTranscoder
 from tl_transcoders.core.config import ConfigError, CrossLayerConfig
-from tl_transcoders.core.files import atomic_write
+from tl_transcoders.core.errors import summary
+from tl_transcoders.core.files import atomic_directory
+from tl_transcoders.core.module import NativeModule
 from tl_transcoders.core.native import TranscoderFileError, read_tensors
 from tl_transcoders.core.transcoder import Transcoder
 from tl_transcoders.io.formats.common import AUTO, LN_SITES, Placement, Source, field, read_yaml, tensor_names
@@ -50,7 +52,13 @@ def _local_file(directory: Path, entry: str) -> Path:
             return local
     import huggingface_hub
 
-    return Path(huggingface_hub.hf_hub_download(repo_id, filename, revision=revision or None))
+    try:
+        return Path(huggingface_hub.hf_hub_download(repo_id, filename, revision=revision or None))
+    except (OSError, ValueError) as err:  # not found, offline (LocalEntryNotFoundError), bad revision
+        raise TranscoderFileError(
+            f"{directory / CONFIG_FILE}: {entry} is neither in {directory} nor downloadable from the Hugging Face "
+            f"Hub ({summary(err)}); put the file beside the config or check the repository and your connection"
+        ) from err
 
 
 def sources(directory: Path, placement: Placement, layers: Sequence[int] | None) -> list[Source]:
@@ -147,7 +155,7 @@ def _layer_source(
 
 
 def export_circuit_tracer(
-    transcoders: Sequence[Transcoder] | CrossLayerTranscoder,
+    transcoders: Transcoder | Sequence[Transcoder] | CrossLayerTranscoder,
     directory: str | Path,
     scan: str | None = None,
     repo_id: str | None = None,
@@ -165,6 +173,14 @@ def export_circuit_tracer(
     eval mode, and TopK is refused. Returns the directory."""
     if isinstance(transcoders, CrossLayerTranscoder):
         return export_cross_layer(transcoders, Path(directory), scan, repo_id)
+    if isinstance(transcoders, Transcoder):
+        transcoders = [transcoders]
+    transcoders = list(transcoders)
+    if not transcoders:
+        raise TranscoderFileError("export_circuit_tracer: no transcoders given; pass one per layer 0..n-1")
+    bad = [type(t).__name__ for t in transcoders if not isinstance(t, Transcoder)]
+    if bad:
+        raise TranscoderFileError(f"export_circuit_tracer takes Transcoder objects (or one CLT), got a {bad[0]}")
     transcoders = sorted(transcoders, key=lambda t: t.cfg.layer)
     layers = [t.cfg.layer for t in transcoders]
     if layers != list(range(len(transcoders))):
@@ -199,32 +215,28 @@ def export_circuit_tracer(
             stacklevel=2,
         )
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    files = []
+    files = {}
     for t in transcoders:
         tensors = {"W_enc": t.W_enc, "W_dec": t.W_dec, "b_enc": t.b_enc, "b_dec": t.b_dec}
         if t.cfg.skip:
             tensors["W_skip"] = t.W_skip
         if t.cfg.activation in ("jumprelu", "batchtopk"):
             tensors["activation_function.threshold"] = t.threshold
-        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        path = directory / f"layer_{t.cfg.layer}.safetensors"
-        atomic_write(path, lambda p, tensors=tensors: save_file(tensors, p))
-        files.append(f"hf://{repo_id}/{path.name}" if repo_id else str(path.resolve()))
+        files[f"layer_{t.cfg.layer}.safetensors"] = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    listed = [f"hf://{repo_id}/{name}" if repo_id else str(directory.resolve() / name) for name in files]
     config: dict[str, Any] = {
         "model_kind": "transcoder_set",
         "scan": scan or directory.resolve().name,
         "feature_input_hook": read_hook,
         "feature_output_hook": write_hook,
-        "transcoders": files,
+        "transcoders": listed,
     }
     names = {t.cfg.model_name for t in transcoders}
     if len(names) == 1 and None not in names:
         config["model_name"] = names.pop()
     if input_space is not None:
         config["input_space"] = input_space
-
-    _write_yaml(directory / CONFIG_FILE, config)
+    _write_export(directory, transcoders, files, config)
     return directory
 
 
@@ -321,14 +333,13 @@ def export_cross_layer(clt: CrossLayerTranscoder, directory: Path, scan: str | N
         raise TranscoderFileError(
             f"circuit-tracer's cross-layer transcoders start at layer 0, this one at {c.first_layer}"
         )
-    directory.mkdir(parents=True, exist_ok=True)
+    files = {}
     for i in range(c.n_layers):
         encoder = {f"W_enc_{i}": clt.W_enc[i], f"b_enc_{i}": clt.b_enc[i], f"b_dec_{i}": clt.b_dec[i]}
         if c.activation in ("jumprelu", "batchtopk"):
             encoder[f"threshold_{i}"] = clt.threshold[i]
         for name, tensors in ((f"W_enc_{i}", encoder), (f"W_dec_{i}", {f"W_dec_{i}": clt.W_dec[i]})):
-            tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-            atomic_write(directory / f"{name}.safetensors", lambda p, tensors=tensors: save_file(tensors, p))
+            files[f"{name}.safetensors"] = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     config: dict[str, Any] = {
         "model_kind": CLT_KIND,
         "scan": scan or directory.resolve().name,
@@ -341,12 +352,47 @@ def export_cross_layer(clt: CrossLayerTranscoder, directory: Path, scan: str | N
         config["model_name"] = c.model_name
     if c.input_space is not None:
         config["input_space"] = c.input_space
-    _write_yaml(directory / CONFIG_FILE, config)
+    _write_export(directory, [clt], files, config)
     return directory
 
 
-def _write_yaml(path: Path, config: dict[str, Any]) -> None:
+_EXPORTED_FILE = re.compile(r"(layer|W_enc|W_dec)_\d+\.safetensors")
+"""The weight files of a circuit-tracer export (transcoder set or CLT)."""
+
+
+def _write_export(
+    directory: Path, modules: Sequence[NativeModule], files: dict[str, dict[str, Tensor]], config: dict[str, Any]
+) -> None:
+    """Write `files` (name -> tensors) and `config.yaml` as `directory`, replacing an
+    earlier export there as a whole (its stale files go with it); refuses NaN or inf
+    weights and a directory holding anything but an earlier export, so that nothing of
+    the user's is replaced."""
     import yaml
 
-    text = yaml.safe_dump(config, sort_keys=False)
-    atomic_write(path, lambda p: Path(p).write_text(text))
+    for module in modules:
+        bad = module.nonfinite_parameters()
+        if bad:
+            raise TranscoderFileError(f"{directory}: not exported, {bad} hold NaN or inf; nothing was written")
+    if directory.is_dir():
+        foreign = sorted(
+            p.name
+            for p in directory.iterdir()
+            if not (_EXPORTED_FILE.fullmatch(p.name) or (p.name == CONFIG_FILE and _is_export_config(p)))
+        )
+        if foreign:
+            raise TranscoderFileError(
+                f"{directory}: not exported, the directory holds other files ({', '.join(foreign[:5])}) that the "
+                "export would replace; export into a new directory or one that holds only an earlier export"
+            )
+    with atomic_directory(directory) as tmp:
+        for name, tensors in files.items():
+            save_file(tensors, tmp / name)
+        (tmp / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def _is_export_config(path: Path) -> bool:
+    """Whether `path` is the `config.yaml` of a circuit-tracer export."""
+    try:
+        return field(read_yaml(path), path, "model_kind", str, None) in ("transcoder_set", CLT_KIND)
+    except TranscoderFileError:
+        return False

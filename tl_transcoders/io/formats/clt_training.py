@@ -87,6 +87,8 @@ def _layers(directory: Path) -> list[_Layer]:
             )
         found[d.name] = _Layer(d, cfg, layer, input_site, output_site)
     order = field(run, run_path, "hookpoints", list, [])
+    if not all(isinstance(name, str) for name in order):
+        raise TranscoderFileError(f"{run_path}: hookpoints must be a list of hookpoint names (strings), got {order}")
     if sorted(order) == sorted(found):
         return [found[name] for name in order]
     return sorted(found.values(), key=lambda t: t.layer)
@@ -206,6 +208,14 @@ def read_cross_layer(
     def flag(t: _Layer, name: str) -> bool:
         return field(t.cfg, t.directory / FILES[0], name, bool, False)
 
+    for t, r in zip(layers, raw):
+        if flag(t, "normalize_io") and not all(
+            bool(r[name].isfinite().all() and (r[name] > 0).all()) for name in ("in_norm", "out_norm")
+        ):
+            raise TranscoderFileError(
+                f"{t.directory}: normalize_io is on but in_norm / out_norm are not positive finite numbers "
+                f"({r['in_norm'].tolist()}, {r['out_norm'].tolist()}): the run's normalisation cannot be folded"
+            )
     root_d = math.sqrt(d_model)
     in_scale = [root_d / r["in_norm"].double() if flag(t, "normalize_io") else 1.0 for t, r in zip(layers, raw)]
     out_scale = [r["out_norm"].double() / root_d if flag(t, "normalize_io") else 1.0 for t, r in zip(layers, raw)]

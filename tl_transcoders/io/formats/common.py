@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from tl_transcoders.core.config import ConfigError, TranscoderConfig
+from tl_transcoders.core.config import ConfigError, TranscoderConfig, site_for_layer
 from tl_transcoders.core.native import TranscoderFileError
 from tl_transcoders.core.transcoder import Transcoder
 
@@ -86,7 +86,10 @@ class Placement:
                     f"{'reads' if name == 'input_site' else 'writes'}; pass {name}= "
                     "(a hook name, or a template such as 'blocks.{layer}.hook_resid_mid')"
                 )
-            sites[name] = site.format(layer=layer)
+            try:
+                sites[name] = site_for_layer(site, layer)
+            except ConfigError as err:
+                raise TranscoderFileError(f"{path}: {name}: {err}") from err
         space = self.input_space
         if space == AUTO:
             space = ln_space if sites["input_site"].endswith(LN_SITES) else "any"
