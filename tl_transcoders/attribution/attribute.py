@@ -127,6 +127,7 @@ def attribute(
         recorded.targets, logit_probabilities, max_feature_nodes, memory, update_interval
     )
     recorded.state.release_graph()  # the backward passes are done: the adjacency may use that memory
+    return_freed_memory()  # and what the backward batches freed, which the allocator would otherwise keep
     adjacency = attributor.adjacency(rows, row_features, n_logit_rows)
     rows.close()
     features = attributor.features

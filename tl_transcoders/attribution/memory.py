@@ -173,7 +173,9 @@ def available_memory(device: torch.device) -> int | None:
 def return_freed_memory() -> None:
     """Hand memory freed inside the process back to the system where the C library can
     (glibc's `malloc_trim`), so that what an estimate's forward pass freed does not stay
-    in this process's resident memory and count as the next call's base."""
+    in this process's resident memory and count as the next call's base, and what
+    attribution's backward batches freed is not held beside the adjacency built after
+    them."""
     gc.collect()
     try:
         ctypes.CDLL(None).malloc_trim(0)
