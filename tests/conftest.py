@@ -10,11 +10,13 @@ randomised so that folded and unfolded input spaces really differ.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
 import tempfile
 import warnings
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -244,6 +246,24 @@ def make_clt(model=None, layers=None, activation="topk", skip=True, d_latent=40,
             elif not name.startswith("W_dec"):
                 param.copy_(0.3 * noise)
     return clt.eval()
+
+
+@contextlib.contextmanager
+def weights_changed(module: torch.nn.Module, change) -> Iterator[None]:
+    """Run the block with `change(parameter)` applied in place to every parameter of
+    `module` (part of a cached test model), and restore the weights after. A deepcopy of
+    the model is no way out: a Bridge that has run may hold non-leaf tensors, which
+    deepcopy refuses."""
+    saved = [p.detach().clone() for p in module.parameters()]
+    try:
+        with torch.no_grad():
+            for p in module.parameters():
+                change(p)
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value in zip(module.parameters(), saved):
+                p.copy_(value)
 
 
 @pytest.fixture

@@ -4,11 +4,9 @@ single objects where a list is expected give what the list gives."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from conftest import MODEL_PARAMS, build_model, make_transcoder
+from conftest import MODEL_PARAMS, build_model, make_transcoder, weights_changed
 from test_attribute import prompt
 from test_cli import run_cli
 
@@ -28,20 +26,17 @@ from tl_transcoders.evaluation import EvaluationError
 from tl_transcoders.hooks.sites import SiteError, capture, transcoder_config
 
 
-def nan_model(name: str):
-    """A copy of the test model whose first block's weights are NaN."""
-    model = copy.deepcopy(build_model(name))
-    with torch.no_grad():
-        for p in model.blocks[0].parameters():
-            p.fill_(float("nan"))
-    return model
-
-
 @pytest.mark.parametrize("name", MODEL_PARAMS)
 def test_a_model_computing_nan_is_refused_by_every_consumer(name):
-    model = nan_model(name)
+    model = build_model(name)
     transcoder = make_transcoder(model, 1, activation="relu")
     tokens = prompt(model)
+    with weights_changed(model.blocks[0], lambda p: p.fill_(float("nan"))):
+        refuse_everything(model, transcoder, tokens)
+
+
+def refuse_everything(model, transcoder, tokens):
+    """Every consumer refuses `model` (its first block computes NaN), each by name."""
     with pytest.raises(EvaluationError, match="the model itself produced NaN or inf logits"):
         evaluate_splice(model, [transcoder], tokens[None])
     with pytest.raises(FloatingPointError):  # NonFiniteLogitsError is one too

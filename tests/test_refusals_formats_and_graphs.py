@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import MODEL_PARAMS, build_model, make_clt, make_transcoder
+from conftest import MODEL_PARAMS, build_model, make_clt, make_transcoder, weights_changed
 from test_attribute import prompt
 from test_graph import random_graph
 
@@ -305,12 +305,10 @@ def test_ablation_baselines_of_another_model_are_refused():
     model = build_model(MODEL_PARAMS[0])
     transcoder = make_transcoder(model, 0)
     tokens = batches(model, 1)[0]
-    other = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in other.parameters():
-            p.mul_(1.5)
+    with weights_changed(model.blocks[1], lambda p: p.mul_(1.5)):
+        other_weights = compute_ablation_baselines(model, tokens, [0])
     with pytest.raises(BaselineError, match="computed with another model or other weights"):
-        evaluate_splice(model, [transcoder], tokens, compute_ablation_baselines(other, tokens, [0]))
+        evaluate_splice(model, [transcoder], tokens, other_weights)
     with pytest.raises(EvaluationError, match="baselines must come from compute_ablation_baselines"):
         evaluate_splice(model, [transcoder], tokens, {"blocks.0.hook_mlp_out": 1.0})
     own = compute_ablation_baselines(model, tokens, [0], batch_size=1)
