@@ -439,7 +439,7 @@ def test_the_memory_plan_spills_rows_and_shrinks_batches_to_fit_the_budget():
 
     # A SmolLM2-sized prompt of 1,024 tokens with 3.3M active features and 1,034 rows.
     shape = dict(n_pos=1024, n_layers=30, d_model=576, n_features=3_300_000, n_rows=1034, max_active=200)
-    shape |= dict(n_nodes=1034 + 31 * 1024, itemsize=4, base=2 << 30, forward=2 << 30, batch_size=64)
+    shape |= dict(n_nodes=1034 + 31 * 1024, itemsize=4, base=2 << 30, held=1 << 29, forward=2 << 30, batch_size=64)
     roomy = plan(**shape, budget=None)
     assert roomy.spill and roomy.batch_size == 64  # 13 GiB of rows: a file whatever the budget
     short = plan(**(shape | dict(n_pos=64, n_features=170_000, n_nodes=1034 + 31 * 64)), budget=None)
@@ -462,9 +462,55 @@ def test_the_memory_estimate_is_the_plan_attribute_follows():
     graph = attribute(model, transcoders, tokens, max_feature_nodes=8, batch_size=4)
     assert estimate.n_features == graph.metadata["n_active_features"]
     assert (estimate.batch_size, estimate.spill) == (graph.metadata["batch_size"], graph.metadata["rows_spilled"])
-    assert estimate.forward > 0 and estimate.total > estimate.base + estimate.forward
+    assert estimate.forward > 0 and estimate.held > 0
+    assert estimate.total > estimate.base + estimate.held + estimate.forward
     with pytest.raises(AttributionError, match="memory budget"):
         attribute(model, transcoders, tokens, memory_budget=1000)
+
+
+def test_saved_tensor_bytes_counts_without_keeping_the_pass_alive():
+    import gc
+    import weakref
+
+    from tl_transcoders.attribution.memory import SavedTensorBytes
+
+    model = build_model(MODEL_PARAMS[0])
+    x = torch.randn(100, 100, requires_grad=True)
+    with SavedTensorBytes(model) as saved:
+        y = x.exp()  # exp saves its own output
+    assert saved.bytes == 100 * 100 * 4
+    (gradient,) = torch.autograd.grad(y.sum(), x, retain_graph=True)
+    assert torch.equal(gradient, y.detach())
+    output = weakref.ref(y)
+    del y
+    gc.collect()
+    assert output() is None
+
+
+@pytest.mark.parametrize("name", [MODEL_PARAMS[0], "bridge-llama"])
+def test_the_recorded_pass_is_freed_when_attribute_and_the_estimate_return(name, monkeypatch):
+    import gc
+    import importlib
+    import weakref
+
+    from tl_transcoders.attribution.attribute import estimate_attribution_memory
+
+    attribution = importlib.import_module("tl_transcoders.attribution.attribute")
+    recorded = []
+    real_init = attribution.Attributor.__init__
+
+    def init(self, model, state, bos, storage):
+        recorded.extend(weakref.ref(t) for t in state.outputs.values())
+        real_init(self, model, state, bos, storage)
+
+    monkeypatch.setattr(attribution.Attributor, "__init__", init)
+    model = build_model(name)
+    transcoders = transcoders_for(model, "relu", True)
+    estimate_attribution_memory(model, transcoders, prompt(model), max_feature_nodes=4)
+    attribute(model, transcoders, prompt(model), max_feature_nodes=4)
+    gc.collect()
+    assert len(recorded) == 2 * model.cfg.n_layers
+    assert all(tensor() is None for tensor in recorded)
 
 
 def some_targets(model, transcoders) -> list:

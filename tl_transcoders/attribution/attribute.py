@@ -37,6 +37,7 @@ from tl_transcoders.attribution.memory import (
     current_memory,
     plan,
     return_freed_memory,
+    tensor_bytes,
 )
 from tl_transcoders.attribution.replacement import (
     ReplacementState,
@@ -402,6 +403,17 @@ class Attributor:
                 decoded = values[0] @ W[indices[0]]
                 self.errors[target][0] += decoded.to(self.errors[target].dtype)
 
+    def held_tensors(self) -> list[Tensor]:
+        """The tensors kept from the recorded pass until the graph is built (besides
+        its autograd graph): the features, the error vectors and embeddings, each
+        layer's latents, inputs and MLP outputs."""
+        features, state = self.features, self.state
+        held = [features.layers, features.positions, features.latents, features.activations]
+        held += [t for layer in features.sparse for t in (*features.sparse[layer], features.slots[layer])]
+        held += [*self.errors.values(), self.embed, *state.mlp_outputs.values(), *state.inputs.values()]
+        held += [t for layer in self.maps for t in state.latents(layer)]
+        return held
+
     def plan(
         self, recorded: _Recorded, max_feature_nodes: int | None, batch_size: int, memory_budget: int | None
     ) -> AttributionMemory:
@@ -422,6 +434,7 @@ class Attributor:
             max_active=max(widths, default=0),
             itemsize=self.dtype.itemsize,
             base=recorded.base,
+            held=tensor_bytes(self.held_tensors()),
             forward=recorded.forward,
             batch_size=batch_size,
             budget=budget,
