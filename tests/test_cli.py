@@ -51,6 +51,7 @@ def test_demo_writes_transcoders_report_and_dashboards(tmp_path):
     assert report["layers"]["2"]["fvu"] < 1.0, "the fit should beat predicting the mean"
     html = (out / "dashboards.html").read_text()
     assert html.count("<html") == 1 and "</html>" in html
+    assert html.count("one of the densest latents") == 2 and "then the 2 densest" in html
     run = json.loads((out / "run.json").read_text())
     assert run["layer"] == 2 and run["tokens"] == 8192
 

@@ -16,6 +16,7 @@ from tl_transcoders.analysis.dashboards import (
     dashboard_page,
     latent_dashboard,
     latent_dashboards,
+    latents_across_frequencies,
     save_dashboards,
     top_latents,
 )
@@ -157,6 +158,29 @@ def test_top_latents():
     assert strongest == maxima.topk(3).indices.tolist()
     with pytest.raises(ValueError, match="frequency"):
         top_latents(records, "loudest")
+
+
+def test_latents_across_frequencies_draws_from_the_band_and_sets_the_densest_apart():
+    model = build_model(NAMES[0])
+    transcoder = make_transcoder(model, LAYER, "topk", d_latent=48, k=4)
+    records = collect_activations(model, transcoder, token_rows(model, n_rows=4, n_pos=8))
+    frequency = records.fire_counts.double() / records.n_tokens
+    alive = sorted(set(frequency.nonzero()[:, 0].tolist()))
+    low, high = sorted(frequency[alive].tolist())[len(alive) // 4], sorted(frequency[alive].tolist())[len(alive) // 2]
+    in_band = [i for i in alive if low <= frequency[i] <= high]
+    densest_expected = sorted(alive, key=lambda i: -frequency[i])[:2]
+    spread, densest = latents_across_frequencies(records, n=3, band=(low, high), n_densest=2, seed=1)
+    assert sorted(densest) == sorted(densest_expected) and not set(spread) & set(densest)
+    assert len(spread) == 3 and set(spread) <= set(in_band) - set(densest)
+    assert [frequency[i] for i in spread] == sorted(frequency[i] for i in spread)
+    draws = {tuple(latents_across_frequencies(records, n=3, band=(low, high), seed=s)[0]) for s in range(8)}
+    assert len(draws) > 1  # drawn at random, not the same three each time
+    # More wanted than the band holds: the rest are the latents nearest to it.
+    everything, _ = latents_across_frequencies(records, n=len(alive), band=(low, low), n_densest=0)
+    assert sorted(everything) == alive
+    assert frequency[everything[0]] == min(frequency[alive])
+    with pytest.raises(ValueError, match="band"):
+        latents_across_frequencies(records, band=(0.5, 0.1))
 
 
 def test_weight_views_match_virtual_weights(model):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -65,6 +66,7 @@ __all__ = [
     "dashboard_page",
     "latent_dashboard",
     "latent_dashboards",
+    "latents_across_frequencies",
     "save_dashboards",
     "token_strings",
     "transcoder_inputs",
@@ -367,6 +369,42 @@ def top_latents(records: LatentRecords, by: str = "frequency", n: int = 10) -> l
     alive = (records.fire_counts > 0).nonzero()[:, 0]
     order = alive[torch.sort(-score[alive], stable=True).indices]
     return records.latents[order[:n]].tolist()
+
+
+def latents_across_frequencies(
+    records: LatentRecords,
+    n: int = 10,
+    band: tuple[float, float] = (1e-4, 1e-2),
+    n_densest: int = 2,
+    seed: int = 0,
+) -> tuple[list[int], list[int]]:
+    """Latents worth looking at, for dashboards: `n` drawn at random (with `seed`) among
+    those firing on a fraction of tokens within `band` (the most interpretable range:
+    dense latents rarely mean one thing), and separately the `n_densest` most frequent
+    ones, to be shown as such. Returns `(spread, densest)`, each ordered from rare to
+    frequent; `spread` is topped up with the latents nearest the band (in log
+    frequency) when the band holds fewer than `n`, and never repeats a latent of
+    `densest`. Latents that never fired are left out."""
+    check_at_least(AnalysisError, n=(n, 0), n_densest=(n_densest, 0), seed=(seed, 0))
+    low, high = band
+    if not 0 < low <= high <= 1:
+        raise AnalysisError(f"band must be two firing fractions 0 < low <= high <= 1, got {band}")
+    frequency = records.fire_counts.double() / max(records.n_tokens, 1)
+    alive = (records.fire_counts > 0).nonzero()[:, 0]
+    densest = alive[frequency[alive].argsort(descending=True, stable=True)[:n_densest]]
+    candidates = alive[~torch.isin(alive, densest)]
+    log_frequency = frequency[candidates].log()
+    # Distance in log frequency outside the band; 0 inside it, with a random tie-break.
+    distance = (log_frequency - math.log(high)).clamp(min=0) + (math.log(low) - log_frequency).clamp(min=0)
+    shuffle = torch.rand(candidates.numel(), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    order = shuffle.argsort()
+    order = order[distance[order].argsort(stable=True)]
+    spread = candidates[order[:n]]
+
+    def by_frequency(slots: Tensor) -> list[int]:
+        return records.latents[slots[frequency[slots].argsort(stable=True)]].tolist()
+
+    return by_frequency(spread), by_frequency(densest)
 
 
 # --- one latent's dashboard ---------------------------------------------------------

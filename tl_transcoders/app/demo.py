@@ -8,7 +8,9 @@ file goes to one output directory:
 
     transcoders/layer_{L}/   the trained skip transcoder (Transcoder.load)
     report.json              the splice report (CE, KL, CE recovered, FVU, L0, dead)
-    dashboards.html          top-activating held-out contexts of the most frequent latents
+    dashboards.html          top-activating held-out contexts of latents firing on
+                             0.01%-1% of tokens (drawn at random), then of the two
+                             densest, labelled as such
     run.json                 what was run: model, layer, tokens, timings
 
 `model="tiny"` runs the same pipeline on a tiny random model and random tokens in
@@ -33,6 +35,8 @@ from tl_transcoders.training import TrainConfig, Trainer
 __all__ = ["real_inputs", "run_demo", "tiny_inputs"]
 
 CONTEXT, BATCH = 128, 32
+DASHBOARD_BAND = (1e-4, 1e-2)
+"""Firing fractions of the latents the dashboards show (besides the two densest)."""
 
 
 def real_inputs(heldout_rows: int) -> tuple[nn.Module, Iterator[Tensor], Tensor]:
@@ -82,7 +86,12 @@ def run_demo(
 ) -> Path:
     """Train, splice, evaluate and draw (see the module docstring); returns the output
     directory. `model` is "smollm2" or "tiny"; `layer` defaults to the middle one."""
-    from tl_transcoders.analysis.dashboards import collect_activations, latent_dashboards, save_dashboards, top_latents
+    from tl_transcoders.analysis.dashboards import (
+        collect_activations,
+        latent_dashboards,
+        latents_across_frequencies,
+        save_dashboards,
+    )
 
     if model not in ("smollm2", "tiny"):
         raise TranscodersError(f"model must be 'smollm2' or 'tiny', got {model!r}")
@@ -116,13 +125,17 @@ def run_demo(
     (output_dir / "report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
 
     records = collect_activations(hooked, transcoder, heldout.split(8))
-    latents = top_latents(records, by="frequency", n=n_dashboards)
+    spread, densest = latents_across_frequencies(records, n=n_dashboards, band=DASHBOARD_BAND, n_densest=2)
     tokenizer = getattr(hooked, "tokenizer", None)
-    dashboards = latent_dashboards(records, latents, model=hooked, transcoder=transcoder, tokenizer=tokenizer)
+    dashboards = latent_dashboards(records, spread + densest, model=hooked, transcoder=transcoder, tokenizer=tokenizer)
+    for dashboard in dashboards[len(spread) :]:
+        dashboard.notes.insert(0, "one of the densest latents: dense latents rarely mean one thing")
+    low, high = DASHBOARD_BAND
     save_dashboards(
         output_dir / "dashboards.html",
         dashboards,
-        title=f"{hooked.cfg.model_name} layer {layer} skip transcoder: most frequent latents",
+        title=f"{hooked.cfg.model_name} layer {layer} skip transcoder: {len(spread)} random latents firing on "
+        f"{low:.2%}-{high:.0%} of tokens (or the nearest), then the {len(densest)} densest",
     )
     run = {
         "model": hooked.cfg.model_name,
