@@ -46,6 +46,7 @@ K = 32
 PROMPT_TOKENS = 16
 NODE_THRESHOLD, EDGE_THRESHOLD = 0.8, 0.98
 VARIANTS = ("clt", "per_layer")
+FORWARD_BATCHES = 16
 
 
 def _estimate(value) -> dict:
@@ -147,10 +148,11 @@ def _all_zero_ablated_ce(model, tokens: torch.Tensor) -> float:
 
 
 def forward_worker(args) -> None:
-    """The model's forward pass alone (to the last layer) over the same batches."""
+    """The model's forward pass alone (to the last layer) over the first of the same
+    batches (at most FORWARD_BATCHES: a throughput, which more batches would not change)."""
     model = load_tl_model(args.cache)
     tokens = torch.load(args.tokens_file).view(-1, BATCH, CONTEXT)
-    n = max(args.tokens // (BATCH * CONTEXT), 1)
+    n = min(max(args.tokens // (BATCH * CONTEXT), 1), FORWARD_BATCHES)
     with torch.no_grad():
         model(tokens[0, :2], stop_at_layer=len(LAYERS))
         start = time.perf_counter()

@@ -18,7 +18,7 @@ declare -A extra=(
   ["4.3.0"]="$torch_spec transformer-lens==4.3.0"
   ["2.16.0"]="torch==2.6.0 transformer-lens==2.16.0 datasets==2.19.0 transformers<5 numpy<2 pyarrow<20 beartype==0.14.1"
 )
-check="import tl_transcoders, pytest, xdist, nbclient, ipykernel, gguf, plotly"
+check="import tl_transcoders, pytest, xdist, nbclient, ipykernel, gguf, plotly, websocket"
 
 make_venv() {  # make_venv VERSION LOG: install the package and its test extras for one TL line
   local tl=$1 venv=".venv-tl$1"
@@ -29,12 +29,26 @@ make_venv() {  # make_venv VERSION LOG: install the package and its test extras 
     "$venv/bin/pip" install -q --disable-pip-version-check -e ".[test]" ${extra[$tl]#* }
 }
 
+# The graph viewer's browser test drives headless Chromium: the Debian package, installed
+# here when it is missing and this user can (root with apt-get), alongside the virtualenvs;
+# where it cannot be, that one test is skipped and says so.
+chromium_maker=""
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium ||
+    { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }; } > .chromium.log 2>&1 &
+  chromium_maker=$!
+fi
+
 declare -A maker
 for tl in "${lines[@]}"; do
   make_venv "$tl" > ".venv-tl$tl.log" 2>&1 &
   maker[$tl]=$!
   wait "${maker[${lines[0]}]}" 2>/dev/null || true  # the first line is needed first: make it alone
 done
+
+if [ -n "$chromium_maker" ] && ! wait "$chromium_maker"; then
+  echo "Chromium could not be installed (see .chromium.log): the viewer's browser test will be skipped"
+fi
 
 status=0
 first=1

@@ -209,7 +209,7 @@ def test_train_options_have_the_config_fields_documentation():
     assert "Adam learning rate" in " ".join(text.split()) and "--overwrite" in text
 
 
-@pytest.mark.parametrize("name", [MODEL_PARAMS[0], "bridge-llama"])
+@pytest.mark.parametrize("name", MODEL_PARAMS)
 def test_attribute_writes_the_graph_its_pruned_form_and_circuit_tracers_files(name, monkeypatch, tmp_path, capsys):
     from tl_transcoders.attribution.attribute import attribute
     from tl_transcoders.attribution.graph import Graph

@@ -67,6 +67,7 @@ __all__ = [
     "latent_dashboard",
     "latent_dashboards",
     "latents_across_frequencies",
+    "load_dashboards",
     "save_dashboards",
     "token_strings",
     "transcoder_inputs",
@@ -457,6 +458,23 @@ class LatentDashboard:
         """JSON-ready data."""
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LatentDashboard:
+        """The dashboard `to_dict` wrote; `AnalysisError` naming what is missing or
+        malformed."""
+        try:
+            effects = {sign: [TokenEffect(**e) for e in rows] for sign, rows in data["logit_effects"].items()}
+            return cls(
+                **{
+                    **data,
+                    "contexts": [Context(**c) for c in data["contexts"]],
+                    "logit_effects": effects,
+                    "de_embedding": [TokenEffect(**e) for e in data["de_embedding"]],
+                }
+            )
+        except (KeyError, TypeError, AttributeError) as err:
+            raise AnalysisError(f"not a dashboard written by LatentDashboard.to_dict: {err!r}") from None
+
     def to_html(self) -> str:
         """A self-contained HTML fragment (inline CSS and SVG, no scripts)."""
         return f'<div class="tlt-dash-root"><style>{_CSS}</style>{self._body()}</div>'
@@ -716,3 +734,16 @@ def save_dashboards(
         text = dashboard_page(dashboards, title)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return path
+
+
+def load_dashboards(path: str | os.PathLike) -> list[LatentDashboard]:
+    """The dashboards `save_dashboards` wrote to a `.json` path; `AnalysisError` for a
+    missing, unreadable or foreign file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AnalysisError(f"{path}: cannot read dashboards ({err}); write them with save_dashboards(.json)") from None
+    if not isinstance(data, dict) or not isinstance(data.get("dashboards"), list):
+        raise AnalysisError(f"{path}: not a dashboards file written by save_dashboards (no 'dashboards' list)")
+    return [LatentDashboard.from_dict(d) for d in data["dashboards"]]

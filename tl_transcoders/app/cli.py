@@ -256,7 +256,23 @@ def build_parser() -> argparse.ArgumentParser:
     graph.add_argument("--out", required=True, help="output directory")
     graph.add_argument("--device", default=None)
     graph.set_defaults(run=cmd_attribute, text=None)
+
+    viewer = commands.add_parser("serve", help="a local viewer of the graphs that attribute wrote")
+    viewer.add_argument("directory", help="the --out directory of `attribute` (or a folder of graph files)")
+    viewer.add_argument("--port", type=int, default=8765, help="the port (0: any free port; default: 8765)")
+    viewer.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")
+    viewer.add_argument(
+        "--dashboards", nargs="+", default=[], help="dashboards files (save_dashboards to a .json) shown on click"
+    )
+    viewer.add_argument("--labels", help='a JSON object of feature labels: {"LAYER/LATENT": "label", ...}')
+    viewer.set_defaults(run=cmd_serve)
     return parser
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from tl_transcoders.app.serve import serve
+
+    serve(args.directory, host=args.host, port=args.port, dashboards=args.dashboards, labels=args.labels)
 
 
 def main(argv: list[str] | None = None) -> None:

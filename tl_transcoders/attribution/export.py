@@ -32,6 +32,7 @@ __all__ = [
     "check_slug",
     "export_graph",
     "graph_json",
+    "read_index",
 ]
 
 INDEX_FILE = "graph-metadata.json"
@@ -128,7 +129,7 @@ def export_graph(graph: Graph, output_dir: str | os.PathLike, slug: str, **optio
     check_slug(slug)
     output_dir = check_writable_directory(output_dir)
     index_path = output_dir / INDEX_FILE
-    index = _read_index(index_path) if index_path.is_file() else {"graphs": []}  # refused before anything is written
+    index = read_index(index_path) if index_path.is_file() else {"graphs": []}  # refused before anything is written
     data = graph_json(graph, slug, **options)
     path = output_dir / f"{slug}.json"
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data)))
@@ -137,7 +138,7 @@ def export_graph(graph: Graph, output_dir: str | os.PathLike, slug: str, **optio
     return path
 
 
-def _read_index(path: Path) -> dict:
+def read_index(path: Path) -> dict:
     """The `{"graphs": [metadata, ...]}` index of a graph directory."""
     try:
         index = json.loads(path.read_text())
