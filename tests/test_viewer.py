@@ -214,3 +214,22 @@ def test_the_page_in_a_browser_draws_the_graph_and_shows_a_dashboard_on_click(mo
         browser.close()
         server.shutdown()
         server.server_close()
+
+
+def test_serve_prints_its_address_and_stops_cleanly_on_ctrl_c(monkeypatch, tmp_path, capsys):
+    import signal
+    import sys
+
+    out, graph = attribute_directory(MODEL_PARAMS[0], tmp_path, monkeypatch)
+    command = [sys.executable, "-m", "tl_transcoders.app.cli", "serve", str(out), "--port", "0"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        assert line.startswith(f"serving the graphs of {out} at http://127.0.0.1:"), line
+        url = line.split(" at ")[1].split()[0]
+        assert graph["links"][0]["target"] in urllib.request.urlopen(url).read().decode()
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 0 and stdout.strip() == "stopped" and "Traceback" not in stderr
