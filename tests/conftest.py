@@ -17,6 +17,7 @@ import re
 import tempfile
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -278,3 +279,16 @@ def without_type_checker():
         yield
     finally:
         jaxtyping.config.update("jaxtyping_disable", False)
+
+
+def attribute_command(model: torch.nn.Module, tmp_path: Path, out: Path) -> tuple[list, list[str], torch.Tensor]:
+    """Relu transcoders of layers 0 and 2 saved under `tmp_path`, a 7-token prompt
+    saved as `prompt.pt`, and the `tl-transcoders attribute` arguments that read them
+    and write to `out`: (transcoders, arguments, prompt tokens)."""
+    transcoders = [make_transcoder(model, layer, activation="relu", seed=layer) for layer in (0, 2)]
+    for t in transcoders:
+        t.save(tmp_path / f"layer_{t.cfg.layer}")
+    tokens = torch.randint(3, model.cfg.d_vocab, (7,), generator=torch.Generator().manual_seed(0))
+    torch.save(tokens, tmp_path / "prompt.pt")
+    arguments = ["attribute", "--model", "tiny", "--transcoders", str(tmp_path / "layer_0"), str(tmp_path / "layer_2")]
+    return transcoders, arguments + ["--tokens", str(tmp_path / "prompt.pt"), "--out", str(out)], tokens

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import MODEL_PARAMS, build_model, make_transcoder
+from conftest import MODEL_PARAMS, attribute_command, build_model, make_transcoder
 
 from tl_transcoders import Transcoder, evaluate_splice
 from tl_transcoders.app import cli
@@ -217,14 +217,8 @@ def test_attribute_writes_the_graph_its_pruned_form_and_circuit_tracers_files(na
 
     model = build_model(name)
     monkeypatch.setattr(cli, "load_model", lambda name, device=None: model)
-    transcoders = [make_transcoder(model, layer, activation="relu", seed=layer) for layer in (0, 2)]
-    for t in transcoders:
-        t.save(tmp_path / f"layer_{t.cfg.layer}")
-    tokens = torch.randint(3, model.cfg.d_vocab, (7,), generator=torch.Generator().manual_seed(0))
-    torch.save(tokens, tmp_path / "prompt.pt")
     out = tmp_path / "graph"
-    base = ["attribute", "--model", "tiny", "--transcoders", str(tmp_path / "layer_0"), str(tmp_path / "layer_2")]
-    base += ["--tokens", str(tmp_path / "prompt.pt"), "--out", str(out)]
+    transcoders, base, tokens = attribute_command(model, tmp_path, out)
     cli.main(base + ["--logit-diff", "#5", "#7", "--max-feature-nodes", "6"])
     summary = json.loads(capsys.readouterr().out)
     expected = attribute(model, transcoders, tokens, max_feature_nodes=6, targets=[LogitDifference(5, 7)])

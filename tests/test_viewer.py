@@ -14,8 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import MODEL_PARAMS, build_model, make_transcoder
+from conftest import MODEL_PARAMS, attribute_command, build_model
 
 from tl_transcoders.analysis.dashboards import collect_activations, latent_dashboards, save_dashboards
 from tl_transcoders.app import cli
@@ -30,14 +29,9 @@ def attribute_directory(name: str, tmp_path: Path, monkeypatch) -> tuple[Path, d
     returns the directory and the graph file."""
     model = build_model(name)
     monkeypatch.setattr(cli, "load_model", lambda name, device=None: model)
-    transcoders = [make_transcoder(model, layer, activation="relu", seed=layer) for layer in (0, 2)]
-    for t in transcoders:
-        t.save(tmp_path / f"layer_{t.cfg.layer}")
-    tokens = torch.randint(3, model.cfg.d_vocab, (7,), generator=torch.Generator().manual_seed(0))
-    torch.save(tokens, tmp_path / "prompt.pt")
     out = tmp_path / "graph"
-    command = ["attribute", "--model", "tiny", "--transcoders", str(tmp_path / "layer_0"), str(tmp_path / "layer_2")]
-    cli.main(command + ["--tokens", str(tmp_path / "prompt.pt"), "--out", str(out), "--node-threshold", "0.95"])
+    transcoders, command, tokens = attribute_command(model, tmp_path, out)
+    cli.main(command + ["--node-threshold", "0.95"])
     records = collect_activations(model, transcoders[0], tokens[None])
     alive = (records.fire_counts > 0).nonzero()[:, 0].tolist()
     save_dashboards(tmp_path / "dashboards.json", latent_dashboards(records, alive, model, transcoders[0]))

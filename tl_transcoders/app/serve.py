@@ -26,6 +26,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from tl_transcoders.analysis.dashboards import load_dashboards
@@ -184,15 +185,10 @@ def make_server(
         raise ServeError(f"cannot listen on {host}:{port} ({err.strerror}); pick another --port") from None
 
 
-def serve(
-    directory: str | os.PathLike,
-    host: str = "127.0.0.1",
-    port: int = 8765,
-    dashboards: Sequence[str | os.PathLike] = (),
-    labels: str | os.PathLike | None = None,
-) -> None:
-    """Serve the viewer until Ctrl-C (see `make_server`), printing its address."""
-    server = make_server(directory, host, port, dashboards, labels)
+def serve(directory: str | os.PathLike, **options: Any) -> None:
+    """Serve the viewer until Ctrl-C, printing its address; `options` are
+    `make_server`'s (`host`, `port`, `dashboards`, `labels`)."""
+    server = make_server(directory, **options)
     address, bound = server.server_address[:2]
     print(f"serving the graphs of {directory} at http://{address}:{bound}/ (Ctrl-C stops)", flush=True)
     try:
