@@ -9,8 +9,14 @@
                            prompt, its most influential feature selected (needs --graph-dir:
                            the --out directory of `tl-transcoders attribute`)
 
-Needs Chromium (Debian's `chromium`) for the two pictures. Run from the repository root:
+Needs Chromium (Debian's `chromium`) for the pictures. Run from the repository root:
     .venv-tl3.9.0/bin/python scripts/figures.py [--graph-dir DIR]
+
+The committed attribution-graph.png: SmolLM2-135M (fp32, `benchmarks/setup.sh`) with the 30
+per-layer skip transcoders that `benchmarks/clt.py` trains (1,152 latents, k 32, 393,216
+tokens, under .bench/cache/train/clt_runs/per_layer), on "The capital of France is":
+    tl-transcoders attribute --model .bench/smollm2-fp32 --transcoders <the 30 layer_N folders,
+        in layer order> --prompt "The capital of France is" --max-feature-nodes 512 --out DIR
 """
 
 from __future__ import annotations

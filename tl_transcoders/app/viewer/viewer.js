@@ -23,7 +23,9 @@ const KINDS = {
   logit: "logit",
 };
 const kind = (node) => KINDS[node.feature_type] || "feature";
-const row = (node) => (node.layer === "E" ? 0 : Number(node.layer) + 1);
+// Rows: tokens, then one per layer, then the targets just above the last layer.
+const lastLayer = Math.max(-1, ...nodes.filter((n) => n.layer !== "E" && kind(n) !== "logit").map((n) => Number(n.layer)));
+const row = (node) => (node.layer === "E" ? 0 : kind(node) === "logit" ? lastLayer + 2 : Number(node.layer) + 1);
 const latent = (node) => Number(node.node_id.split("_")[1]);
 const dashboardKey = (node) => `${node.layer}_${latent(node)}`;
 
@@ -44,8 +46,10 @@ function describe(node) {
 // --- layout: a column per prompt position, a row per layer (tokens below, logits above)
 const nRows = Math.max(...nodes.map(row)) + 1;
 const margin = { left: 70, right: 20, top: 20, bottom: 70 };
-const columnWidth = Math.max(60, Math.min(140, 1400 / Math.max(tokens.length, 1)));
-const rowHeight = 34;
+// Fit the pane where it can: columns of 60-140 px, rows of 18-34 px.
+const pane = document.getElementById("canvas");
+const columnWidth = Math.max(60, Math.min(140, (pane.clientWidth - 90) / Math.max(tokens.length, 1)));
+const rowHeight = Math.max(18, Math.min(34, (pane.clientHeight - 90) / nodes.reduce((m, n) => Math.max(m, row(n) + 1), 1)));
 const width = margin.left + margin.right + columnWidth * tokens.length;
 const height = margin.top + margin.bottom + rowHeight * nRows;
 const x = (position) => margin.left + columnWidth * (position + 0.5);
@@ -78,7 +82,7 @@ axis
   .attr("class", "row")
   .attr("x", 6)
   .attr("y", (r) => y(r) + 4)
-  .text((r) => (r === 0 ? "tokens" : r === nRows - 1 && nodes.some((n) => kind(n) === "logit" && row(n) === r) ? "targets" : `layer ${r - 1}`));
+  .text((r) => (r === 0 ? "tokens" : r === lastLayer + 2 ? "targets" : `layer ${r - 1}`));
 axis
   .selectAll("text.token")
   .data(tokens)
