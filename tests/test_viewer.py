@@ -106,6 +106,17 @@ def test_the_server_serves_the_page_and_its_assets_only(monkeypatch, tmp_path, c
     finally:
         server.shutdown()
         server.server_close()
+    # A dashboards file broken after the start: the page says so, the server keeps serving.
+    server, url = serving(out, dashboards=[tmp_path / "dashboards.json"])
+    try:
+        (tmp_path / "dashboards.json").write_text("{")
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"{url}/")
+        assert err.value.code == 404 and "cannot read dashboards" in err.value.read().decode()
+        assert urllib.request.urlopen(f"{url}/viewer.css").status == 200
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 class Browser:

@@ -146,7 +146,7 @@ class _Handler(BaseHTTPRequestHandler):
         slug = parse_qs(url.query).get("slug", [None])[0]
         try:
             page = viewer_page(viewer_data(slug=slug, **self.source))
-        except ServeError as err:
+        except TranscodersError as err:  # a graph, labels or dashboards file broken since the start
             return self._reply(HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8", str(err).encode())
         self._reply(HTTPStatus.OK, "text/html; charset=utf-8", page.encode())
 
