@@ -6,20 +6,23 @@
 The public API: the modules in `MODULES` (those that exist); of each, the names in
 its `__all__`, or without one the functions and classes it defines whose names do not
 start with an underscore. Each entry is the signature and docstring; a class also
-lists its public methods and properties. The output depends only on the code (sorted
-names, no memory addresses), so the tests can check that the committed file is up to
-date.
+lists the docstrings under its dataclass fields, its public methods and properties.
+The output depends only on the code (sorted names, no memory addresses), so the tests
+can check that the committed file is up to date.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import inspect
 import re
 import sys
 from pathlib import Path
 from types import ModuleType
+
+from tl_transcoders.core.config import field_docs
 
 MODULES = (
     "tl_transcoders",
@@ -222,6 +225,9 @@ def document(obj: object, name: str, level: str, kind: str = "") -> list[str]:
         doc = own_docstring(obj)
     if doc:
         lines += [as_markdown(doc), ""]
+    fields = field_docs(obj) if dataclasses.is_dataclass(obj) else {}
+    if fields:
+        lines += [f"- `{field}`: {text}" for field, text in fields.items()] + [""]
     return lines
 
 

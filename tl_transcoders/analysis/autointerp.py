@@ -58,12 +58,17 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from tl_transcoders.analysis.dashboards import check_latents, token_strings, transcoder_inputs, visible
+from tl_transcoders.analysis.dashboards import (
+    check_encodable,
+    check_latents,
+    token_strings,
+    transcoder_inputs,
+    visible,
+)
 from tl_transcoders.analysis.errors import AnalysisError
 from tl_transcoders.core.errors import TranscodersError, check_at_least
 from tl_transcoders.core.transcoder import Transcoder
 from tl_transcoders.evaluation.statistics import mean_and_sem
-from tl_transcoders.hooks.splice import check_compatible
 from tl_transcoders.hooks.tokens import TokenInput, token_batches_of
 
 __all__ = [
@@ -117,15 +122,8 @@ def latent_activations(
     CPU in float32: the transcoder's input site is captured (`sites.capture`, one code
     path for HookedTransformer and TransformerBridge) and encoded, `batch_size` rows
     at a time."""
-    if not isinstance(transcoder, Transcoder):
-        raise AnalysisError(f"expected a Transcoder, got {type(transcoder).__name__}")
-    if transcoder.cfg.activation == "batchtopk" and transcoder.training:
-        raise AnalysisError(
-            "call transcoder.eval() first: a BatchTopK transcoder in training mode "
-            "selects latents across the whole batch"
-        )
-    check_at_least(AnalysisError, batch_size=(batch_size, 1))
-    check_compatible(model, [transcoder])
+    check_at_least(AnalysisError, 1, batch_size=batch_size)
+    check_encodable(model, transcoder)
     chosen = check_latents(transcoder, latents)
     out = []
     with torch.no_grad():
@@ -214,13 +212,9 @@ def sample_contexts(
             f"tokens {tuple(tokens.shape)} and activations {tuple(activations.shape)} "
             "must have the same [n_ctx, ctx_len] shape"
         )
-    check_at_least(
-        AnalysisError,
-        n_train=(n_train, 0),
-        n_test_per_quantile=(n_test_per_quantile, 0),
-        n_quantiles=(n_quantiles, 1),
-        n_random=(n_random, 0),
-    )
+    check_at_least(AnalysisError, 0, n_train=n_train, n_test_per_quantile=n_test_per_quantile)
+    check_at_least(AnalysisError, 1, n_quantiles=n_quantiles)
+    check_at_least(AnalysisError, 0, n_random=n_random)
     acts = activations.detach().float().cpu().clone()
     toks = tokens.detach().cpu().long()
     if skip_bos and acts.shape[1]:
@@ -773,7 +767,7 @@ def explain_and_score(
     `latent_timeout` bounds the seconds all of the latent's requests may take together
     (None: no bound). Raises `LLMError` if the client fails (kind "budget" when
     `latent_timeout` ran out; any other exception of the client is wrapped into one)."""
-    check_at_least(AnalysisError, batch_size=(batch_size, 1))
+    check_at_least(AnalysisError, 1, batch_size=batch_size)
     if not 0 < fuzz_threshold <= 1:
         raise AnalysisError(f"fuzz_threshold must be in (0, 1], got {fuzz_threshold}")
     if latent_timeout is not None and not latent_timeout > 0:

@@ -61,6 +61,7 @@ __all__ = [
     "LatentDashboard",
     "LatentRecords",
     "TokenEffect",
+    "check_encodable",
     "check_latents",
     "collect_activations",
     "dashboard_page",
@@ -147,22 +148,9 @@ def collect_activations(
     activations with their windows, its firing count and its histogram (see the module
     docstring for the definitions). The tokens are read once, `batch_size` rows at a
     time, each batch checked as it comes; memory does not grow with the number of rows."""
-    if not isinstance(transcoder, Transcoder):
-        raise AnalysisError(f"expected a Transcoder, got {type(transcoder).__name__}")
-    if transcoder.cfg.activation == "batchtopk" and transcoder.training:
-        raise AnalysisError(
-            "a BatchTopK transcoder in training mode selects latents across the whole batch; "
-            "call transcoder.eval() to encode each token on its own (with its threshold)"
-        )
-    check_at_least(
-        AnalysisError,
-        n_top=(n_top, 1),
-        n_bins=(n_bins, 1),
-        batch_size=(batch_size, 1),
-        window_before=(window_before, 0),
-        window_after=(window_after, 0),
-    )
-    check_compatible(model, [transcoder])
+    check_at_least(AnalysisError, 1, n_top=n_top, n_bins=n_bins, batch_size=batch_size)
+    check_at_least(AnalysisError, 0, window_before=window_before, window_after=window_after)
+    check_encodable(model, transcoder)
     collector = _Collector(
         transcoder, check_latents(transcoder, latents), n_top, n_bins, window_before, window_after, int(skip_bos)
     )
@@ -182,6 +170,20 @@ def transcoder_inputs(
     x = capture(model, batch, [site])[site]
     check_finite_activations(x, site)
     return x.to(transcoder.W_enc.dtype)
+
+
+def check_encodable(model: nn.Module, transcoder: Transcoder) -> None:
+    """Refuse what cannot encode `model`'s tokens one at a time: not a `Transcoder`, a
+    BatchTopK transcoder in training mode (it selects across the batch), or one made for
+    another model (`check_compatible`)."""
+    if not isinstance(transcoder, Transcoder):
+        raise AnalysisError(f"expected a Transcoder, got {type(transcoder).__name__}")
+    if transcoder.cfg.activation == "batchtopk" and transcoder.training:
+        raise AnalysisError(
+            "a BatchTopK transcoder in training mode selects latents across the whole batch; "
+            "call transcoder.eval() to encode each token on its own (with its threshold)"
+        )
+    check_compatible(model, [transcoder])
 
 
 def check_latents(transcoder: Transcoder, latents: Tensor | Sequence[int] | None) -> Int[Tensor, " n_chosen"]:
@@ -386,7 +388,7 @@ def latents_across_frequencies(
     frequent; `spread` is topped up with the latents nearest the band (in log
     frequency) when the band holds fewer than `n`, and never repeats a latent of
     `densest`. Latents that never fired are left out."""
-    check_at_least(AnalysisError, n=(n, 0), n_densest=(n_densest, 0), seed=(seed, 0))
+    check_at_least(AnalysisError, 0, n=n, n_densest=n_densest, seed=seed)
     low, high = band
     if not 0 < low <= high <= 1:
         raise AnalysisError(f"band must be two firing fractions 0 < low <= high <= 1, got {band}")
@@ -564,7 +566,7 @@ def latent_dashboards(
     each token embedding dotted with the direction the latent's encoder reads."""
     if (model is None) != (transcoder is None):
         raise AnalysisError("pass both model and transcoder for the logit and de-embedding views, or neither")
-    check_at_least(AnalysisError, k_tokens=(k_tokens, 1))
+    check_at_least(AnalysisError, 1, k_tokens=k_tokens)
     latents = [int(latent) for latent in latents]
     slots = [records.slot(latent) for latent in latents]
     if tokenizer is None and model is not None:

@@ -74,17 +74,24 @@ class ProbeError(AnalysisError):
 
 @dataclass
 class ProbeResult:
-    """A k-sparse probe: the chosen features (best first), the logistic-regression
-    weights on them (in standardised units: each feature minus its training mean, over
-    its training std), and held-out accuracy and balanced accuracy."""
+    """A k-sparse probe: a logistic regression on k chosen features, scored on held-out
+    samples."""
 
     features: list[int]
+    """The chosen features, best first."""
     weights: list[float]
+    """The regression's weight on each feature, in standardised units (the feature minus
+    its training mean, over its training std)."""
     bias: float
+    """The regression's intercept."""
     accuracy: float
+    """Fraction of held-out samples classified right."""
     balanced_accuracy: float
+    """Held-out accuracy averaged over the classes (recall per class), 0.5 by chance for two."""
     n_train: int
+    """Samples the probe was fitted on."""
     n_test: int
+    """Held-out samples it was scored on."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -408,7 +415,7 @@ def probe_dictionaries(
     sequence_tasks, token_tasks = dict(sequence_tasks or {}), dict(token_tasks or {})
     if not sequence_tasks and not token_tasks:
         raise ProbeError("give at least one sequence task or token task")
-    check_at_least(ProbeError, n_splits=(n_splits, 1))
+    check_at_least(ProbeError, 1, n_splits=n_splits)
     for name, labels in sequence_tasks.items():
         if labels.shape != tokens.shape[:1]:
             raise ProbeError(f"sequence task {name!r}: {tuple(labels.shape)} labels for {len(tokens)} sequences")

@@ -391,7 +391,8 @@ def find_paths(run: PromptRun, target: Node, n_paths: int = 10, beam_width: int 
     absolute value of their contribution, from a beam search that at each depth keeps
     the `beam_width` edges of largest absolute flow and follows at most `max_edges`
     edges (heads and skips) per path."""
-    check_at_least(AttributionError, n_paths=(n_paths, 1), beam_width=(beam_width, 1), max_edges=(max_edges, 0))
+    check_at_least(AttributionError, 1, n_paths=n_paths, beam_width=beam_width)
+    check_at_least(AttributionError, 0, max_edges=max_edges)
     if target.kind == "feature":
         _check_latent(run, target)
     direction, point = target_direction(run, target)

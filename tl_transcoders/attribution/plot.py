@@ -50,7 +50,7 @@ def plot_graph(
         raise ImportError("plot_graph needs plotly: pip install 'tl-transcoders[plot]'") from err
     if token_strings is not None and len(token_strings) != graph.n_pos:
         raise AttributionError(f"token_strings has {len(token_strings)} entries, the graph has {graph.n_pos} positions")
-    check_at_least(AttributionError, edge_widths=(edge_widths, 1))
+    check_at_least(AttributionError, 1, edge_widths=edge_widths)
     labels = token_strings if token_strings is not None else token_labels(graph.tokens, tokenizer)
     logit_labels = graph.target_labels(tokenizer)
     adjacency = graph.adjacency.detach().cpu()

@@ -87,7 +87,7 @@ class QKAttribution:
     def top_pairs(self, n: int = 20) -> list[tuple[int, int, float]]:
         """The `n` pairs (query node, key node, contribution) of largest magnitude,
         without building the whole matrix (one block of query nodes at a time)."""
-        check_at_least(AttributionError, n=(n, 1))
+        check_at_least(AttributionError, 1, n=n)
         keys = self.form @ self.key.T
         best: list[tuple[int, int, float]] = []
         for start in range(0, self.query.shape[0], 1024):

@@ -500,7 +500,7 @@ def blockwise_topk(
 ) -> TopPairs:
     """The top `k` entries of `rows @ columns.T`, computed block by block with a
     running top-k, never holding more than `block_size` x `block_size` products."""
-    check_at_least(AttributionError, k=(k, 1), block_size=(block_size, 1))
+    check_at_least(AttributionError, 1, k=k, block_size=block_size)
     n_rows, n_columns = rows.shape[0], columns.shape[0]
     best_scores = rows.new_empty(0)
     best = (rows.new_empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long))

@@ -40,10 +40,10 @@ def whole_number(value: Any) -> int | None:
         return None
 
 
-def check_at_least(error: type[TranscodersError], **bounds: tuple[Any, int]) -> None:
-    """Raise `error` for the first option, given as `name=(value, least)`, whose value is
-    not an integer of at least `least`: `check_at_least(AnalysisError, n_top=(n_top, 1))`."""
-    for name, (value, least) in bounds.items():
+def check_at_least(error: type[TranscodersError], least: int, **options: Any) -> None:
+    """Raise `error` for the first of `options` (given as `name=value`) whose value is not
+    an integer of at least `least`: `check_at_least(AnalysisError, 1, n_top=n_top)`."""
+    for name, value in options.items():
         whole = whole_number(value)
         if whole is None or whole < least:
             raise error(f"{name} must be at least {least} (an integer), got {value!r}")

@@ -35,23 +35,30 @@ def _scalars(report: Any) -> dict[str, Any]:
 
 @dataclass
 class LayerReport:
-    """Splice-in numbers for one layer's transcoder (see the module docstring).
-
-    `ce_recovered` is (CE zero-ablated - CE spliced) / (CE zero-ablated - CE clean): 1
-    when splicing costs nothing, 0 when it is as bad as removing the MLP output; above
-    1 only by noise or when the transcoder beats the MLP it replaces. `fvu`, `l0` and
-    `dead_fraction` are measured on the clean run's activations at the transcoder's
-    sites; `l0` is active latents per token."""
+    """Splice-in numbers for one layer's transcoder (see the module docstring); CE in
+    nats per predicted token."""
 
     ce_spliced: Estimate
+    """CE with this transcoder alone in place of its layer's MLP output."""
     ce_zero_ablated: Estimate
+    """CE with the layer's MLP output set to zero."""
     ce_mean_ablated: Estimate
+    """CE with the layer's MLP output replaced by its mean over the evaluation tokens."""
     ce_recovered: Estimate
+    """(CE zero-ablated - CE spliced) / (CE zero-ablated - CE clean): 1 when splicing
+    costs nothing, 0 when it is as bad as removing the MLP output; above 1 only by noise
+    or when the transcoder beats the MLP it replaces."""
     ce_increase: Estimate
+    """CE spliced minus CE clean, with the paired standard error."""
     kl: Estimate
+    """KL(clean || spliced) of the next-token distributions, per position."""
     fvu: float
+    """Fraction of the MLP output's variance the transcoder leaves unexplained, on the
+    clean run's activations."""
     l0: float
+    """Active latents per token, on the clean run's activations."""
     dead_fraction: float
+    """Fraction of latents that never fired on the clean run's activations."""
 
     def to_dict(self) -> dict[str, float]:
         """Scalars, JSON-ready; every estimate also as `<name>_se`."""

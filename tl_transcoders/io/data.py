@@ -298,9 +298,9 @@ def token_batches(
             f"expected one split of a dataset, got a {type(dataset).__name__} with splits "
             f"{list(dataset)}; pick one, e.g. dataset['train']"
         )
-    check_at_least(
-        DataError, context_size=(context_size, 2), batch_size=(batch_size, 1), skip_batches=(skip_batches, 0)
-    )
+    check_at_least(DataError, 2, context_size=context_size)
+    check_at_least(DataError, 1, batch_size=batch_size)
+    check_at_least(DataError, 0, skip_batches=skip_batches)
     max_batches = None
     if max_tokens is not None:
         max_batches = max_tokens // (batch_size * context_size)
