@@ -34,6 +34,7 @@ from tl_transcoders.analysis.autointerp import (
     sample_contexts,
     score_latents,
 )
+from tl_transcoders.analysis.errors import AnalysisError
 
 TARGET = 7
 
@@ -512,6 +513,18 @@ def test_faulty_explanations_are_reasked_once(endpoint, few_samples):
     _, url = endpoint(refusal)
     score = explain_and_score(OpenAICompatibleClient(url, "m"), decode, few_samples, reask=False)
     assert score.failure == "malformed" and not score.explanation_retried
+
+
+def test_score_latents_gives_each_option_to_the_function_that_takes_it():
+    tokens, acts = synthetic_latent()
+    options = dict(n_train=3, batch_size=2, seed=1)  # one for sample_contexts, one for explain_and_score, one for both
+    [score] = score_latents(FakeClient("w7", perfect_judge), decode, tokens, acts[None], **options)
+    samples = sample_contexts(tokens, acts, n_train=3, seed=1)
+    alone = explain_and_score(FakeClient("w7", perfect_judge), decode, samples, 0, batch_size=2, seed=1)
+    assert score.to_dict() == alone.to_dict()
+    assert score.detection.n_batches == -(-(len(samples.test) + len(samples.non_activating)) // 2)
+    with pytest.raises(AnalysisError, match=r"unknown options \['n_trian'\].*n_train"):
+        score_latents(FakeClient("w7", perfect_judge), decode, tokens, acts[None], n_trian=3)
 
 
 def test_the_run_goes_on_past_failing_latents(endpoint):

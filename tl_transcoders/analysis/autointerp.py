@@ -877,35 +877,35 @@ def score_latents(
     tokens: Int[Tensor, "n_rows row_len"],
     activations: Float[Tensor, "n_latents n_rows_acts row_len_acts"],
     latents: Sequence[int] | None = None,
-    n_train: int = 20,
-    n_test_per_quantile: int = 4,
-    n_quantiles: int = 5,
-    n_random: int = 20,
-    window: int | None = None,
-    skip_bos: bool = True,
     seed: int = 0,
     raise_errors: bool = False,
-    **scoring: Any,
+    **options: Any,
 ) -> list[LatentScore]:
     """`sample_contexts` and `explain_and_score` for each latent: `activations[i]` belongs
-    to latent `latents[i]` (default: i); `seed` seeds both, and `scoring` holds
-    `explain_and_score`'s other options (`batch_size`, `show_activations`,
-    `fuzz_threshold`, `temperature`, `max_tokens`, `reask`, `latent_timeout`). An
-    `LLMError` on one latent (a timeout, an HTTP or connection failure, its
-    `latent_timeout` seconds spent, any exception of the client) is recorded in its
-    `error` and `failure` and the next latent goes on, unless `raise_errors`."""
-    options = set(inspect.signature(explain_and_score).parameters) - {"client", "decode", "samples", "latent", "seed"}
-    unknown = sorted(set(scoring) - options)
+    to latent `latents[i]` (default: i); `seed` seeds both. `options` are theirs, each
+    given to the one that takes it: `sample_contexts`'s `n_train`,
+    `n_test_per_quantile`, `n_quantiles`, `n_random`, `window`, `skip_bos`;
+    `explain_and_score`'s `batch_size`, `show_activations`, `fuzz_threshold`,
+    `temperature`, `max_tokens`, `reask`, `latent_timeout`. An `LLMError` on one latent
+    (a timeout, an HTTP or connection failure, its `latent_timeout` seconds spent, any
+    exception of the client) is recorded in its `error` and `failure` and the next
+    latent goes on, unless `raise_errors`."""
+    given = {"tokens", "activations", "client", "decode", "samples", "latent", "seed"}  # set here, not options
+    sampling_names = set(inspect.signature(sample_contexts).parameters) - given
+    scoring_names = set(inspect.signature(explain_and_score).parameters) - given
+    unknown = sorted(set(options) - sampling_names - scoring_names)
     if unknown:
-        raise AnalysisError(f"score_latents: unknown options {unknown}; explain_and_score takes {sorted(options)}")
+        raise AnalysisError(
+            f"score_latents: unknown options {unknown}; it takes {sorted(sampling_names | scoring_names)}"
+        )
+    sampling = {name: value for name, value in options.items() if name in sampling_names}
+    scoring = {name: value for name, value in options.items() if name in scoring_names}
     latents = list(range(activations.shape[0])) if latents is None else list(latents)
     if len(latents) != activations.shape[0]:
         raise AnalysisError(f"{len(latents)} latent ids for {activations.shape[0]} activation tensors")
     scores = []
     for i, latent in enumerate(latents):
-        samples = sample_contexts(
-            tokens, activations[i], n_train, n_test_per_quantile, n_quantiles, n_random, seed, window, skip_bos
-        )
+        samples = sample_contexts(tokens, activations[i], seed=seed, **sampling)
         try:
             scores.append(explain_and_score(client, decode, samples, latent, seed=seed, **scoring))
         except LLMError as err:
