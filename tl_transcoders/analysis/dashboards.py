@@ -49,7 +49,7 @@ from tl_transcoders.attribution.virtual_weights import (
     logit_weights,
 )
 from tl_transcoders.core.errors import check_at_least
-from tl_transcoders.core.files import atomic_write
+from tl_transcoders.core.files import atomic_write, read_mapping
 from tl_transcoders.core.transcoder import Transcoder
 from tl_transcoders.hooks.sites import capture
 from tl_transcoders.hooks.splice import check_compatible, describe
@@ -741,11 +741,10 @@ def save_dashboards(
 def load_dashboards(path: str | os.PathLike) -> list[LatentDashboard]:
     """The dashboards `save_dashboards` wrote to a `.json` path; `AnalysisError` for a
     missing, unreadable or foreign file."""
-    path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise AnalysisError(f"{path}: cannot read dashboards ({err}); write them with save_dashboards(.json)") from None
-    if not isinstance(data, dict) or not isinstance(data.get("dashboards"), list):
+        data = read_mapping(path, AnalysisError)
+    except AnalysisError as err:
+        raise AnalysisError(f"cannot read dashboards ({err}); write them with save_dashboards(.json)") from None
+    if not isinstance(data.get("dashboards"), list):
         raise AnalysisError(f"{path}: not a dashboards file written by save_dashboards (no 'dashboards' list)")
     return [LatentDashboard.from_dict(d) for d in data["dashboards"]]

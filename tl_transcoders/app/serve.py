@@ -32,6 +32,7 @@ from urllib.parse import parse_qs, urlparse
 from tl_transcoders.analysis.dashboards import load_dashboards
 from tl_transcoders.attribution.export import INDEX_FILE, read_index
 from tl_transcoders.core.errors import TranscodersError
+from tl_transcoders.core.files import read_mapping
 
 __all__ = ["ASSETS", "ServeError", "make_server", "read_labels", "serve", "viewer_data", "viewer_page"]
 
@@ -57,13 +58,10 @@ def graph_directory(directory: str | os.PathLike) -> Path:
 
 def read_labels(path: str | os.PathLike) -> dict[tuple[int, int], str]:
     """Feature labels from a JSON object mapping `"LAYER/LATENT"` to a label."""
-    path = Path(path)
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ServeError(f"{path}: cannot read labels ({err})") from None
-    if not isinstance(raw, dict):
-        raise ServeError(f'{path}: labels must be a JSON object like {{"3/1021": "a label"}}')
+        raw = read_mapping(path, ServeError)
+    except ServeError as err:
+        raise ServeError(f'cannot read labels, a JSON object like {{"3/1021": "a label"}}: {err}') from None
     labels = {}
     for key, label in raw.items():
         match = re.fullmatch(r"(\d+)/(\d+)", str(key))
@@ -94,10 +92,10 @@ def viewer_data(
     if slug not in slugs:
         raise ServeError(f"no graph {slug!r} in {folder}; it has {', '.join(slugs)}")
     try:
-        graph = json.loads((folder / f"{slug}.json").read_text(encoding="utf-8"))
+        graph = read_mapping(folder / f"{slug}.json", ServeError)
         nodes, links = graph["nodes"], graph["links"]
         tokens = graph["metadata"]["prompt_tokens"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
+    except (ServeError, KeyError, TypeError) as err:
         raise ServeError(f"{folder / (slug + '.json')}: not a readable graph file ({err!r})") from None
     if not isinstance(nodes, list) or not isinstance(links, list) or not isinstance(tokens, list):
         raise ServeError(f"{folder / (slug + '.json')}: nodes, links and prompt tokens must be lists")

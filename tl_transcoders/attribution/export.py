@@ -23,7 +23,7 @@ from typing import Any
 from tl_transcoders.attribution.errors import AttributionError
 from tl_transcoders.attribution.graph import Graph, token_labels
 from tl_transcoders.attribution.prune import prune
-from tl_transcoders.core.files import atomic_write, check_writable_directory
+from tl_transcoders.core.files import atomic_write, check_writable_directory, read_mapping
 
 __all__ = [
     "FEATURE_TYPES",
@@ -141,11 +141,11 @@ def export_graph(graph: Graph, output_dir: str | os.PathLike, slug: str, **optio
 def read_index(path: Path) -> dict:
     """The `{"graphs": [metadata, ...]}` index of a graph directory."""
     try:
-        index = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        index = read_mapping(path, AttributionError)
+    except AttributionError:
         index = None
     if (
-        not isinstance(index, dict)
+        index is None
         or not isinstance(index.get("graphs"), list)
         or not all(isinstance(entry, dict) for entry in index["graphs"])
     ):

@@ -1,4 +1,5 @@
-"""Writing files and directories so that an interruption never leaves a half-written one.
+"""Files: written so that an interruption never leaves a half-written one, and read
+with an error that names the file.
 
 `atomic_write` replaces one file: readers see the old file or the whole new one.
 `atomic_directory` replaces a whole directory the same way: the new contents are
@@ -6,6 +7,9 @@ written to a temporary directory beside it, which then takes its place (on Linux
 atomic exchange of the two; elsewhere by two renames with Ctrl-C held off between
 them). Whatever fails, and wherever an interruption lands, the old file or directory
 is still there and no temporary file is left behind.
+
+`read_mapping` reads a JSON object or a YAML mapping, raising the caller's error type
+for a missing, unreadable, malformed or non-mapping file.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import json
 import os
 import shutil
 import signal
@@ -20,10 +25,11 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, Literal
 
 from tl_transcoders.core.errors import TranscodersError
 
-__all__ = ["OutputPathError", "atomic_directory", "atomic_write", "check_writable_directory"]
+__all__ = ["OutputPathError", "atomic_directory", "atomic_write", "check_writable_directory", "read_mapping"]
 
 
 class OutputPathError(TranscodersError, OSError):
@@ -156,3 +162,28 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def read_mapping(
+    path: str | os.PathLike, error: type[TranscodersError], language: Literal["JSON", "YAML"] = "JSON"
+) -> dict[str, Any]:
+    """The JSON object (or YAML mapping) in the file at `path`; `error`, naming the file,
+    when it is missing or unreadable, not valid `language`, or holds another value."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: no such file")
+    if language == "YAML":
+        import yaml
+
+        parse, invalid, container = yaml.safe_load, (yaml.YAMLError,), "mapping"
+    else:
+        parse, invalid, container = json.loads, (json.JSONDecodeError,), "object"
+    try:
+        data = parse(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise error(f"{path}: cannot read it ({err})") from err
+    except (*invalid, UnicodeDecodeError) as err:
+        raise error(f"{path}: not valid {language} ({err})") from err
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a {language} {container}, got {type(data).__name__}")
+    return data

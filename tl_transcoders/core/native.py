@@ -33,7 +33,7 @@ from torch import Tensor
 
 from tl_transcoders.core.config import ConfigError, CrossLayerConfig, TranscoderConfig
 from tl_transcoders.core.errors import TranscodersError
-from tl_transcoders.core.files import atomic_directory
+from tl_transcoders.core.files import atomic_directory, read_mapping
 
 __all__ = [
     "CONFIG_FILE",
@@ -231,11 +231,8 @@ def _read_header(path: Path) -> dict[str, Any]:
             f"{path}: no such file. A saved transcoder is a directory holding "
             f"{CONFIG_FILE} and {WEIGHTS_FILE} (written by Transcoder.save)."
         )
-    try:
-        header = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise TranscoderFileError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+    header = read_mapping(path, TranscoderFileError)
+    if header.get("format") != FORMAT_NAME:
         raise TranscoderFileError(f'{path}: not a tl-transcoders config (expected "format": "{FORMAT_NAME}")')
     version = header.get("format_version")
     if version not in READABLE_VERSIONS:

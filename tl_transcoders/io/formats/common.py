@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -14,6 +13,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from tl_transcoders.core.config import ConfigError, TranscoderConfig, site_for_layer
+from tl_transcoders.core.files import read_mapping
 from tl_transcoders.core.native import TranscoderFileError
 from tl_transcoders.core.transcoder import Transcoder
 
@@ -26,7 +26,6 @@ __all__ = [
     "field",
     "fold_input_shift",
     "read_json",
-    "read_mapping",
     "read_yaml",
     "tensor_names",
 ]
@@ -129,31 +128,13 @@ def build(source: Source, device: str | torch.device | None, dtype: torch.dtype 
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from `path`."""
-    return read_mapping(path, json.loads, (json.JSONDecodeError,), "JSON", "object")
+    """A JSON object from `path`; `TranscoderFileError` naming the file otherwise."""
+    return read_mapping(path, TranscoderFileError)
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
-    """A YAML mapping from `path`."""
-    import yaml
-
-    return read_mapping(path, yaml.safe_load, (yaml.YAMLError,), "YAML", "mapping")
-
-
-def read_mapping(
-    path: Path, parse: Callable[[str], Any], errors: tuple[type[Exception], ...], language: str, container: str
-) -> dict[str, Any]:
-    """`parse(text of path)`, which must give a dict; missing files, parse errors and
-    other values raise `TranscoderFileError` naming the file."""
-    if not path.is_file():
-        raise TranscoderFileError(f"{path}: no such file")
-    try:
-        data = parse(path.read_text())
-    except (*errors, UnicodeDecodeError) as err:
-        raise TranscoderFileError(f"{path}: not valid {language} ({err})") from err
-    if not isinstance(data, dict):
-        raise TranscoderFileError(f"{path}: expected a {language} {container}, got {type(data).__name__}")
-    return data
+    """A YAML mapping from `path`; `TranscoderFileError` naming the file otherwise."""
+    return read_mapping(path, TranscoderFileError, "YAML")
 
 
 def field(data: dict[str, Any], path: Path, name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
