@@ -1,4 +1,5 @@
-"""Every notebook in examples/ runs top to bottom on the tiny random model.
+"""Every notebook in examples/ runs top to bottom on the tiny random model, and is
+committed with the outputs of a run on SmolLM2-135M (scripts/execute_notebooks.py).
 
 As papermill does, a cell setting small parameters is inserted right after the cell
 tagged `parameters`. The kernel is ipykernel on the interpreter running the tests
@@ -10,7 +11,7 @@ are installed elsewhere. A failing cell fails the test with its traceback.
 from __future__ import annotations
 
 import ast
-import json
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -23,9 +24,11 @@ from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402
 from jupyter_client.manager import KernelManager  # noqa: E402
 from nbclient.exceptions import CellExecutionError  # noqa: E402
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-NOTEBOOKS = sorted(EXAMPLES.glob("*.ipynb"))
-KERNEL_NAME = "tl-transcoders-tests"
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("execute_notebooks", ROOT / "scripts" / "execute_notebooks.py")
+executor = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(executor)
+NOTEBOOKS = sorted((ROOT / "examples").glob("*.ipynb"))
 CELL_TIMEOUT_S = 300
 
 TINY = {"MODEL": "tiny"}
@@ -65,23 +68,14 @@ def inject_parameters(notebook, parameters: dict) -> None:
 
 @pytest.fixture(scope="module")
 def kernel_spec_manager(tmp_path_factory) -> KernelSpecManager:
-    """A kernel spec manager that knows one kernel: ipykernel on `sys.executable`, with
-    examples/ on its path as when a notebook runs from its own folder."""
-    directory = tmp_path_factory.mktemp("kernels")
-    spec = directory / KERNEL_NAME
-    spec.mkdir()
-    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-    env = {"PYTHONPATH": str(EXAMPLES)}  # the notebooks import their helper modules from beside them
-    kernel = {"argv": argv, "display_name": KERNEL_NAME, "language": "python", "env": env}
-    (spec / "kernel.json").write_text(json.dumps(kernel))
-    return KernelSpecManager(kernel_dirs=[str(directory)], ensure_native_kernel=False)
+    return executor.kernel_spec_manager(tmp_path_factory.mktemp("kernels"))
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path: Path, tmp_path: Path, kernel_spec_manager: KernelSpecManager) -> None:
     notebook = nbformat.read(path, as_version=4)
     inject_parameters(notebook, {**TINY, **SIZES.get(path.name, {})})
-    kernel = KernelManager(kernel_name=KERNEL_NAME, kernel_spec_manager=kernel_spec_manager)
+    kernel = KernelManager(kernel_name=executor.KERNEL_NAME, kernel_spec_manager=kernel_spec_manager)
     client = nbclient.NotebookClient(
         notebook, km=kernel, timeout=CELL_TIMEOUT_S, resources={"metadata": {"path": str(tmp_path)}}
     )
@@ -97,12 +91,21 @@ def test_notebook_runs(path: Path, tmp_path: Path, kernel_spec_manager: KernelSp
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_is_clean(path: Path) -> None:
-    """Committed notebooks carry no outputs and declare their parameters."""
+def test_committed_notebook_ran_on_smollm2(path: Path) -> None:
+    """Committed notebooks declare their parameters and carry the outputs of one run of
+    every code cell, in order, on SmolLM2 with those parameters: no error, no absolute
+    path of the machine that ran them."""
     notebook = nbformat.read(path, as_version=4)
     nbformat.validate(notebook)
     parameters = notebook.cells[parameters_cell(notebook)]
-    assert "MODEL" in assigned_names(parameters.source)
-    for index, cell in enumerate(notebook.cells):
-        if cell.cell_type == "code":
-            assert not cell.outputs and cell.execution_count is None, f"cell {index} has outputs: clear them"
+    assert 'MODEL = "smollm2"' in parameters.source.splitlines()[0], "run it on SmolLM2: scripts/execute_notebooks.py"
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    injected = [cell for cell in code if "injected-parameters" in cell.metadata.get("tags", [])]
+    assert not injected, "committed with overridden parameters: run it with its own"
+    counts = [cell.execution_count for cell in code]
+    assert counts == list(range(1, len(code) + 1)), f"cells not run once each, top to bottom: {counts}"
+    errors = [i for i, cell in enumerate(notebook.cells) for o in cell.get("outputs", []) if o.output_type == "error"]
+    assert not errors, f"cells {errors} failed"
+    assert all(cell.outputs for cell in code if "print(" in cell.source), "a printing cell has no output"
+    leaks = executor.absolute_paths(notebook)
+    assert not leaks, f"outputs name absolute paths (cell, prefix): {leaks[:5]}"
